@@ -1,0 +1,196 @@
+"""SPEC §4 hierarchical memory, plain PyTorch: the segment-parallel query and the write.
+
+Layout of one layer's memory (``Memory``), per level l with slot span S_l = c R^l tokens:
+- ``keys[l]``, ``values[l]``: [B, K, M_l, Dh], the ring in chronological order, newest last:
+  ring entry r holds global slot n - M_l + r, where n = pos // S_l slots have completed;
+  entries with a negative global index are empty (masked).
+- ``sum_k[l]``, ``sum_v[l]``: [B, K, Dh], the sum over the tokens seen so far of the
+  incomplete level-l slot; it becomes a slot (sum / S_l) when that slot's last token is seen.
+- ``pos``: [B] int64, tokens seen since reset. Fill counts are derived from it:
+  min(pos // S_l, M_l), so they can never disagree with the rings.
+
+A level-l slot is the mean of its S_l tokens, which equals SPEC's "mean of R level-(l-1)
+slots" (all slots of a level cover equally many tokens); summing tokens lets one reduction
+produce every level, in the segment-parallel form and token by token alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    heads: int
+    dim: int
+    block: int
+    ratio: int
+    slots: tuple[int, ...]
+
+    def span(self, level: int) -> int:
+        return self.block * self.ratio**level
+
+
+@dataclass
+class Memory:
+    spec: MemorySpec
+    keys: list[Tensor]
+    values: list[Tensor]
+    sum_k: list[Tensor]
+    sum_v: list[Tensor]
+    pos: Tensor
+
+    @staticmethod
+    def empty(spec: MemorySpec, batch: int, device=None, dtype=torch.float32) -> Memory:
+        def ring(m: int) -> Tensor:
+            return torch.zeros(batch, spec.heads, m, spec.dim, device=device, dtype=dtype)
+
+        def acc() -> Tensor:
+            return torch.zeros(batch, spec.heads, spec.dim, device=device, dtype=torch.float32)
+
+        return Memory(
+            spec=spec,
+            keys=[ring(m) for m in spec.slots],
+            values=[ring(m) for m in spec.slots],
+            sum_k=[acc() for _ in spec.slots],
+            sum_v=[acc() for _ in spec.slots],
+            pos=torch.zeros(batch, dtype=torch.int64, device=device),
+        )
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"pos": self.pos}
+        for name in ("keys", "values", "sum_k", "sum_v"):
+            out.update({f"{name}.{lvl}": t for lvl, t in enumerate(getattr(self, name))})
+        return out
+
+    @staticmethod
+    def from_tensors(spec: MemorySpec, tensors: dict[str, Tensor]) -> Memory:
+        def levels(name: str) -> list[Tensor]:
+            return [tensors[f"{name}.{lvl}"] for lvl in range(len(spec.slots))]
+
+        return Memory(
+            spec, levels("keys"), levels("values"), levels("sum_k"), levels("sum_v"), tensors["pos"]
+        )
+
+    def map(self, fn) -> Memory:
+        return Memory(
+            self.spec,
+            [fn(t) for t in self.keys],
+            [fn(t) for t in self.values],
+            [fn(t) for t in self.sum_k],
+            [fn(t) for t in self.sum_v],
+            fn(self.pos),
+        )
+
+
+@dataclass
+class _LevelSlots:
+    global_index: Tensor  # [B, M + NS] global slot index of each candidate (ring, then segment)
+    keys: Tensor  # [B, K, M + NS, Dh]
+    values: Tensor  # [B, K, M + NS, Dh]
+    completed: Tensor  # [B] slots completed inside the segment (0..NS)
+    sums_k: Tensor  # [B, NS + 1, K, Dh] token sums per segment slot (slot 0 includes the carry)
+    sums_v: Tensor
+
+
+def _level_slots(mem: Memory, level: int, k: Tensor, v: Tensor) -> _LevelSlots:
+    """Candidate slots of one level for a segment: the carried ring plus the segment's slots."""
+    spec = mem.spec
+    bsz, steps, _ = k.shape
+    span, ring = spec.span(level), spec.slots[level]
+    n_seg = math.ceil(steps / span)  # static bound on slots completed inside the segment
+    t = torch.arange(steps, device=k.device)
+    n_before = mem.pos // span  # [B]
+    slot_of_token = (mem.pos[:, None] + t) // span - n_before[:, None]  # [B, T] in 0..n_seg
+    index = slot_of_token[:, :, None].expand(bsz, steps, k.shape[2])
+
+    def sums(x: Tensor, carry: Tensor) -> Tensor:
+        out = torch.zeros(bsz, n_seg + 1, x.shape[2], device=x.device, dtype=torch.float32)
+        out = out.scatter_add(1, index, x.float())
+        first = out[:, :1] + carry.flatten(1)[:, None]
+        return torch.cat([first, out[:, 1:]], dim=1).unflatten(2, (spec.heads, spec.dim))
+
+    sums_k, sums_v = sums(k, mem.sum_k[level]), sums(v, mem.sum_v[level])
+
+    def candidates(ring_t: Tensor, seg: Tensor) -> Tensor:
+        seg_means = (seg[:, :n_seg] / span).to(ring_t.dtype).transpose(1, 2)  # [B, K, NS, Dh]
+        return torch.cat([ring_t, seg_means], dim=2)
+
+    offsets = torch.arange(-ring, n_seg, device=k.device)
+    return _LevelSlots(
+        global_index=n_before[:, None] + offsets,
+        keys=candidates(mem.keys[level], sums_k),
+        values=candidates(mem.values[level], sums_v),
+        completed=(mem.pos + steps) // span - n_before,
+        sums_k=sums_k,
+        sums_v=sums_v,
+    )
+
+
+def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:
+    """q [B, T, H*Dh], k/v [B, T, K*Dh], beta [H, L] -> m [B, T, H*Dh].
+
+    Token t (absolute position a = pos + t) sees at level l the global slots
+    [a // S_l - M_l, a // S_l): the M_l most recent slots completed before its own block.
+    """
+    spec = mem.spec
+    steps = q.shape[1]
+    group = heads // spec.heads
+    pos = mem.pos[:, None] + torch.arange(steps, device=q.device)  # [B, T]
+    keys, values, masks, level_of_slot = [], [], [], []
+    for level, ring in enumerate(spec.slots):
+        cand = _level_slots(mem, level, k, v)
+        now = pos // spec.span(level)  # [B, T]
+        g = cand.global_index[:, None, :]  # [B, 1, S]
+        masks.append((g >= 0) & (g >= now[..., None] - ring) & (g < now[..., None]))
+        keys.append(cand.keys)
+        values.append(cand.values)
+        level_of_slot.append(torch.full((g.shape[-1],), level, device=q.device))
+    keys_all = torch.cat(keys, dim=2).float()  # [B, K, S, Dh]
+    values_all = torch.cat(values, dim=2).float()
+    visible = torch.cat(masks, dim=2)  # [B, T, S]
+    levels = torch.cat(level_of_slot)  # [S]
+
+    qh = q.float().unflatten(2, (spec.heads, group, spec.dim))  # [B, T, K, G, Dh]
+    logits = torch.einsum("btkgd,bksd->bkgts", qh, keys_all) / math.sqrt(spec.dim)
+    bias = beta.float().unflatten(0, (spec.heads, group))[:, :, levels]  # [K, G, S]
+    logits = logits + bias[None, :, :, None, :]
+    logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    peak = logits.amax(-1, keepdim=True).detach()
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    weights = torch.exp(logits - peak)  # masked slots give exactly 0
+    denom = weights.sum(-1, keepdim=True)
+    out = torch.einsum("bkgts,bksd->btkgd", weights / torch.where(denom > 0, denom, 1.0), values_all)
+    return out.flatten(2).to(q.dtype)
+
+
+def memory_write(mem: Memory, k: Tensor, v: Tensor) -> Memory:
+    """Add a segment's keys/values [B, T, K*Dh]: complete slots enter the rings (oldest fall
+    out), the running sums keep the incomplete slot, pos advances by T."""
+    spec = mem.spec
+    new = Memory(spec, [], [], [], [], mem.pos + k.shape[1])
+    for level, ring in enumerate(spec.slots):
+        cand = _level_slots(mem, level, k, v)
+        # Keep the `ring` newest completed: candidates [completed, completed + ring).
+        take = cand.completed[:, None] + torch.arange(ring, device=k.device)  # [B, M]
+        take = take[:, None, :, None].expand(-1, spec.heads, -1, spec.dim)
+        new.keys.append(torch.gather(cand.keys, 2, take))
+        new.values.append(torch.gather(cand.values, 2, take))
+        incomplete = cand.completed[:, None, None, None].expand(-1, 1, spec.heads, spec.dim)
+        new.sum_k.append(torch.gather(cand.sums_k, 1, incomplete)[:, 0])
+        new.sum_v.append(torch.gather(cand.sums_v, 1, incomplete)[:, 0])
+    return new
+
+
+def reset_rows(mem: Memory, rows: Tensor) -> Memory:
+    """Zero the memory of the batch rows where `rows` [B] is True."""
+
+    def clear(t: Tensor) -> Tensor:
+        keep = ~rows.view(-1, *([1] * (t.dim() - 1)))
+        return torch.where(keep, t, torch.zeros_like(t))
+
+    return mem.map(clear)

@@ -1,0 +1,15 @@
+"""MM-Rec models written in the mmrec_ir DSL, and their configs."""
+
+from .config import Config, ConfigError, MemoryConfig, MoEConfig, TrainConfig, load_config
+from .mmrec import build, memory_type
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "MemoryConfig",
+    "MoEConfig",
+    "TrainConfig",
+    "build",
+    "load_config",
+    "memory_type",
+]
