@@ -14,6 +14,7 @@ import json
 import re
 
 from .graph import AttrValue, Graph, Node
+from .ops import OPS, REQUIRED
 
 
 def format_attr(value: AttrValue) -> str:
@@ -70,7 +71,9 @@ def print_python(graph: Graph) -> str:
     for node in graph.nodes:
         # A trailing comma unpacks the 1-tuple that every op implementation returns.
         outs = ", ".join(py(o.ref) for o in node.outputs) + ("," if len(node.outputs) == 1 else "")
-        args = [py(r) for r in node.inputs] + [f"{k}={v!r}" for k, v in node.attrs]
+        # Defaults are spelled out, so the implementation sees every attribute.
+        attrs = {k: v for k, v in OPS[node.op].attrs.items() if v is not REQUIRED} | node.attr
+        args = [py(r) for r in node.inputs] + [f"{k}={v!r}" for k, v in sorted(attrs.items())]
         lines.append(f"    {outs} = ops.{node.op}({', '.join(args)})")
     result = ", ".join(f"{name!r}: {py(ref)}" for name, ref in graph.outputs)
     lines.append(f"    return {{{result}}}")

@@ -1,0 +1,82 @@
+"""The pass manager: run named passes in order, verify between them, time and record each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from mmrec_ir import Graph, IRError, print_graph, verify
+
+from .base import PASSES, Pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass's result: the IR after it, and how long it took."""
+
+    pass_name: str
+    graph: Graph
+    seconds: float
+
+
+@dataclass
+class PipelineResult:
+    graph: Graph
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def passes_run(self) -> list[str]:
+        return [s.pass_name for s in self.stages if s.pass_name != "input"]
+
+
+class PassError(IRError):
+    """A pass name is unknown, or a pass produced a graph that does not verify."""
+
+
+def lookup(names: str | Sequence[str]) -> list[Pass]:
+    """'cse,dce' or ['cse', 'dce'] -> pass instances; unknown names are a one-line error."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out = []
+    for name in names:
+        if name not in PASSES:
+            raise PassError(f"unknown pass '{name}' (known: {', '.join(sorted(PASSES))})")
+        out.append(PASSES[name]())
+    return out
+
+
+def run_pipeline(
+    graph: Graph,
+    passes: Sequence[Pass],
+    verify_each: bool = True,
+    after_each: Callable[[Stage], None] | None = None,
+) -> PipelineResult:
+    """Apply `passes` in order. Verifies the input and, by default, the graph after every pass."""
+    verify(graph)
+    result = PipelineResult(graph, [Stage("input", graph, 0.0)])
+    for p in passes:
+        start = time.perf_counter()
+        graph = p.apply(graph)
+        elapsed = time.perf_counter() - start
+        if verify_each:
+            try:
+                verify(graph)
+            except IRError as err:
+                raise PassError(f"after pass '{p.name}': {err}") from None
+        stage = Stage(p.name, graph, elapsed)
+        result.stages.append(stage)
+        if after_each is not None:
+            after_each(stage)
+    result.graph = graph
+    return result
+
+
+def default_pipeline() -> list[Pass]:
+    """The passes `runtime.compile` runs. Type inference first, so that later passes see
+    exact types; CSE before DCE, because CSE leaves the duplicates' producers dead."""
+    return lookup(["infer-shapes", "cse", "dce"])
+
+
+def print_after(stage: Stage) -> str:
+    return f"// ----- IR after {stage.pass_name} ({stage.seconds * 1e3:.2f} ms) -----\n{print_graph(stage.graph)}"

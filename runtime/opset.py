@@ -1,0 +1,61 @@
+"""Op implementations the generated forward calls: `ops.<op name>(...)` -> tuple of outputs.
+
+Every op of mmrec_ir.OPS has one here; the MM-Rec ops come from `kernels`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from mmrec_ir import OPS
+
+
+def _one(x):
+    return (x,)
+
+
+class ReferenceOps:
+    """The plain-PyTorch op set. `training` switches MoE capacity limits on."""
+
+    def __init__(self, training: bool):
+        self.training = training
+
+    embedding = staticmethod(lambda ids, table: _one(F.embedding(ids, table)))
+    rmsnorm = staticmethod(lambda x, weight, eps: _one(kernels.rmsnorm(x, weight, eps)))
+    add = staticmethod(lambda lhs, rhs: _one(lhs + rhs))
+    sub = staticmethod(lambda lhs, rhs: _one(lhs - rhs))
+    mul = staticmethod(lambda lhs, rhs: _one(lhs * rhs))
+    sigmoid = staticmethod(lambda x: _one(torch.sigmoid(x)))
+    gelu = staticmethod(lambda x: _one(F.gelu(x)))
+    silu = staticmethod(lambda x: _one(F.silu(x)))
+    log = staticmethod(lambda x: _one(torch.log(x)))
+    exp = staticmethod(lambda x: _one(torch.exp(x)))
+    neg = staticmethod(lambda x: _one(-x))
+    clamp = staticmethod(lambda x, min, max: _one(torch.clamp(x, min, max)))
+    scale = staticmethod(lambda x, factor: _one(x * factor))
+    split = staticmethod(lambda x, sizes: tuple(torch.split(x, list(sizes), dim=-1)))
+    concat = staticmethod(lambda *xs: _one(torch.cat(xs, dim=-1)))
+    mdi_decay = staticmethod(lambda *args, eps: _one(kernels.mdi_decay(*args, eps=eps)))
+    linear_scan = staticmethod(kernels.linear_scan)
+    gated_recurrence = staticmethod(kernels.gated_recurrence)
+    memory_write = staticmethod(lambda mem, k, v: _one(kernels.memory_write(mem, k, v)))
+    hds_query = staticmethod(
+        lambda q, k, v, beta, mem, heads: _one(kernels.hds_query(q, k, v, beta, mem, heads))
+    )
+    ffn = staticmethod(lambda x, w_gate, w_up, w_down: _one(kernels.swiglu(x, w_gate, w_up, w_down)))
+    lm_head = staticmethod(lambda x, table: _one(F.linear(x, table)))
+    uboo_loss = staticmethod(lambda h, h0, p, q: _one(kernels.uboo_loss(h, h0, p, q)))
+
+    @staticmethod
+    def linear(x, weight, splits=()):
+        y = F.linear(x, weight)
+        return tuple(torch.split(y, list(splits), dim=-1)) if splits else (y,)
+
+    def moe(self, x, router, w_gate, w_up, w_down, top_k, capacity_factor):
+        return kernels.moe(x, router, w_gate, w_up, w_down, top_k, capacity_factor, self.training)
+
+
+_missing = sorted(set(OPS) - {n for n in dir(ReferenceOps) if not n.startswith("_")})
+assert not _missing, f"ops without a reference implementation: {_missing}"
