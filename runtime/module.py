@@ -51,12 +51,25 @@ def _init_param(param: nn.Parameter, init: Init, generator: torch.Generator) -> 
             raise ValueError(f"unknown initialiser '{init}' (known: zeros, ones, const, normal, uniform)")
 
 
+def _codegen(graph: Graph, code: str | None = None):
+    """The graph's forward as a Python function (inputs..., params, ops) -> {output name: value}."""
+    namespace: dict = {}
+    exec(builtins.compile(code or print_python(graph), f"<mmrec graph {graph.name}>", "exec"), namespace)
+    return namespace[graph.name]
+
+
+def run_graph(graph: Graph, inputs: dict, params: dict, training: bool = False) -> dict:
+    """Execute any verified graph on the reference op set: inputs and params by name."""
+    fn = _codegen(graph)
+    return fn(*(inputs[v.name] for v in graph.inputs), params=params, ops=ReferenceOps(training))
+
+
 class CompiledModel(nn.Module):
     def __init__(self, graph: Graph, stages: list[passlib.Stage] | None = None, seed: int = 0):
         super().__init__()
         self.graph = graph
         self.stages = stages or []
-        self.vocab_size = next(p.type.shape[0] for p in graph.params if p.name == "embed")
+        self.vocab_size = next((p.type.shape[0] for p in graph.params if p.name == "embed"), None)
         generator = torch.Generator().manual_seed(seed)
         for p in graph.params:
             *path, leaf = p.name.split(".")
@@ -70,9 +83,7 @@ class CompiledModel(nn.Module):
             _init_param(weight, p.init, generator)
             owner.register_parameter(leaf, weight)
         self.code = print_python(graph)
-        namespace: dict = {}
-        exec(builtins.compile(self.code, f"<mmrec graph {graph.name}>", "exec"), namespace)
-        self._forward_fn = namespace[graph.name]
+        self._forward_fn = _codegen(graph, self.code)
         self._ops = {True: ReferenceOps(training=True), False: ReferenceOps(training=False)}
         self._state_names = graph.state_names
 
@@ -94,7 +105,7 @@ class CompiledModel(nn.Module):
         if tokens.shape[1] == 0:
             raise InputError("tokens: expected at least one token per row, got T = 0")
         lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
+        if lo < 0 or (self.vocab_size is not None and hi >= self.vocab_size):
             bad = lo if lo < 0 else hi
             raise InputError(f"tokens: ids must lie in [0, {self.vocab_size}), got {bad}")
         if state is not None and state.batch_size != tokens.shape[0]:

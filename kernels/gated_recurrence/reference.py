@@ -24,13 +24,13 @@ class _GatedRecurrence(torch.autograd.Function):
     def forward(ctx, z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None):
         bsz, steps, width = z.shape
         heads = w_g.shape[0]
-        zf, gzf, gf = (_heads(t.float(), heads) for t in (z, gz, gamma))  # [B, T, H, Dh]
-        w = w_g.float()  # [H, Dh, Dh]
-        prev = (
-            torch.zeros(bsz, heads, width // heads, device=z.device)
-            if h0 is None
-            else _heads(h0.float(), heads)
-        )
+        acc = torch.promote_types(z.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        zf, gzf, gf = (_heads(t.to(acc), heads) for t in (z, gz, gamma))  # [B, T, H, Dh]
+        w = w_g.to(acc)  # [H, Dh, Dh]
+        if h0 is None:
+            prev = torch.zeros(bsz, heads, width // heads, device=z.device, dtype=acc)
+        else:
+            prev = _heads(h0.to(acc), heads)
         init = prev
         h = torch.empty_like(zf)  # [B, T, H, Dh]
         for t in range(steps):
@@ -46,8 +46,8 @@ class _GatedRecurrence(torch.autograd.Function):
     def backward(ctx, dh: Tensor | None, dh_last: Tensor | None):
         zf, gzf, gf, w, h, init = ctx.saved_tensors
         heads = w.shape[0]
-        dh = torch.zeros_like(h) if dh is None else _heads(dh.float(), heads)
-        carry = torch.zeros_like(init) if dh_last is None else _heads(dh_last.float(), heads)
+        dh = torch.zeros_like(h) if dh is None else _heads(dh.to(h.dtype), heads)
+        carry = torch.zeros_like(init) if dh_last is None else _heads(dh_last.to(h.dtype), heads)
         dz, dgz, dgamma = torch.empty_like(zf), torch.empty_like(zf), torch.empty_like(zf)
         dw = torch.zeros_like(w)
         for t in range(zf.shape[1] - 1, -1, -1):

@@ -109,8 +109,9 @@ def _level_slots(mem: Memory, level: int, k: Tensor, v: Tensor) -> _LevelSlots:
     index = slot_of_token[:, :, None].expand(bsz, steps, k.shape[2])
 
     def sums(x: Tensor, carry: Tensor) -> Tensor:
-        out = torch.zeros(bsz, n_seg + 1, x.shape[2], device=x.device, dtype=torch.float32)
-        out = out.scatter_add(1, index, x.float())
+        acc = torch.promote_types(x.dtype, torch.float32)
+        out = torch.zeros(bsz, n_seg + 1, x.shape[2], device=x.device, dtype=acc)
+        out = out.scatter_add(1, index, x.to(acc))
         first = out[:, :1] + carry.flatten(1)[:, None]
         return torch.cat([first, out[:, 1:]], dim=1).unflatten(2, (spec.heads, spec.dim))
 
@@ -150,14 +151,15 @@ def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads:
         keys.append(cand.keys)
         values.append(cand.values)
         level_of_slot.append(torch.full((g.shape[-1],), level, device=q.device))
-    keys_all = torch.cat(keys, dim=2).float()  # [B, K, S, Dh]
-    values_all = torch.cat(values, dim=2).float()
+    acc = torch.promote_types(q.dtype, torch.float32)
+    keys_all = torch.cat(keys, dim=2).to(acc)  # [B, K, S, Dh]
+    values_all = torch.cat(values, dim=2).to(acc)
     visible = torch.cat(masks, dim=2)  # [B, T, S]
     levels = torch.cat(level_of_slot)  # [S]
 
-    qh = q.float().unflatten(2, (spec.heads, group, spec.dim))  # [B, T, K, G, Dh]
+    qh = q.to(acc).unflatten(2, (spec.heads, group, spec.dim))  # [B, T, K, G, Dh]
     logits = torch.einsum("btkgd,bksd->bkgts", qh, keys_all) / math.sqrt(spec.dim)
-    bias = beta.float().unflatten(0, (spec.heads, group))[:, :, levels]  # [K, G, S]
+    bias = beta.to(acc).unflatten(0, (spec.heads, group))[:, :, levels]  # [K, G, S]
     logits = logits + bias[None, :, :, None, :]
     logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
     peak = logits.amax(-1, keepdim=True).detach()

@@ -28,10 +28,11 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_a: Tensor, b: Tensor, h0: Tensor | None):
         dtype = b.dtype
-        la = log_a.float()
+        acc = torch.promote_types(b.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        la = log_a.to(acc)
         a = la.clamp(LOG_A_MIN, LOG_A_MAX).exp()  # [B, T, C]
-        init = torch.zeros_like(a[:, 0]) if h0 is None else h0.float()
-        h = scan_loop(a, b.float(), init)  # [B, T, C] fp32
+        init = torch.zeros_like(a[:, 0]) if h0 is None else h0.to(acc)
+        h = scan_loop(a, b.to(acc), init)  # [B, T, C]
         ctx.save_for_backward(la, a, h, init)
         ctx.has_h0 = h0 is not None
         ctx.dtypes = (log_a.dtype, b.dtype, None if h0 is None else h0.dtype)
@@ -40,8 +41,8 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: Tensor | None, dh_last: Tensor | None):
         la, a, h, init = ctx.saved_tensors
-        dh = torch.zeros_like(h) if dh is None else dh.float()
-        carry = torch.zeros_like(init) if dh_last is None else dh_last.float()
+        dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype)
+        carry = torch.zeros_like(init) if dh_last is None else dh_last.to(h.dtype)
         # g_t = dh_t + a_{t+1} g_{t+1}: a forward scan over the reversed sequence.
         a_next = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], dim=1)
         g = scan_loop(a_next.flip(1), dh.flip(1), carry).flip(1)  # [B, T, C]

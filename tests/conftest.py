@@ -1,0 +1,16 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what="tensor"):
+    """Relative-error comparison with NaN checks (a NaN anywhere fails, with where)."""
+    assert not torch.isnan(actual).any(), f"{what}: NaN in result at {torch.isnan(actual).nonzero()[:5].tolist()}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")

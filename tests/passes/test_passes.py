@@ -1,0 +1,151 @@
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import models
+import passes
+from mmrec_ir import Builder, VerifyError, f32, parse, print_graph
+from runtime.module import run_graph
+
+
+def run(text: str, pipeline: str) -> str:
+    return print_graph(passes.run_pipeline(parse(text), passes.lookup(pipeline)).graph)
+
+
+def test_cse_golden():
+    before = """graph @g(%x: f32[B, 4]) {
+  %a: f32[B, 4] = sigmoid(%x)
+  %b: f32[B, 4] = sigmoid(%x)
+  %c: f32[B, 4] = mul(%a, %b)
+  %d: f32[B, 4] = mul(%a, %b)
+  return c = %c, d = %d
+}
+"""
+    after = """graph @g(%x: f32[B, 4]) {
+  %a: f32[B, 4] = sigmoid(%x)
+  %c: f32[B, 4] = mul(%a, %a)
+  return c = %c, d = %c
+}
+"""
+    assert run(before, "cse") == after
+
+
+def test_cse_keeps_nodes_whose_attributes_differ():
+    text = """graph @g(%x: f32[B, 4]) {
+  %a: f32[B, 4] = clamp(%x) {max = 1.0, min = 0.0}
+  %b: f32[B, 4] = clamp(%x) {max = 2.0, min = 0.0}
+  return a = %a, b = %b
+}
+"""
+    assert run(text, "cse") == text
+
+
+def test_dce_golden_drops_dead_nodes_and_their_params():
+    before = """graph @g(%x: f32[B, 4]) {
+  param @w: f32[4] = ones
+  param @unused: f32[4] = zeros
+  %a: f32[B, 4] = exp(%x)
+  %n: f32[B, 4] = rmsnorm(%a, @unused) {eps = 1e-06}
+  %b: f32[B, 4] = rmsnorm(%x, @w) {eps = 1e-06}
+  return b = %b
+}
+"""
+    after = """graph @g(%x: f32[B, 4]) {
+  param @w: f32[4] = ones
+  %b: f32[B, 4] = rmsnorm(%x, @w) {eps = 1e-06}
+  return b = %b
+}
+"""
+    assert run(before, "dce") == after
+
+
+def test_infer_shapes_repairs_annotations_and_cse_then_dce_cleans_up():
+    before = """graph @g(%x: f32[B, 4]) {
+  %a: f32[B, 4] = neg(%x)
+  %b: f32[B, 4] = neg(%x)
+  %c: f32[B, 4] = add(%a, %b)
+  return c = %c
+}
+"""
+    result = passes.run_pipeline(parse(before), passes.lookup("infer-shapes,cse,dce"))
+    assert result.passes_run == ["infer-shapes", "cse", "dce"]
+    assert [n.op for n in result.graph.nodes] == ["neg", "add"]
+    assert all(s.seconds >= 0 for s in result.stages)
+
+
+def test_unknown_pass_is_a_one_line_error():
+    with pytest.raises(passes.PassError, match="unknown pass 'fuse-everything' \\(known: cse, dce, infer-shapes"):
+        passes.lookup("cse,fuse-everything")
+
+
+def test_verification_between_passes_catches_a_broken_pass():
+    class Breaker(passes.Pass):
+        name = "test-breaker"
+
+        def apply(self, graph):
+            return graph.with_nodes(graph.nodes[1:])  # drops a producer
+
+    text = "graph @g(%x: f32[B, 4]) {\n  %a: f32[B, 4] = neg(%x)\n  %b: f32[B, 4] = exp(%a)\n  return b = %b\n}\n"
+    try:
+        with pytest.raises(passes.PassError, match="after pass 'test-breaker': node %b \\(exp\\)"):
+            passes.run_pipeline(parse(text), [Breaker()])
+    finally:
+        del passes.PASSES["test-breaker"]
+
+
+def test_default_pipeline_leaves_the_model_graph_valid_and_unchanged():
+    graph = models.build(models.load_config("tiny", {"moe": {"experts": 2, "top_k": 1}}))
+    result = passes.run_pipeline(graph, passes.default_pipeline())
+    assert result.graph == graph
+
+
+UNARY = ["sigmoid", "neg", "silu", "gelu", "exp"]
+BINARY = ["add", "mul", "sub"]
+
+
+@st.composite
+def random_graphs(draw):
+    """Small random DAGs of elementwise ops, with deliberate duplicates and dead branches."""
+    b = Builder("g")
+    pool = [b.input("x", f32("B", 6)), b.input("y", f32("B", 6))]
+    for _ in range(draw(st.integers(2, 12))):
+        if draw(st.booleans()):
+            op = draw(st.sampled_from(UNARY))
+            args = [draw(st.sampled_from(pool))]
+        else:
+            op = draw(st.sampled_from(BINARY))
+            args = [draw(st.sampled_from(pool)), draw(st.sampled_from(pool))]
+        for _ in range(draw(st.integers(1, 2))):  # a second copy is a CSE candidate
+            pool.append(b.op(op, *args))
+    for i, ref in enumerate(draw(st.lists(st.sampled_from(pool[2:]), min_size=1, max_size=3, unique=True))):
+        b.output(f"out{i}", ref)
+    return b.build()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_graphs())
+def test_cse_and_dce_preserve_values_and_gradients(graph):
+    def evaluate(g):
+        x = torch.linspace(-1, 1, 12, dtype=torch.float64).view(2, 6).requires_grad_()
+        y = torch.linspace(0.5, -0.7, 12, dtype=torch.float64).view(2, 6).requires_grad_()
+        outs = run_graph(g, {"x": x, "y": y}, {})
+        total = sum((o.tanh() * (i + 1)).sum() for i, o in enumerate(outs.values()))
+        gx, gy = torch.autograd.grad(total, (x, y), allow_unused=True)
+        return outs, gx, gy
+
+    optimized = passes.run_pipeline(graph, passes.lookup("cse,dce")).graph
+    assert len(optimized.nodes) <= len(graph.nodes)
+    before, after = evaluate(graph), evaluate(optimized)
+    for name in before[0]:
+        torch.testing.assert_close(after[0][name], before[0][name])
+    for g_before, g_after in zip(before[1:], after[1:], strict=True):
+        if g_before is None:
+            assert g_after is None
+        else:
+            torch.testing.assert_close(g_after, g_before)
+
+
+def test_verify_error_is_raised_for_bad_input_graph():
+    with pytest.raises(VerifyError):
+        passes.run_pipeline(parse("graph @g(%x: f32[B]) {\n  return y = %q\n}\n"), [])
