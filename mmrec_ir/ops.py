@@ -37,8 +37,7 @@ class OpDef:
         else:
             if len(in_types) != len(self.operands):
                 raise ShapeError(
-                    f"expected {len(self.operands)} operands ({', '.join(self.operands)}), "
-                    f"got {len(in_types)}"
+                    f"expected {len(self.operands)} operands ({', '.join(self.operands)}), got {len(in_types)}"
                 )
             args = dict(zip(self.operands, in_types, strict=True))
         full = {k: attrs.get(k, v) for k, v in self.attrs.items()}

@@ -115,9 +115,7 @@ def _type(lx: _Lexer) -> Type:
         try:
             mem = MemoryType(**fields)  # type: ignore[arg-type]
         except TypeError:
-            raise lx.fail(
-                f"memory type takes heads, dim, block, ratio, slots; got {sorted(fields)}"
-            ) from None
+            raise lx.fail(f"memory type takes heads, dim, block, ratio, slots; got {sorted(fields)}") from None
         return MemoryType(mem.heads, mem.dim, mem.block, mem.ratio, tuple(mem.slots))
     try:
         dtype = DType(name)

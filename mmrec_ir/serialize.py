@@ -52,9 +52,7 @@ def from_json(data: dict) -> Graph:
         return tuple(Value(i["name"], _parse_with(_type, i["type"], f"{where} %{i['name']}")) for i in items)
 
     def attrs(items: dict, where: str):
-        return make_attrs(
-            {k: _parse_with(_attr_value, v, f"{where} attribute {k}") for k, v in items.items()}
-        )
+        return make_attrs({k: _parse_with(_attr_value, v, f"{where} attribute {k}") for k, v in items.items()})
 
     params = tuple(
         Param(

@@ -69,10 +69,7 @@ class MemoryType:
 
     def __str__(self) -> str:
         slots = ", ".join(str(m) for m in self.slots)
-        return (
-            f"memory{{heads={self.heads}, dim={self.dim}, block={self.block}, "
-            f"ratio={self.ratio}, slots=[{slots}]}}"
-        )
+        return f"memory{{heads={self.heads}, dim={self.dim}, block={self.block}, ratio={self.ratio}, slots=[{slots}]}}"
 
 
 Type = TensorType | MemoryType

@@ -71,7 +71,6 @@ def verify(graph: Graph) -> Graph:
     for name, ref in graph.outputs:
         if name in inputs and types[ref] != inputs[name].type:
             raise VerifyError(
-                f"output '{name}' is the next value of input %{name}: "
-                f"expected {inputs[name].type}, got {types[ref]}"
+                f"output '{name}' is the next value of input %{name}: expected {inputs[name].type}, got {types[ref]}"
             )
     return graph

@@ -98,9 +98,7 @@ def _check_value(path: str, typ, value):
         return _from_dict(typ, value, path + ".")
     if origin is tuple:
         if not isinstance(value, list | tuple) or not value:
-            raise ConfigError(
-                f"field '{path}': expected a non-empty list of positive integers, got {value!r}"
-            )
+            raise ConfigError(f"field '{path}': expected a non-empty list of positive integers, got {value!r}")
         items = [_check_value(f"{path}[{i}]", int, v) for i, v in enumerate(value)]
         if any(v <= 0 for v in items):
             raise ConfigError(f"field '{path}': expected a list of positive integers, got {list(value)!r}")
@@ -140,15 +138,11 @@ def _from_dict(cls, data: dict, prefix: str = ""):
 def _positive(cfg, prefix: str, *fields: str) -> None:
     for name in fields:
         if getattr(cfg, name) <= 0:
-            raise ConfigError(
-                f"field '{prefix}{name}': expected a positive value, got {getattr(cfg, name)!r}"
-            )
+            raise ConfigError(f"field '{prefix}{name}': expected a positive value, got {getattr(cfg, name)!r}")
 
 
 def validate(cfg: Config) -> Config:
-    _positive(
-        cfg, "", "vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "norm_eps", "uboo_weight"
-    )
+    _positive(cfg, "", "vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "norm_eps", "uboo_weight")
     _positive(cfg.memory, "memory.", "heads", "block", "ratio")
     t = cfg.train
     _positive(
@@ -166,9 +160,7 @@ def validate(cfg: Config) -> Config:
     if cfg.d_model % cfg.n_heads:
         raise ConfigError(f"field 'n_heads': d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
     if cfg.n_heads % cfg.memory.heads:
-        raise ConfigError(
-            f"field 'memory.heads': n_heads {cfg.n_heads} is not a multiple of {cfg.memory.heads}"
-        )
+        raise ConfigError(f"field 'memory.heads': n_heads {cfg.n_heads} is not a multiple of {cfg.memory.heads}")
     if cfg.recurrence not in ("gated", "linear"):
         raise ConfigError(f"field 'recurrence': expected 'gated' or 'linear', got {cfg.recurrence!r}")
     if cfg.tokenizer not in ("bpe", "byte"):
@@ -176,13 +168,9 @@ def validate(cfg: Config) -> Config:
     if cfg.tokenizer == "byte" and cfg.vocab_size < 256:
         raise ConfigError(f"field 'vocab_size': the byte tokenizer needs at least 256, got {cfg.vocab_size}")
     if cfg.tokenizer == "bpe" and cfg.vocab_size < 300:
-        raise ConfigError(
-            f"field 'vocab_size': a BPE vocabulary needs at least 300 entries, got {cfg.vocab_size}"
-        )
+        raise ConfigError(f"field 'vocab_size': a BPE vocabulary needs at least 300 entries, got {cfg.vocab_size}")
     if cfg.decay_hidden < 0:
-        raise ConfigError(
-            f"field 'decay_hidden': expected >= 0 (0 means d_model // 4), got {cfg.decay_hidden}"
-        )
+        raise ConfigError(f"field 'decay_hidden': expected >= 0 (0 means d_model // 4), got {cfg.decay_hidden}")
     if cfg.moe is not None:
         _positive(cfg.moe, "moe.", "experts", "top_k", "capacity_factor")
         if cfg.moe.top_k > cfg.moe.experts:
@@ -208,17 +196,13 @@ def load_config(name_or_path: str | Path, overrides: dict[str, object] | None = 
     if not path.is_file():
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise ConfigError(
-            f"config '{name_or_path}': no such file, and not a bundled config ({', '.join(available())})"
-        )
+        raise ConfigError(f"config '{name_or_path}': no such file, and not a bundled config ({', '.join(available())})")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(
-            f"config {path.name}: not valid YAML{where}: {getattr(err, 'problem', err)}"
-        ) from None
+        raise ConfigError(f"config {path.name}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path.name}: expected a mapping of fields, got {type(data).__name__}")
     data.setdefault("name", path.stem)

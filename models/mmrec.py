@@ -47,9 +47,7 @@ def block(b: Builder, cfg: Config, i: int, x: str, h_prev: str, mem: str) -> tup
     else:
         # Without W_g the gate depends on the input only: the recurrence is a linear scan (SPEC §2).
         drive = b.mul(z, b.sigmoid(gz), name=p + "drive")
-        h, h_last = b.linear_scan(
-            b.log(gamma, name=p + "log_gamma"), drive, h_prev, name=[p + "h", p + "h_last"]
-        )
+        h, h_last = b.linear_scan(b.log(gamma, name=p + "log_gamma"), drive, h_prev, name=[p + "h", p + "h_last"])
     beta = b.param(p + "beta", (cfg.n_heads, len(cfg.memory.slots)), "zeros")
     m = b.hds_query(q, k, v, beta, mem, heads=cfg.n_heads, name=p + "m")
     mixed = b.linear(b.add(h, m), b.param(p + "w_o", (d, d), f"normal({out_std})"))
@@ -95,9 +93,7 @@ def build(cfg: Config) -> Graph:
     b = Builder("mmrec_lm", config=cfg.name)
     d = cfg.d_model
     tokens = b.input("tokens", i64("B", "T"))
-    state = [
-        (b.input(f"h.{i}", f32("B", d)), b.input(f"mem.{i}", memory_type(cfg))) for i in range(cfg.n_layers)
-    ]
+    state = [(b.input(f"h.{i}", f32("B", d)), b.input(f"mem.{i}", memory_type(cfg))) for i in range(cfg.n_layers)]
     embed = b.param("embed", (cfg.vocab_size, d), "normal(0.02)")
     x = b.embedding(tokens, embed, name="x")
     next_state, aux = [], []

@@ -79,4 +79,5 @@ def default_pipeline() -> list[Pass]:
 
 
 def print_after(stage: Stage) -> str:
-    return f"// ----- IR after {stage.pass_name} ({stage.seconds * 1e3:.2f} ms) -----\n{print_graph(stage.graph)}"
+    title = "input IR" if stage.pass_name == "input" else f"IR after {stage.pass_name} ({stage.seconds * 1e3:.2f} ms)"
+    return f"// ----- {title} -----\n{print_graph(stage.graph)}"

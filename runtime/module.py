@@ -96,11 +96,7 @@ class CompiledModel(nn.Module):
 
     def _check(self, tokens: Tensor, state: State | None) -> None:
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
-            got = (
-                f"{tuple(tokens.shape)} {tokens.dtype}"
-                if isinstance(tokens, Tensor)
-                else type(tokens).__name__
-            )
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise InputError(f"tokens: expected an int64 tensor [B, T], got {got}")
         if tokens.shape[1] == 0:
             raise InputError("tokens: expected at least one token per row, got T = 0")

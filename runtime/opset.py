@@ -41,9 +41,7 @@ class ReferenceOps:
     linear_scan = staticmethod(kernels.linear_scan)
     gated_recurrence = staticmethod(kernels.gated_recurrence)
     memory_write = staticmethod(lambda mem, k, v: _one(kernels.memory_write(mem, k, v)))
-    hds_query = staticmethod(
-        lambda q, k, v, beta, mem, heads: _one(kernels.hds_query(q, k, v, beta, mem, heads))
-    )
+    hds_query = staticmethod(lambda q, k, v, beta, mem, heads: _one(kernels.hds_query(q, k, v, beta, mem, heads)))
     ffn = staticmethod(lambda x, w_gate, w_up, w_down: _one(kernels.swiglu(x, w_gate, w_up, w_down)))
     lm_head = staticmethod(lambda x, table: _one(F.linear(x, table)))
     uboo_loss = staticmethod(lambda h, h0, p, q: _one(kernels.uboo_loss(h, h0, p, q)))

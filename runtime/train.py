@@ -121,9 +121,7 @@ class Trainer:
                 f"field 'vocab_size': the tokenizer has {self.tokenizer.vocab_size} tokens, more than {cfg.vocab_size}"
             )
         t = cfg.train
-        self.train_stream = TokenStream(
-            torch.tensor(self.tokenizer.encode_many(train_texts)), t.batch_size, t.seq_len
-        )
+        self.train_stream = TokenStream(torch.tensor(self.tokenizer.encode_many(train_texts)), t.batch_size, t.seq_len)
         val_tokens = torch.tensor(self.tokenizer.encode_many(val_texts))
         val_batch = max(1, min(t.batch_size, (val_tokens.numel() - 1) // (t.seq_len * 2)))
         self.val_stream = TokenStream(val_tokens, val_batch, t.seq_len)
@@ -196,9 +194,7 @@ class Trainer:
                 lr = lr_at(self.step, t)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss, lm_loss, new_state = segment_loss(
-                    self.model, inputs.to(device), targets.to(device), self.state
-                )
+                loss, lm_loss, new_state = segment_loss(self.model, inputs.to(device), targets.to(device), self.state)
                 if not torch.isfinite(loss):
                     raise self._stop(f"loss is {loss.item()}")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -230,9 +226,7 @@ class Trainer:
                             "eval_ppl": round(math.exp(eval_loss), 3),
                         }
                     )
-                    bar.write(
-                        f"step {self.step}: eval loss {eval_loss:.3f}, perplexity {math.exp(eval_loss):.1f}"
-                    )
+                    bar.write(f"step {self.step}: eval loss {eval_loss:.3f}, perplexity {math.exp(eval_loss):.1f}")
                 if self.step % t.ckpt_every == 0 or self.step == end:
                     self.save()
         except KeyboardInterrupt:

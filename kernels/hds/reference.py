@@ -72,9 +72,7 @@ class Memory:
         def levels(name: str) -> list[Tensor]:
             return [tensors[f"{name}.{lvl}"] for lvl in range(len(spec.slots))]
 
-        return Memory(
-            spec, levels("keys"), levels("values"), levels("sum_k"), levels("sum_v"), tensors["pos"]
-        )
+        return Memory(spec, levels("keys"), levels("values"), levels("sum_k"), levels("sum_v"), tensors["pos"])
 
     def map(self, fn) -> Memory:
         return Memory(

@@ -30,7 +30,12 @@ def test_wrong_parameter_shape_names_node_op_expected_and_actual():
 
 
 def test_wrong_declared_output_type():
-    check(BASE.replace("%y: f32[B, T, 8] =", "%y: f32[B, T, 9] ="), "%y (rmsnorm)", "expected f32[B, T, 8]", "got f32[B, T, 9]")
+    check(
+        BASE.replace("%y: f32[B, T, 8] =", "%y: f32[B, T, 9] ="),
+        "%y (rmsnorm)",
+        "expected f32[B, T, 8]",
+        "got f32[B, T, 9]",
+    )
 
 
 def test_unknown_op():
@@ -52,8 +57,11 @@ def test_value_defined_twice():
 
 def test_unknown_and_missing_attributes():
     check(BASE.replace("{eps = 1e-06}", "{eps = 1e-06, bogus = 1}"), "unknown attribute 'bogus'")
-    check(BASE.replace("%y: f32[B, T, 8] = rmsnorm(%x, @w) {eps = 1e-06}", "%y: f32[B, T, 8] = clamp(%x) {min = 0.0}"),
-          "%y (clamp)", "missing required attribute 'max'")
+    check(
+        BASE.replace("%y: f32[B, T, 8] = rmsnorm(%x, @w) {eps = 1e-06}", "%y: f32[B, T, 8] = clamp(%x) {min = 0.0}"),
+        "%y (clamp)",
+        "missing required attribute 'max'",
+    )
 
 
 def test_wrong_operand_count():

@@ -54,7 +54,7 @@ def test_forward_and_all_gradients_match_the_naive_loop(steps, heads, dh, with_h
 
 def test_bf16_runs_in_fp32_and_returns_bf16():
     args = inputs(2, 37, 2, 3, dtype=torch.bfloat16)
-    h, h_last = gated_recurrence(*args)
+    h, _ = gated_recurrence(*args)
     assert h.dtype == torch.bfloat16
     assert_close(h, naive(*args).float(), rtol=2e-2, atol=2e-2, what="h (bf16)")
 

@@ -41,10 +41,15 @@ def naive_query(q_seg, k_hist, v_hist, beta, start, spec=SPEC, heads=HEADS):
                 row.append(torch.zeros(spec.dim, dtype=q_seg.dtype))
                 continue
             logits = torch.stack(
-                [qh @ key.view(spec.heads, spec.dim)[mh] / math.sqrt(spec.dim) + beta[h, lvl] for lvl, key, _ in visible]
+                [
+                    qh @ key.view(spec.heads, spec.dim)[mh] / math.sqrt(spec.dim) + beta[h, lvl]
+                    for lvl, key, _ in visible
+                ]
             )
             weights = torch.softmax(logits, 0)
-            row.append(sum(w * val.view(spec.heads, spec.dim)[mh] for w, (_, _, val) in zip(weights, visible, strict=True)))
+            row.append(
+                sum(w * val.view(spec.heads, spec.dim)[mh] for w, (_, _, val) in zip(weights, visible, strict=True))
+            )
         out.append(torch.cat(row))
     return torch.stack(out)
 
@@ -103,7 +108,7 @@ def test_query_matches_the_naive_loop_forward_and_backward(chunks, resets, steps
     expected = torch.stack(expected)
     assert_close(out, expected, rtol=1e-10, atol=1e-12, what="m")
     ref = torch.autograd.grad((expected * grad_out).sum(), (q, k, v, beta))
-    for name, g, r in zip("q k v beta".split(), grads, ref, strict=True):
+    for name, g, r in zip(["q", "k", "v", "beta"], grads, ref, strict=True):
         assert_close(g, r, rtol=1e-9, atol=1e-11, what=f"d{name}")
 
 

@@ -13,7 +13,10 @@ def naive(log_a, b, h0):
         h = [h0[i, c] if h0 is not None else torch.zeros((), dtype=torch.float64) for c in range(width)]
         row = []
         for t in range(steps):
-            h = [torch.exp(torch.clamp(log_a[i, t, c].double(), -50, 0)) * h[c] + b[i, t, c].double() for c in range(width)]
+            h = [
+                torch.exp(torch.clamp(log_a[i, t, c].double(), -50, 0)) * h[c] + b[i, t, c].double()
+                for c in range(width)
+            ]
             row.append(torch.stack(h))
         rows.append(torch.stack(row))
     return torch.stack(rows)

@@ -19,8 +19,12 @@ def test_matches_a_per_token_loop_and_stays_in_the_open_interval():
         return 1 / (1 + math.exp(-x))
 
     def mlp(x, w1, b1, w2, b2):
-        hidden = [gelu(sum(w1[j, i].item() * x[i].item() for i in range(len(x))) + b1[j].item()) for j in range(len(b1))]
-        return [sig(sum(w2[o, j].item() * hidden[j] for j in range(len(hidden))) + b2[o].item()) for o in range(len(b2))]
+        hidden = [
+            gelu(sum(w1[j, i].item() * x[i].item() for i in range(len(x))) + b1[j].item()) for j in range(len(b1))
+        ]
+        return [
+            sig(sum(w2[o, j].item() * hidden[j] for j in range(len(hidden))) + b2[o].item()) for o in range(len(b2))
+        ]
 
     for b in range(2):
         for t in range(5):
