@@ -47,12 +47,19 @@ def _cmd_generate(args) -> int:
     from .module import InputError
     from .train import load_for_inference
 
-    if not args.prompt:
+    if args.ids is None and not args.prompt:
         raise InputError("--prompt is empty: give at least one character of text")
     model, tokenizer, _ = load_for_inference(args.ckpt, device=args.device)
-    ids = tokenizer.encode(args.prompt)
+    if args.ids is not None:
+        try:
+            ids = [int(i) for i in args.ids.split(",") if i.strip()]
+        except ValueError:
+            raise InputError(f"--ids: expected comma-separated integers, got {args.ids!r}") from None
+        args.prompt = tokenizer.decode([i for i in ids if 0 <= i < tokenizer.vocab_size])
+    else:
+        ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise InputError("--prompt encodes to no tokens")
+        raise InputError("the prompt encodes to no tokens")
     prompt = torch.tensor([ids], device=args.device)
     generated: list[int] = []
     printed = 0
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a trained checkpoint")
     p.add_argument("--ckpt", default=f"{DEFAULT_OUT}/ckpt.pt", help="checkpoint file or run folder")
     p.add_argument("--prompt", default="ROMEO:\n", help="text to continue")
+    p.add_argument("--ids", default=None, help="comma-separated token ids to use as the prompt instead of text")
     p.add_argument("--tokens", type=int, default=200, help="how many tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
