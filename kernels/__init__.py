@@ -1,20 +1,26 @@
-"""Kernels: for each MM-Rec op a plain-PyTorch reference (the oracle), in `kernels/<op>/`.
+"""Kernels: for each MM-Rec op family a folder with its plain-PyTorch reference (the oracle),
+its Triton kernels where they exist, and its torch custom-op registration.
 
-The entry points below are what the runtime calls. Triton implementations registered as
-torch custom ops take these names over per device as they land (issues #3, #4).
+The entry points below are what the runtime calls. `linear_scan` and `gated_recurrence` are
+`torch.ops.mmrec.*` custom ops: Triton on CUDA, the reference elsewhere; with TRITON_INTERPRET=1
+they run the Triton kernels on CPU tensors through Triton's interpreter.
 """
 
-from .gated_recurrence.reference import gated_recurrence
-from .hds.reference import Memory, MemorySpec, hds_query, memory_write, reset_rows
-from .linear_scan.reference import linear_scan
-from .mdi_decay.reference import mdi_decay
+from .checks import KernelInputError
+from .config import knobs
+from .decay.reference import mdi_decay
+from .memory.reference import Memory, MemorySpec, hds_query, memory_write, reset_rows
 from .nn.reference import moe, rmsnorm, swiglu, uboo_loss
+from .recurrence.op import gated_recurrence
+from .scan.op import linear_scan
 
 __all__ = [
+    "KernelInputError",
     "Memory",
     "MemorySpec",
     "gated_recurrence",
     "hds_query",
+    "knobs",
     "linear_scan",
     "mdi_decay",
     "memory_write",

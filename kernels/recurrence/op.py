@@ -1,0 +1,105 @@
+"""`torch.ops.mmrec.gated_recurrence_fwd/_bwd`: one registration bundle for the gated recurrence.
+
+CUDA runs the Triton kernels; other devices and fake tensors run the reference or its shape
+rule. Under TRITON_INTERPRET=1, `gated_recurrence` on CPU tensors calls the Triton launchers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import KernelInputError, interpreting, seq_arg, tensor_arg
+from ..config import knobs
+from . import kernel, reference
+
+
+@torch.library.custom_op("mmrec::gated_recurrence_fwd", mutates_args=())
+def gated_recurrence_fwd(
+    z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    return reference.forward(z, gz, gamma, w_g, h0)
+
+
+@gated_recurrence_fwd.register_kernel("cuda")
+def _fwd_cuda(z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None):
+    run = kernel.gated_fwd if knobs.use_triton else reference.forward
+    return run(z, gz, gamma, w_g, h0)
+
+
+@gated_recurrence_fwd.register_fake
+def _fwd_fake(z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None):
+    return torch.empty_like(z), z.new_empty(z.shape[0], z.shape[2])
+
+
+def _bwd_with(run, z, gz, gamma, w_g, h0, h, dh, dh_last):
+    dz, dgz, dgamma, dw, dh0 = run(z, gz, gamma, w_g, h0, h, dh.contiguous(), dh_last.contiguous())
+    # dh0 is always returned (zeros without h0): op schemas keep a fixed output list.
+    return dz, dgz, dgamma, dw, dh0 if dh0 is not None else torch.zeros_like(dh_last)
+
+
+@torch.library.custom_op("mmrec::gated_recurrence_bwd", mutates_args=())
+def gated_recurrence_bwd(
+    z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None, h: Tensor, dh: Tensor, dh_last: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _bwd_with(reference.backward, z, gz, gamma, w_g, h0, h, dh, dh_last)
+
+
+@gated_recurrence_bwd.register_kernel("cuda")
+def _bwd_cuda(z, gz, gamma, w_g, h0, h, dh, dh_last):
+    run = kernel.gated_bwd if knobs.use_triton else reference.backward
+    return _bwd_with(run, z, gz, gamma, w_g, h0, h, dh, dh_last)
+
+
+@gated_recurrence_bwd.register_fake
+def _bwd_fake(z, gz, gamma, w_g, h0, h, dh, dh_last):
+    return (torch.empty_like(z), torch.empty_like(gz), torch.empty_like(gamma), torch.empty_like(w_g),
+            torch.empty_like(dh_last))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    z, gz, gamma, w_g, h0 = inputs
+    ctx.save_for_backward(z, gz, gamma, w_g, h0, output[0])
+    ctx.has_h0 = h0 is not None
+
+
+def _backward(ctx, dh: Tensor, dh_last: Tensor):
+    dz, dgz, dgamma, dw, dh0 = torch.ops.mmrec.gated_recurrence_bwd(*ctx.saved_tensors, dh, dh_last)
+    return dz, dgz, dgamma, dw, dh0 if ctx.has_h0 else None
+
+
+gated_recurrence_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Interpreted(torch.autograd.Function):
+    """The Triton kernels through the interpreter, with the same autograd as the op."""
+
+    @staticmethod
+    def forward(ctx, z, gz, gamma, w_g, h0):
+        h, h_last = kernel.gated_fwd(z, gz, gamma, w_g, h0)
+        ctx.save_for_backward(z, gz, gamma, w_g, h0, h)
+        return h, h_last
+
+    @staticmethod
+    def backward(ctx, dh: Tensor, dh_last: Tensor):
+        z, gz, gamma, w_g, h0, h = ctx.saved_tensors
+        return kernel.gated_bwd(z, gz, gamma, w_g, h0, h, dh.contiguous(), dh_last.contiguous())
+
+
+def gated_recurrence(
+    z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """SPEC §2. z, gz, gamma [B, T, D]; w_g [H, Dh, Dh]; h0 [B, D] or None -> (h, h_last)."""
+    op = "gated_recurrence"
+    z = seq_arg(op, "z", z)
+    gz = tensor_arg(op, "gz", gz, tuple(z.shape), like=z)
+    gamma = tensor_arg(op, "gamma", gamma, tuple(z.shape), like=z)
+    if not isinstance(w_g, Tensor) or w_g.dim() != 3 or w_g.shape[0] * w_g.shape[1] != z.shape[2]:
+        got = list(w_g.shape) if isinstance(w_g, Tensor) else type(w_g).__name__
+        raise KernelInputError(f"{op}: w_g: expected [H, Dh, Dh] with H*Dh = {z.shape[2]}, got {got}")
+    w_g = tensor_arg(op, "w_g", w_g, (w_g.shape[0], w_g.shape[1], w_g.shape[1]), like=z)
+    if h0 is not None:
+        h0 = tensor_arg(op, "h0", h0, (z.shape[0], z.shape[2]), like=z)
+    if interpreting(z):
+        return _Interpreted.apply(z, gz, gamma, w_g, h0)
+    return torch.ops.mmrec.gated_recurrence_fwd(z, gz, gamma, w_g, h0)

@@ -1,0 +1,151 @@
+"""Triton kernels for the linear scan (SPEC §1), forward and backward, on the [B, T, C] layout.
+
+One program owns a tile of BLOCK_C channels of one batch row and walks time in chunks of
+BLOCK_T rows: it loads a [BLOCK_T, BLOCK_C] tile of log_a and b (contiguous along C, so
+coalesced), scans it with `tl.associative_scan`, applies the carry from the previous chunk,
+stores h, and carries the chunk's last row on. Every input element is read once and every
+output written once: the forward moves 3 x B*T*C elements, the backward 5 (it reads log_a,
+h, dh; writes dlog_a, db; the shifted re-reads of log_a and h hit in cache).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..config import knobs
+
+LOG_A_MIN = -50.0
+LOG_A_MAX = 0.0
+
+
+@triton.jit
+def _compose(a_first, b_first, a_then, b_then):
+    # (x -> a_first x + b_first) followed by (x -> a_then x + b_then).
+    return a_first * a_then, a_then * b_first + b_then
+
+
+@triton.jit
+def _scan_fwd(
+    LA, X, H0, H, HLAST,  # [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
+    T, C,
+    HAS_H0: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rows = tl.arange(0, BLOCK_T)
+    # int64: B*T*C overflows int32 at the 7B config's segment length.
+    row_base = pid_b.to(tl.int64) * T * C
+    if HAS_H0:
+        carry = tl.load(H0 + pid_b.to(tl.int64) * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + rows
+        ok = (t < T)[:, None] & col_ok[None, :]
+        offs = row_base + t.to(tl.int64)[:, None] * C + cols[None, :]
+        # Rows past T load a = exp(0) = 1, b = 0: they copy the carry and change nothing.
+        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
+        a_cum, b_cum = tl.associative_scan((a, x), 0, _compose)
+        h = a_cum * carry[None, :] + b_cum
+        tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
+        carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
+    tl.store(HLAST + pid_b.to(tl.int64) * C + cols, carry.to(HLAST.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _scan_bwd(
+    LA, H, H0, DH, DHLAST,  # inputs: [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
+    DLA, DX, DH0,  # outputs: [B, T, C], [B, T, C], [B, C]
+    T, C,
+    HAS_H0: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rows = tl.arange(0, BLOCK_T)
+    row_base = pid_b.to(tl.int64) * T * C
+    state_offs = pid_b.to(tl.int64) * C + cols
+    if HAS_H0:
+        h0 = tl.load(H0 + state_offs, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    carry = tl.load(DHLAST + state_offs, mask=col_ok, other=0.0).to(tl.float32)  # g_{T} seed
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    for i in range(n_chunks):
+        t0 = (n_chunks - 1 - i) * BLOCK_T
+        t = t0 + rows
+        ok = (t < T)[:, None] & col_ok[None, :]
+        offs = row_base + t.to(tl.int64)[:, None] * C + cols[None, :]
+        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+        a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
+        # alpha_t = a_{t+1} (1 past the end), so g_t = dh_t + alpha_t g_{t+1}.
+        next_ok = ((t + 1) < T)[:, None] & col_ok[None, :]
+        la_next = tl.load(LA + offs + C, mask=next_ok, other=0.0).to(tl.float32)
+        alpha = tl.exp(tl.minimum(tl.maximum(la_next, LOG_A_MIN), LOG_A_MAX))
+        dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
+        a_cum, b_cum = tl.associative_scan((alpha, dh), 0, _compose, reverse=True)
+        g = a_cum * carry[None, :] + b_cum
+        prev_ok = ok & (t >= 1)[:, None]
+        h_prev = tl.load(H + offs - C, mask=prev_ok, other=0.0).to(tl.float32)
+        h_prev += tl.where((t == 0)[:, None], h0[None, :], 0.0)
+        in_range = (la >= LOG_A_MIN) & (la <= LOG_A_MAX)
+        dla = tl.where(in_range, g * a * h_prev, 0.0)
+        tl.store(DLA + offs, dla.to(DLA.dtype.element_ty), mask=ok)
+        tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=ok)
+        carry = tl.sum(tl.where(rows[:, None] == 0, g, 0.0), axis=0)  # g at the chunk's first row
+    if HAS_H0:
+        la0 = tl.load(LA + row_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        a0 = tl.exp(tl.minimum(tl.maximum(la0, LOG_A_MIN), LOG_A_MAX))
+        tl.store(DH0 + state_offs, (a0 * carry).to(DH0.dtype.element_ty), mask=col_ok)
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
+    for bt in (16, 32, 64)
+    for bc in (32, 64, 128)
+    for w in (4, 8)
+    if bt * bc <= 4096
+]
+_scan_fwd_tuned = triton.autotune(_CONFIGS, key=["C", "HAS_H0"])(_scan_fwd)
+_scan_bwd_tuned = triton.autotune(_CONFIGS, key=["C", "HAS_H0"])(_scan_bwd)
+
+
+def _launch(tuned, plain, grid_b: int, width: int, *args, **meta):
+    """Autotuned on a GPU; one fixed small tile under the interpreter (tuning it is pointless)."""
+    if knobs.interpret:
+        plain[(grid_b, triton.cdiv(width, 16))](*args, **meta, BLOCK_T=8, BLOCK_C=16)
+    else:
+        tuned[lambda m: (grid_b, triton.cdiv(width, m["BLOCK_C"]))](*args, **meta)
+
+
+def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Contiguous [B, T, C] inputs -> (h, h_last) in b's dtype."""
+    bsz, steps, width = b.shape
+    h = torch.empty_like(b)
+    h_last = torch.empty(bsz, width, device=b.device, dtype=b.dtype)
+    _launch(_scan_fwd_tuned, _scan_fwd, bsz, width, log_a, b, h0 if h0 is not None else b, h, h_last,
+            steps, width, HAS_H0=h0 is not None)
+    return h, h_last
+
+
+def scan_bwd(
+    log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """-> (dlog_a, db, dh0 or None)."""
+    bsz, steps, width = h.shape
+    dlog_a = torch.empty_like(log_a)
+    db = torch.empty_like(h)
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    _launch(_scan_bwd_tuned, _scan_bwd, bsz, width, log_a, h, h0 if h0 is not None else h, dh, dh_last,
+            dlog_a, db, dh0 if dh0 is not None else db, steps, width, HAS_H0=h0 is not None)
+    return dlog_a, db, dh0

@@ -1,0 +1,97 @@
+"""`torch.ops.mmrec.linear_scan_fwd/_bwd`: one registration bundle for the linear scan.
+
+CUDA runs the Triton kernels; every other device (and fake tensors under torch.compile) runs
+the reference or its shape rule, so tracing never enters the Triton interpreter. Under
+TRITON_INTERPRET=1, `linear_scan` on CPU tensors calls the Triton launchers directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import interpreting, seq_arg, tensor_arg
+from ..config import knobs
+from . import kernel, reference
+
+
+@torch.library.custom_op("mmrec::linear_scan_fwd", mutates_args=())
+def linear_scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    return reference.forward(log_a, b, h0)
+
+
+@linear_scan_fwd.register_kernel("cuda")
+def _fwd_cuda(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    return kernel.scan_fwd(log_a, b, h0) if knobs.use_triton else reference.forward(log_a, b, h0)
+
+
+@linear_scan_fwd.register_fake
+def _fwd_fake(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(b), b.new_empty(b.shape[0], b.shape[2])
+
+
+def _bwd_reference(log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor):
+    dlog_a, db, dh0 = reference.backward(log_a, h, h0, dh, dh_last)
+    # dh0 is always returned (zeros without h0): op schemas keep a fixed output list.
+    return dlog_a, db, dh0 if dh0 is not None else torch.zeros_like(dh_last)
+
+
+@torch.library.custom_op("mmrec::linear_scan_bwd", mutates_args=())
+def linear_scan_bwd(
+    log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_reference(log_a, h, h0, dh, dh_last)
+
+
+@linear_scan_bwd.register_kernel("cuda")
+def _bwd_cuda(log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor):
+    if not knobs.use_triton:
+        return _bwd_reference(log_a, h, h0, dh, dh_last)
+    dlog_a, db, dh0 = kernel.scan_bwd(log_a, h, h0, dh.contiguous(), dh_last.contiguous())
+    return dlog_a, db, dh0 if dh0 is not None else torch.zeros_like(dh_last)
+
+
+@linear_scan_bwd.register_fake
+def _bwd_fake(log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor):
+    return torch.empty_like(log_a), torch.empty_like(h), torch.empty_like(dh_last)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    log_a, _, h0 = inputs
+    ctx.save_for_backward(log_a, output[0], h0)
+    ctx.has_h0 = h0 is not None
+
+
+def _backward(ctx, dh: Tensor, dh_last: Tensor):
+    log_a, h, h0 = ctx.saved_tensors
+    dlog_a, db, dh0 = torch.ops.mmrec.linear_scan_bwd(log_a, h, h0, dh, dh_last)
+    return dlog_a, db, dh0 if ctx.has_h0 else None
+
+
+linear_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Interpreted(torch.autograd.Function):
+    """The Triton kernels through the interpreter, with the same autograd as the op."""
+
+    @staticmethod
+    def forward(ctx, log_a: Tensor, b: Tensor, h0: Tensor | None):
+        h, h_last = kernel.scan_fwd(log_a, b, h0)
+        ctx.save_for_backward(log_a, h, h0)
+        return h, h_last
+
+    @staticmethod
+    def backward(ctx, dh: Tensor, dh_last: Tensor):
+        log_a, h, h0 = ctx.saved_tensors
+        return kernel.scan_bwd(log_a, h, h0, dh.contiguous(), dh_last.contiguous())
+
+
+def linear_scan(log_a: Tensor, b: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """SPEC §1. log_a, b [B, T, C]; h0 [B, C] or None -> (h [B, T, C], h_last [B, C])."""
+    b = seq_arg("linear_scan", "b", b)
+    log_a = tensor_arg("linear_scan", "log_a", log_a, tuple(b.shape), like=b)
+    if h0 is not None:
+        h0 = tensor_arg("linear_scan", "h0", h0, (b.shape[0], b.shape[2]), like=b)
+    if interpreting(b):
+        return _Interpreted.apply(log_a, b, h0)
+    return torch.ops.mmrec.linear_scan_fwd(log_a, b, h0)
