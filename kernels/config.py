@@ -15,6 +15,17 @@ class Knobs:
     use_triton: bool = os.environ.get("MMREC_KERNELS", "triton") != "reference"
     # MMREC_RECURRENCE_TF32=0: exact fp32 W_g products for bf16/fp16 inputs too.
     recurrence_tf32: bool = os.environ.get("MMREC_RECURRENCE_TF32", "1") == "1"
+    # Fill every kernel output with NaN before launch, so elements a kernel fails to write
+    # show up in tests (MMREC_POISON=1, or set by the tests).
+    poison_outputs: bool = os.environ.get("MMREC_POISON", "0") == "1"
+
+
+def new_output(like, shape=None, dtype=None):
+    """A fresh kernel output (NaN-filled when knobs.poison_outputs)."""
+    import torch
+
+    out = torch.empty(like.shape if shape is None else shape, device=like.device, dtype=dtype or like.dtype)
+    return out.fill_(float("nan")) if knobs.poison_outputs else out
 
 
 knobs = Knobs()

@@ -14,3 +14,17 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what="tensor"):
     assert not torch.isnan(actual).any(), f"{what}: NaN in result at {torch.isnan(actual).nonzero()[:5].tolist()}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+# Triton tests run on CUDA where there is a GPU, else on CPU tensors through Triton's interpreter.
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "triton" in item.keywords and not (CUDA or INTERPRET):
+            item.add_marker(pytest.mark.skip(reason="Triton kernels need a GPU or TRITON_INTERPRET=1"))
+        if "gpu" in item.keywords and not CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

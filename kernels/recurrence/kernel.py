@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import knobs
+from ..config import knobs, new_output
 
 
 @triton.jit
@@ -32,8 +32,17 @@ def _matmul(x, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _gated_fwd(
-    Z, GZ, GAMMA, W, H0, H, HLAST,  # [B, T, D] x3, [H, Dh, Dh], [B, D], [B, T, D], [B, D]
-    B, T, D, DH,
+    Z,
+    GZ,
+    GAMMA,
+    W,
+    H0,
+    H,
+    HLAST,  # [B, T, D] x3, [H, Dh, Dh], [B, D], [B, T, D], [B, D]
+    B,
+    T,
+    D,
+    DH,
     HAS_H0: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -70,9 +79,23 @@ def _gated_fwd(
 
 @triton.jit
 def _gated_bwd(
-    Z, GZ, GAMMA, W, H0, H, DH, DHLAST,  # inputs
-    DZ, DGZ, DGAMMA, DW, DH0,  # outputs; DW [H, Dh, Dh] fp32, zeroed, summed into across tiles
-    B, T, D, DH_SIZE,
+    Z,
+    GZ,
+    GAMMA,
+    W,
+    H0,
+    H,
+    DH,
+    DHLAST,  # inputs
+    DZ,
+    DGZ,
+    DGAMMA,
+    DW,
+    DH0,  # outputs; DW [H, Dh, Dh] fp32, zeroed, summed into across tiles
+    B,
+    T,
+    D,
+    DH_SIZE,
     HAS_H0: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -130,17 +153,13 @@ def _gated_bwd(
 
 
 def _configs():
-    return [
-        triton.Config({"BLOCK_B": bb}, num_warps=nw)
-        for bb in (2, 4, 8, 16, 32)
-        for nw in (2, 4, 8)
-    ]
+    return [triton.Config({"BLOCK_B": bb}, num_warps=nw) for bb in (2, 4, 8, 16, 32) for nw in (2, 4, 8)]
 
 
 _gated_fwd_tuned = triton.autotune(_configs(), key=["B", "D", "DH", "HAS_H0", "PRECISION"])(_gated_fwd)
-_gated_bwd_tuned = triton.autotune(
-    _configs(), key=["B", "D", "DH_SIZE", "HAS_H0", "PRECISION"], reset_to_zero=["DW"]
-)(_gated_bwd)
+_gated_bwd_tuned = triton.autotune(_configs(), key=["B", "D", "DH_SIZE", "HAS_H0", "PRECISION"], reset_to_zero=["DW"])(
+    _gated_bwd
+)
 
 _INTERPRET_BLOCK_B = 2
 
@@ -153,11 +172,14 @@ def precision_for(dtype: torch.dtype) -> str:
 def gated_fwd(z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     bsz, steps, width = z.shape
     heads, dh = w_g.shape[0], w_g.shape[1]
-    h = torch.empty_like(z)
-    h_last = torch.empty(bsz, width, device=z.device, dtype=z.dtype)
+    h = new_output(z)
+    h_last = new_output(z, (bsz, width))
     args = (z, gz, gamma, w_g, h0 if h0 is not None else z, h, h_last, bsz, steps, width, dh)
-    meta = {"HAS_H0": h0 is not None, "BLOCK_D": max(16, triton.next_power_of_2(dh)),
-            "PRECISION": precision_for(z.dtype)}
+    meta = {
+        "HAS_H0": h0 is not None,
+        "BLOCK_D": max(16, triton.next_power_of_2(dh)),
+        "PRECISION": precision_for(z.dtype),
+    }
     if knobs.interpret:
         _gated_fwd[(triton.cdiv(bsz, _INTERPRET_BLOCK_B), heads)](*args, **meta, BLOCK_B=_INTERPRET_BLOCK_B)
     else:
@@ -170,13 +192,33 @@ def gated_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     bsz, steps, width = z.shape
     heads, dhead = w_g.shape[0], w_g.shape[1]
-    dz, dgz, dgamma = torch.empty_like(z), torch.empty_like(gz), torch.empty_like(gamma)
-    dh0 = torch.empty_like(h0) if h0 is not None else None
+    dz, dgz, dgamma = new_output(z), new_output(gz), new_output(gamma)
+    dh0 = new_output(h0) if h0 is not None else None
     dw = torch.zeros(heads, dhead, dhead, device=z.device, dtype=torch.float32)
-    args = (z, gz, gamma, w_g, h0 if h0 is not None else z, h, dh, dh_last,
-            dz, dgz, dgamma, dw, dh0 if dh0 is not None else dz, bsz, steps, width, dhead)
-    meta = {"HAS_H0": h0 is not None, "BLOCK_D": max(16, triton.next_power_of_2(dhead)),
-            "PRECISION": precision_for(z.dtype)}
+    args = (
+        z,
+        gz,
+        gamma,
+        w_g,
+        h0 if h0 is not None else z,
+        h,
+        dh,
+        dh_last,
+        dz,
+        dgz,
+        dgamma,
+        dw,
+        dh0 if dh0 is not None else dz,
+        bsz,
+        steps,
+        width,
+        dhead,
+    )
+    meta = {
+        "HAS_H0": h0 is not None,
+        "BLOCK_D": max(16, triton.next_power_of_2(dhead)),
+        "PRECISION": precision_for(z.dtype),
+    }
     if knobs.interpret:
         _gated_bwd[(triton.cdiv(bsz, _INTERPRET_BLOCK_B), heads)](*args, **meta, BLOCK_B=_INTERPRET_BLOCK_B)
     else:

@@ -15,9 +15,7 @@ from . import kernel, reference
 
 
 @torch.library.custom_op("mmrec::gated_recurrence_fwd", mutates_args=())
-def gated_recurrence_fwd(
-    z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def gated_recurrence_fwd(z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     return reference.forward(z, gz, gamma, w_g, h0)
 
 
@@ -53,8 +51,13 @@ def _bwd_cuda(z, gz, gamma, w_g, h0, h, dh, dh_last):
 
 @gated_recurrence_bwd.register_fake
 def _bwd_fake(z, gz, gamma, w_g, h0, h, dh, dh_last):
-    return (torch.empty_like(z), torch.empty_like(gz), torch.empty_like(gamma), torch.empty_like(w_g),
-            torch.empty_like(dh_last))
+    return (
+        torch.empty_like(z),
+        torch.empty_like(gz),
+        torch.empty_like(gamma),
+        torch.empty_like(w_g),
+        torch.empty_like(dh_last),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -66,7 +66,13 @@ def backward(
         dw += torch.einsum("bhd,bhe->hde", prev, dp)
         carry = gf[:, t] * g + torch.einsum("hde,bhe->bhd", w, dp)
     dh0 = None if h0 is None else carry.flatten(1).to(h0.dtype)
-    return dz.flatten(2).to(z.dtype), dgz.flatten(2).to(gz.dtype), dgamma.flatten(2).to(gamma.dtype), dw.to(w_g.dtype), dh0
+    return (
+        dz.flatten(2).to(z.dtype),
+        dgz.flatten(2).to(gz.dtype),
+        dgamma.flatten(2).to(gamma.dtype),
+        dw.to(w_g.dtype),
+        dh0,
+    )
 
 
 class _GatedRecurrence(torch.autograd.Function):

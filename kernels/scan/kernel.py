@@ -10,12 +10,11 @@ h, dh; writes dlog_a, db; the shifted re-reads of log_a and h hit in cache).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import knobs
+from ..config import knobs, new_output
 
 LOG_A_MIN = -50.0
 LOG_A_MAX = 0.0
@@ -29,8 +28,13 @@ def _compose(a_first, b_first, a_then, b_then):
 
 @triton.jit
 def _scan_fwd(
-    LA, X, H0, H, HLAST,  # [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
-    T, C,
+    LA,
+    X,
+    H0,
+    H,
+    HLAST,  # [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
+    T,
+    C,
     HAS_H0: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -62,9 +66,16 @@ def _scan_fwd(
 
 @triton.jit
 def _scan_bwd(
-    LA, H, H0, DH, DHLAST,  # inputs: [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
-    DLA, DX, DH0,  # outputs: [B, T, C], [B, T, C], [B, C]
-    T, C,
+    LA,
+    H,
+    H0,
+    DH,
+    DHLAST,  # inputs: [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
+    DLA,
+    DX,
+    DH0,  # outputs: [B, T, C], [B, T, C], [B, C]
+    T,
+    C,
     HAS_H0: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -131,10 +142,22 @@ def _launch(tuned, plain, grid_b: int, width: int, *args, **meta):
 def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     """Contiguous [B, T, C] inputs -> (h, h_last) in b's dtype."""
     bsz, steps, width = b.shape
-    h = torch.empty_like(b)
-    h_last = torch.empty(bsz, width, device=b.device, dtype=b.dtype)
-    _launch(_scan_fwd_tuned, _scan_fwd, bsz, width, log_a, b, h0 if h0 is not None else b, h, h_last,
-            steps, width, HAS_H0=h0 is not None)
+    h = new_output(b)
+    h_last = new_output(b, (bsz, width))
+    _launch(
+        _scan_fwd_tuned,
+        _scan_fwd,
+        bsz,
+        width,
+        log_a,
+        b,
+        h0 if h0 is not None else b,
+        h,
+        h_last,
+        steps,
+        width,
+        HAS_H0=h0 is not None,
+    )
     return h, h_last
 
 
@@ -143,9 +166,24 @@ def scan_bwd(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """-> (dlog_a, db, dh0 or None)."""
     bsz, steps, width = h.shape
-    dlog_a = torch.empty_like(log_a)
-    db = torch.empty_like(h)
-    dh0 = torch.empty_like(h0) if h0 is not None else None
-    _launch(_scan_bwd_tuned, _scan_bwd, bsz, width, log_a, h, h0 if h0 is not None else h, dh, dh_last,
-            dlog_a, db, dh0 if dh0 is not None else db, steps, width, HAS_H0=h0 is not None)
+    dlog_a = new_output(log_a)
+    db = new_output(h)
+    dh0 = new_output(h0) if h0 is not None else None
+    _launch(
+        _scan_bwd_tuned,
+        _scan_bwd,
+        bsz,
+        width,
+        log_a,
+        h,
+        h0 if h0 is not None else h,
+        dh,
+        dh_last,
+        dlog_a,
+        db,
+        dh0 if dh0 is not None else db,
+        steps,
+        width,
+        HAS_H0=h0 is not None,
+    )
     return dlog_a, db, dh0

@@ -1,0 +1,81 @@
+"""The custom ops as torch sees them: schema, fake tensors, autograd registration, torch.compile."""
+
+import pytest
+import torch
+
+import kernels
+from kernels import KernelInputError
+
+
+def scan_args(requires_grad=True):
+    log_a = (torch.rand(2, 13, 5) * -2).requires_grad_(requires_grad)
+    b = torch.randn(2, 13, 5, requires_grad=requires_grad)
+    h0 = torch.randn(2, 5, requires_grad=requires_grad)
+    return log_a, b, h0
+
+
+def recurrence_args(requires_grad=True):
+    z, gz = torch.randn(2, 11, 6), torch.randn(2, 11, 6)
+    gamma = torch.rand(2, 11, 6) * 0.9
+    w_g, h0 = torch.randn(2, 3, 3) * 0.3, torch.randn(2, 6)
+    return [t.requires_grad_(requires_grad) for t in (z, gz, gamma, w_g, h0)]
+
+
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_opcheck_linear_scan(with_h0):
+    log_a, b, h0 = scan_args()
+    torch.library.opcheck(torch.ops.mmrec.linear_scan_fwd.default, (log_a, b, h0 if with_h0 else None))
+    h, h_last = torch.ops.mmrec.linear_scan_fwd(log_a.detach(), b.detach(), h0.detach())
+    torch.library.opcheck(
+        torch.ops.mmrec.linear_scan_bwd.default,
+        (log_a.detach(), h, h0.detach() if with_h0 else None, torch.randn_like(h), torch.randn_like(h_last)),
+    )
+
+
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_opcheck_gated_recurrence(with_h0):
+    z, gz, gamma, w_g, h0 = recurrence_args()
+    args = (z, gz, gamma, w_g, h0 if with_h0 else None)
+    torch.library.opcheck(torch.ops.mmrec.gated_recurrence_fwd.default, args)
+    plain = [t.detach() if t is not None else None for t in args]
+    h, h_last = torch.ops.mmrec.gated_recurrence_fwd(*plain)
+    torch.library.opcheck(
+        torch.ops.mmrec.gated_recurrence_bwd.default, (*plain, h, torch.randn_like(h), torch.randn_like(h_last))
+    )
+
+
+def model_step(log_a, b, h0, z, gz, gamma, w_g, h1):
+    h, last = kernels.linear_scan(log_a, b, h0)
+    g, glast = kernels.gated_recurrence(z, gz, torch.sigmoid(gamma), w_g, h1)
+    return (h.sum(-1) + last.sum(-1)[:, None]).sum() + (g * 2).sum() + glast.sum()
+
+
+def test_torch_compile_sees_the_ops_without_graph_breaks():
+    args = (*scan_args(), *recurrence_args())
+    explanation = torch._dynamo.explain(model_step)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_torch_compile_fullgraph_forward_and_backward_match_eager():
+    args = (*scan_args(), *recurrence_args())
+    eager = torch.autograd.grad(model_step(*args), args)
+    compiled_fn = torch.compile(model_step, fullgraph=True, backend="aot_eager")
+    compiled = torch.autograd.grad(compiled_fn(*args), args)
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e)
+
+
+def test_bad_arguments_are_one_line_errors():
+    log_a, b, h0 = scan_args(requires_grad=False)
+    with pytest.raises(KernelInputError, match=r"linear_scan: log_a: expected shape \[2, 13, 5\], got \[2, 13, 4\]"):
+        kernels.linear_scan(log_a[..., :4], b, h0)
+    with pytest.raises(KernelInputError, match=r"linear_scan: h0: expected shape \[2, 5\], got \[5\]"):
+        kernels.linear_scan(log_a, b, h0[0])
+    with pytest.raises(KernelInputError, match=r"linear_scan: b: expected \[B, T, C\], got \[13, 5\]"):
+        kernels.linear_scan(log_a[0], b[0])
+    z, gz, gamma, w_g, h0 = recurrence_args(requires_grad=False)
+    with pytest.raises(KernelInputError, match=r"gated_recurrence: w_g: expected \[H, Dh, Dh\] with H\*Dh = 6"):
+        kernels.gated_recurrence(z, gz, gamma, w_g[:1], h0)
+    with pytest.raises(KernelInputError, match="gated_recurrence: gamma: expected a floating dtype"):
+        kernels.gated_recurrence(z, gz, gamma.long(), w_g, h0)

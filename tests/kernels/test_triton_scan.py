@@ -1,0 +1,71 @@
+"""The Triton linear scan vs its reference and a naive loop: odd shapes, fp32/bf16, all gradients,
+outputs poisoned with NaN. Runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
+
+import pytest
+import torch
+
+import kernels
+from kernels.scan import kernel, reference
+from tests.conftest import TRITON_DEVICE, assert_close
+from tests.kernels.test_linear_scan import naive
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
+
+
+def make(bsz, steps, width, dtype, with_h0=True):
+    log_a = (torch.rand(bsz, steps, width) * -3).to(dtype)
+    log_a[0, 0, 0] = -80.0  # clamped below: zero gradient
+    b = torch.randn(bsz, steps, width).to(dtype)
+    h0 = torch.randn(bsz, width).to(dtype) if with_h0 else None
+    return [t.to(TRITON_DEVICE) if t is not None else None for t in (log_a, b, h0)]
+
+
+@pytest.mark.parametrize(("steps", "width"), [(1, 3), (37, 20), (500, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_triton_scan_matches_reference(steps, width, dtype, with_h0):
+    log_a, b, h0 = make(2, steps, width, dtype, with_h0)
+    leaves = [t.requires_grad_() for t in (log_a, b, h0) if t is not None]
+    h, h_last = kernels.linear_scan(log_a, b, h0)
+    dh, dlast = torch.randn_like(h), torch.randn_like(h_last)
+    grads = torch.autograd.grad((h.float() * dh.float()).sum() + (h_last.float() * dlast.float()).sum(), leaves)
+
+    cpu = [t.detach().cpu().double() if t is not None else None for t in (log_a, b, h0)]
+    ref_h, ref_last = reference.forward(*cpu)
+    ref_grads = reference.backward(cpu[0], ref_h, cpu[2], dh.cpu().double(), dlast.cpu().double())
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert_close(h.cpu(), ref_h, what="h", **tol)
+    assert_close(h_last.cpu(), ref_last, what="h_last", **tol)
+    for name, g, r in zip(["log_a", "b", "h0"], grads, ref_grads, strict=False):
+        assert g.dtype == dtype
+        assert_close(g.cpu(), r, what=f"d{name}", **tol)
+    assert grads[0][0, 0, 0] == 0
+
+
+def test_triton_scan_matches_the_naive_loop():
+    log_a, b, h0 = make(2, 9, 3, torch.float32)
+    h, _ = kernels.linear_scan(log_a, b, h0)
+    assert_close(h.cpu(), naive(log_a.cpu(), b.cpu(), h0.cpu()).float(), what="h")
+
+
+def test_triton_scan_launchers_write_every_element():
+    log_a, b, h0 = make(3, 45, 33, torch.float32)
+    h, h_last = kernel.scan_fwd(log_a, b, h0)
+    grads = kernel.scan_bwd(log_a, h, h0, torch.randn_like(h), torch.randn_like(h_last))
+    for t in (h, h_last, *grads):
+        assert not torch.isnan(t).any()
+
+
+def test_non_contiguous_inputs_are_made_contiguous():
+    log_a, b, h0 = make(2, 17, 6, torch.float32)
+    strided = torch.empty(2, 17, 12, device=b.device)[:, :, ::2]
+    strided.copy_(b)
+    assert not strided.is_contiguous()
+    h, _ = kernels.linear_scan(log_a, b, h0)
+    h2, _ = kernels.linear_scan(log_a, strided, h0)
+    assert torch.equal(h, h2)
