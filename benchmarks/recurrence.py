@@ -1,0 +1,332 @@
+"""Recurrence benchmark: our Triton linear scan and gated recurrence vs the memory floor and peers.
+
+Every row is measured in this run (median of triton.testing.do_bench); peers that are not
+installed are skipped with a note. Before timing, each of our kernels is checked against the
+reference on the benchmark inputs.
+
+    python benchmarks/recurrence.py [--quick] [--json out.json] [--flashrnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton
+
+import kernels
+from kernels.recurrence import reference as gated_ref
+from kernels.scan import reference as scan_ref
+
+ROWS: list[dict] = []
+NOTES: list[str] = []
+
+
+def bench(fn, rep: int = 200) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def row(group: str, name: str, shape: str, dtype, fwd: float | None, fwd_bwd: float | None, note: str = "") -> None:
+    ROWS.append(
+        {
+            "group": group,
+            "name": name,
+            "shape": shape,
+            "dtype": str(dtype).replace("torch.", ""),
+            "fwd_ms": fwd,
+            "fwd_bwd_ms": fwd_bwd,
+            "note": note,
+        }
+    )
+    f = "-" if fwd is None else f"{fwd:.3f}"
+    fb = "-" if fwd_bwd is None else f"{fwd_bwd:.3f}"
+    print(f"  {name:<34} {shape:<24} {row_dtype(dtype):<9} fwd {f:>9} ms   fwd+bwd {fb:>9} ms  {note}", flush=True)
+
+
+def row_dtype(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def attempt(what: str, fn):
+    try:
+        return fn()
+    except Exception as err:  # a peer that fails is reported, not fatal
+        NOTES.append(f"{what}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+        print(f"  {what}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:160]})", flush=True)
+        return None
+
+
+def fwd_bwd_timer(fn, inputs, grads):
+    def run():
+        for t in inputs:
+            t.grad = None
+        outs = fn()
+        torch.autograd.backward(outs, grads)
+
+    return run
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def linear_scan_section(quick: bool) -> None:
+    bsz, steps, width = (2, 1024, 1024) if quick else (8, 4096, 2048)
+    dtype = torch.bfloat16
+    shape = f"B{bsz} T{steps} C{width}"
+    print(f"linear scan {shape} {row_dtype(dtype)}")
+    torch.manual_seed(0)
+    log_a = (-torch.rand(bsz, steps, width, device="cuda") * 0.5).to(dtype).requires_grad_()
+    b = torch.randn(bsz, steps, width, device="cuda", dtype=dtype).requires_grad_()
+    dh = torch.randn_like(b)
+
+    with torch.no_grad():
+        h, _ = kernels.linear_scan(log_a, b)
+        ref, _ = scan_ref.forward(log_a[:1, :512].float(), b[:1, :512].float(), None)
+        err = rel_err(h[:1, :512], ref)
+    assert err < 1e-2, f"linear_scan disagrees with the reference: rel err {err:.2e}"
+
+    n = bsz * steps * width
+    src = torch.randn(n, device="cuda", dtype=dtype)
+    dst = torch.empty_like(src)
+    copy = bench(lambda: dst.copy_(src))  # reads n, writes n elements
+    gbps = 2 * n * src.element_size() / copy / 1e6
+    # The scan's floor: forward reads log_a and b and writes h (3 passes); forward + backward
+    # adds dh, log_a, h read and dlog_a, db written (8 passes). A copy is 2 passes.
+    floor_f, floor_fb = copy * 3 / 2, copy * 8 / 2
+    row("scan", "copy-bandwidth floor", shape, dtype, floor_f, floor_fb, f"copy {gbps / 1e3:.2f} TB/s")
+
+    with torch.no_grad():
+        ours_f = bench(lambda: kernels.linear_scan(log_a, b))
+    ours_fb = bench(fwd_bwd_timer(lambda: kernels.linear_scan(log_a, b)[0], [log_a, b], [dh]))
+    row(
+        "scan",
+        "mmrec linear_scan (Triton)",
+        shape,
+        dtype,
+        ours_f,
+        ours_fb,
+        f"{ours_f / floor_f:.2f}x / {ours_fb / floor_fb:.2f}x floor",
+    )
+
+    def accelerated():
+        from accelerated_scan.scalar import scan
+
+        gates = log_a.detach().float().exp().to(dtype).transpose(1, 2).contiguous().requires_grad_()
+        tokens = b.detach().transpose(1, 2).contiguous().requires_grad_()
+        dh_t = dh.transpose(1, 2).contiguous()
+        with torch.no_grad():
+            f = bench(lambda: scan(gates, tokens))
+        fb = bench(fwd_bwd_timer(lambda: scan(gates, tokens), [gates, tokens], [dh_t]))
+        row(
+            "scan",
+            "accelerated-scan scalar.scan",
+            shape + " [B,C,T]",
+            dtype,
+            f,
+            fb,
+            f"ours {ours_f / f:.2f}x / {ours_fb / fb:.2f}x of its time",
+        )
+
+    def fla():
+        from fla.ops.hgrn import chunk_hgrn
+
+        with torch.no_grad():
+            f = bench(lambda: chunk_hgrn(b, log_a))
+        fb = bench(fwd_bwd_timer(lambda: chunk_hgrn(b, log_a)[0], [log_a, b], [dh]))
+        row("scan", "fla chunk_hgrn", shape, dtype, f, fb, f"ours {ours_f / f:.2f}x / {ours_fb / fb:.2f}x of its time")
+
+    def compiled_associative_scan():
+        from torch._higher_order_ops.associative_scan import associative_scan
+
+        def combine(x, y):
+            return (x[0] * y[0], y[0] * x[1] + y[1])
+
+        fn = torch.compile(lambda a, x: associative_scan(combine, (a, x), dim=1)[1], fullgraph=True)
+        a = log_a.detach().float().exp().to(dtype)
+        with torch.no_grad():
+            f = bench(lambda: fn(a, b.detach()))
+        row("scan", "torch.compile associative_scan", shape, dtype, f, None, f"ours {ours_f / f:.2f}x of its time")
+
+    attempt("accelerated-scan", accelerated)
+    attempt("fla chunk_hgrn", fla)
+    attempt("torch.compile associative_scan", compiled_associative_scan)
+
+
+def gated_inputs(bsz, steps, heads, dh, dtype):
+    width = heads * dh
+    z = torch.randn(bsz, steps, width, device="cuda").to(dtype).requires_grad_()
+    gz = torch.randn(bsz, steps, width, device="cuda").to(dtype).requires_grad_()
+    gamma = torch.rand(bsz, steps, width, device="cuda").clamp(0.05, 0.95).to(dtype).requires_grad_()
+    w_g = (torch.randn(heads, dh, dh, device="cuda") / math.sqrt(dh)).to(dtype).requires_grad_()
+    h0 = torch.randn(bsz, width, device="cuda").to(dtype).requires_grad_()
+    return [z, gz, gamma, w_g, h0]
+
+
+def gated_section(quick: bool, flashrnn: bool) -> None:
+    shapes = [
+        (16, 1024, 16, 64, torch.float32),
+        (16, 1024, 16, 64, torch.bfloat16),
+        (16, 1024, 16, 128, torch.bfloat16),
+        (16, 4096, 16, 64, torch.bfloat16),
+    ]
+    if quick:
+        shapes = [(4, 128, 4, 64, torch.float32)]
+    for index, (bsz, steps, heads, dh, dtype) in enumerate(shapes):
+        shape = f"B{bsz} T{steps} H{heads} Dh{dh}"
+        print(f"gated recurrence {shape} {row_dtype(dtype)}")
+        torch.manual_seed(0)
+        args = gated_inputs(bsz, steps, heads, dh, dtype)
+        grad = torch.randn_like(args[0])
+
+        with torch.no_grad():
+            h, _ = kernels.gated_recurrence(*args)
+            t_check = min(steps, 256)
+            z, gz, gamma, w_g, h0 = (a.detach() for a in args)
+            ref, _ = gated_ref.forward(
+                z[:2, :t_check].double(),
+                gz[:2, :t_check].double(),
+                gamma[:2, :t_check].double(),
+                w_g.double(),
+                h0[:2].double(),
+            )
+            err = rel_err(h[:2, :t_check], ref)
+        limit = 1e-4 if dtype == torch.float32 else 2e-2
+        assert err < limit, f"gated_recurrence disagrees with the reference: rel err {err:.2e}"
+
+        with torch.no_grad():
+            ours_f = bench(lambda: kernels.gated_recurrence(*args))
+        ours_fb = bench(fwd_bwd_timer(lambda: kernels.gated_recurrence(*args)[0], args, [grad]))
+        row("gated", "mmrec gated_recurrence (Triton)", shape, dtype, ours_f, ours_fb, f"rel err {err:.1e}")
+        if index > 0:
+            continue
+
+        def eager():
+            with torch.no_grad():
+                f = bench(lambda: gated_ref.forward(*args), rep=300)
+            row("gated", "eager loop (reference, CUDA)", shape, dtype, f, None, f"ours {f / ours_f:.0f}x faster")
+
+        def compiled_step_loop():
+            width = heads * dh
+
+            @torch.compile
+            def step(h, z, gz, gamma, w):
+                p = torch.einsum("bhd,hde->bhe", h.view(bsz, heads, dh), w).reshape(bsz, width)
+                return z * torch.sigmoid(p + gz) + gamma * h
+
+            def run():
+                h = args[4]
+                for t in range(steps):
+                    h = step(h, args[0][:, t], args[1][:, t], args[2][:, t], args[3])
+                return h
+
+            with torch.no_grad():
+                f = bench(run, rep=300)
+            row("gated", "torch.compile step loop", shape, dtype, f, None, f"ours {f / ours_f:.0f}x faster")
+
+        def cudnn(kind):
+            width = heads * dh
+            rnn = getattr(torch.nn, kind)(width, width).to("cuda", dtype)
+            x = torch.randn(steps, bsz, width, device="cuda", dtype=dtype, requires_grad=True)
+            with torch.no_grad():
+                f = bench(lambda: rnn(x))
+            fb = bench(
+                fwd_bwd_timer(lambda: rnn(x)[0], [x], [torch.randn(steps, bsz, width, device="cuda", dtype=dtype)])
+            )
+            row(
+                "gated",
+                f"cuDNN nn.{kind} hidden {width}",
+                f"T{steps} B{bsz}",
+                dtype,
+                f,
+                fb,
+                f"ours {f / ours_f:.1f}x / {fb / ours_fb:.1f}x faster",
+            )
+
+        attempt("eager loop", eager)
+        attempt("torch.compile step loop", compiled_step_loop)
+        attempt("cuDNN LSTM", lambda: cudnn("LSTM"))
+        attempt("cuDNN GRU", lambda: cudnn("GRU"))
+        if flashrnn:
+            attempt("FlashRNN", lambda: flashrnn_rows(bsz, steps, heads, dh, ours_f, ours_fb))
+        else:
+            NOTES.append("FlashRNN: not run (pass --flashrnn; its CUDA backends compile for minutes)")
+
+
+def flashrnn_rows(bsz, steps, heads, dh, ours_f, ours_fb) -> None:
+    from flashrnn import flashrnn
+
+    dtype = torch.bfloat16
+    for function, backend in (("elman", "cuda_fused"), ("gru", "cuda_fused"), ("elman", "cuda"), ("gru", "cuda")):
+        gates = {"elman": 1, "gru": 3}[function]
+        x = torch.randn(bsz, steps, gates, heads, dh, device="cuda", dtype=dtype, requires_grad=True)
+        r = torch.randn(gates, heads, dh, dh, device="cuda", dtype=dtype, requires_grad=True)
+        bias = torch.randn(gates + (function == "gru"), heads, dh, device="cuda", dtype=dtype, requires_grad=True)
+
+        def run():
+            return flashrnn(Wx=x, R=r, b=bias, function=function, backend=backend, dtype="bfloat16")[0]
+
+        try:
+            with torch.no_grad():
+                f = bench(run)
+            out = run()
+            fb = bench(fwd_bwd_timer(run, [x, r, bias], [torch.randn_like(out)]))
+        except Exception as err:
+            NOTES.append(
+                f"FlashRNN {function} {backend}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+            )
+            continue
+        row(
+            "gated",
+            f"FlashRNN {function} {backend}",
+            f"B{bsz} T{steps} H{heads} Dh{dh}",
+            dtype,
+            f,
+            fb,
+            f"ours {f / ours_f:.1f}x / {fb / ours_fb:.1f}x faster",
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, to check the script")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--flashrnn", action="store_true", help="include FlashRNN (slow to build)")
+    parser.add_argument("--only", choices=["scan", "gated"], default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/recurrence.py needs a CUDA device")
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", *sys.argv]),
+        "python": platform.python_version(),
+    }
+    print(" | ".join(f"{k} {v}" for k, v in info.items()))
+    for section in ("scan", "gated"):
+        if args.only in (None, section):
+            try:
+                linear_scan_section(args.quick) if section == "scan" else gated_section(args.quick, args.flashrnn)
+            except Exception:
+                traceback.print_exc()
+                NOTES.append(f"{section} section failed: see the traceback above")
+    for note in NOTES:
+        print("note:", note)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "rows": ROWS, "notes": NOTES}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

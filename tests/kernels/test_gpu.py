@@ -1,0 +1,76 @@
+"""The same checks at real sizes, on the GPU (skipped without CUDA)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import models
+import runtime
+from kernels.recurrence import reference as gated_ref
+from kernels.scan import reference as scan_ref
+
+pytestmark = pytest.mark.gpu
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_at_benchmark_size(dtype):
+    bsz, steps, width = 8, 4096, 2048
+    log_a = (-torch.rand(bsz, steps, width, device="cuda") * 0.5).to(dtype).requires_grad_()
+    b = torch.randn(bsz, steps, width, device="cuda", dtype=dtype).requires_grad_()
+    h0 = torch.randn(bsz, width, device="cuda", dtype=dtype).requires_grad_()
+    h, h_last = kernels.linear_scan(log_a, b, h0)
+    dh, dlast = torch.randn_like(h), torch.randn_like(h_last)
+    grads = torch.autograd.grad((h * dh).float().sum() + (h_last * dlast).float().sum(), (log_a, b, h0))
+    la32, b32, h032 = (t.detach().float() for t in (log_a, b, h0))
+    ref_h, ref_last = scan_ref.forward(la32, b32, h032)
+    ref_grads = scan_ref.backward(la32, ref_h, h032, dh.float(), dlast.float())
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(h, ref_h) < limit and rel(h_last, ref_last) < limit
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel(g, r) < limit * 2
+
+
+@pytest.mark.parametrize(("dh", "dtype"), [(64, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)])
+def test_gated_recurrence_at_benchmark_size(dh, dtype):
+    bsz, steps, heads = 16, 1024, 16
+    width = heads * dh
+    z = torch.randn(bsz, steps, width, device="cuda").to(dtype)
+    gz = torch.randn(bsz, steps, width, device="cuda").to(dtype)
+    gamma = torch.rand(bsz, steps, width, device="cuda").clamp(0.05, 0.95).to(dtype)
+    w_g = (torch.randn(heads, dh, dh, device="cuda") / dh**0.5).to(dtype)
+    h0 = torch.randn(bsz, width, device="cuda").to(dtype)
+    args = [t.requires_grad_() for t in (z, gz, gamma, w_g, h0)]
+    h, h_last = kernels.gated_recurrence(*args)
+    dh_, dlast = torch.randn_like(h), torch.randn_like(h_last)
+    grads = torch.autograd.grad((h * dh_).float().sum() + (h_last * dlast).float().sum(), args)
+    ref64 = [t.detach().double() for t in args]
+    ref_h, ref_last = gated_ref.forward(*ref64)
+    ref_grads = gated_ref.backward(*ref64, ref_h, dh_.double(), dlast.double())
+    limit = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel(h, ref_h) < limit and rel(h_last, ref_last) < limit
+    for name, g, r in zip(["z", "gz", "gamma", "w_g", "h0"], grads, ref_grads, strict=True):
+        assert rel(g, r) < limit * 5, name
+
+
+def test_model_on_cuda_decodes_like_forward_and_trains():
+    cfg = models.load_config("tiny")
+    model = runtime.compile(models.build(cfg)).cuda().eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 70), device="cuda")
+    with torch.no_grad():
+        full, _ = model(tokens)
+        logits, state = model(tokens[:, :33])
+        outs = [logits]
+        for t in range(33, 70):
+            logits, state = model(tokens[:, t : t + 1], state)
+            outs.append(logits)
+    assert rel(torch.cat(outs, 1), full) < 1e-4
+    model.train()
+    out = model(tokens[:, :-1])
+    loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_parameter("layer0.w_g").grad.abs().sum() > 0
