@@ -182,85 +182,87 @@ def gated_section(quick: bool, flashrnn: bool) -> None:
     ]
     if quick:
         shapes = [(4, 128, 4, 64, torch.float32)]
-    for index, (bsz, steps, heads, dh, dtype) in enumerate(shapes):
-        shape = f"B{bsz} T{steps} H{heads} Dh{dh}"
-        print(f"gated recurrence {shape} {row_dtype(dtype)}")
-        torch.manual_seed(0)
-        args = gated_inputs(bsz, steps, heads, dh, dtype)
-        grad = torch.randn_like(args[0])
+    for index, case in enumerate(shapes):
+        gated_case(*case, with_peers=index == 0, flashrnn=flashrnn)
+
+
+def gated_case(bsz, steps, heads, dh, dtype, with_peers: bool, flashrnn: bool) -> None:
+    shape = f"B{bsz} T{steps} H{heads} Dh{dh}"
+    print(f"gated recurrence {shape} {row_dtype(dtype)}")
+    torch.manual_seed(0)
+    args = gated_inputs(bsz, steps, heads, dh, dtype)
+    grad = torch.randn_like(args[0])
+
+    with torch.no_grad():
+        h, _ = kernels.gated_recurrence(*args)
+        t_check = min(steps, 256)
+        z, gz, gamma, w_g, h0 = (a.detach() for a in args)
+        ref, _ = gated_ref.forward(
+            z[:2, :t_check].double(),
+            gz[:2, :t_check].double(),
+            gamma[:2, :t_check].double(),
+            w_g.double(),
+            h0[:2].double(),
+        )
+        err = rel_err(h[:2, :t_check], ref)
+    limit = 1e-4 if dtype == torch.float32 else 2e-2
+    assert err < limit, f"gated_recurrence disagrees with the reference: rel err {err:.2e}"
+
+    with torch.no_grad():
+        ours_f = bench(lambda: kernels.gated_recurrence(*args))
+    ours_fb = bench(fwd_bwd_timer(lambda: kernels.gated_recurrence(*args)[0], args, [grad]))
+    row("gated", "mmrec gated_recurrence (Triton)", shape, dtype, ours_f, ours_fb, f"rel err {err:.1e}")
+    if not with_peers:
+        return
+
+    def eager():
+        with torch.no_grad():
+            f = bench(lambda: gated_ref.forward(*args), rep=300)
+        row("gated", "eager loop (reference, CUDA)", shape, dtype, f, None, f"ours {f / ours_f:.0f}x faster")
+
+    def compiled_step_loop():
+        width = heads * dh
+
+        @torch.compile
+        def step(h, z, gz, gamma, w):
+            p = torch.einsum("bhd,hde->bhe", h.view(bsz, heads, dh), w).reshape(bsz, width)
+            return z * torch.sigmoid(p + gz) + gamma * h
+
+        def run():
+            h = args[4]
+            for t in range(steps):
+                h = step(h, args[0][:, t], args[1][:, t], args[2][:, t], args[3])
+            return h
 
         with torch.no_grad():
-            h, _ = kernels.gated_recurrence(*args)
-            t_check = min(steps, 256)
-            z, gz, gamma, w_g, h0 = (a.detach() for a in args)
-            ref, _ = gated_ref.forward(
-                z[:2, :t_check].double(),
-                gz[:2, :t_check].double(),
-                gamma[:2, :t_check].double(),
-                w_g.double(),
-                h0[:2].double(),
-            )
-            err = rel_err(h[:2, :t_check], ref)
-        limit = 1e-4 if dtype == torch.float32 else 2e-2
-        assert err < limit, f"gated_recurrence disagrees with the reference: rel err {err:.2e}"
+            f = bench(run, rep=300)
+        row("gated", "torch.compile step loop", shape, dtype, f, None, f"ours {f / ours_f:.0f}x faster")
 
+    def cudnn(kind):
+        width = heads * dh
+        rnn = getattr(torch.nn, kind)(width, width).to("cuda", dtype)
+        x = torch.randn(steps, bsz, width, device="cuda", dtype=dtype, requires_grad=True)
         with torch.no_grad():
-            ours_f = bench(lambda: kernels.gated_recurrence(*args))
-        ours_fb = bench(fwd_bwd_timer(lambda: kernels.gated_recurrence(*args)[0], args, [grad]))
-        row("gated", "mmrec gated_recurrence (Triton)", shape, dtype, ours_f, ours_fb, f"rel err {err:.1e}")
-        if index > 0:
-            continue
+            f = bench(lambda: rnn(x))
+        fb = bench(fwd_bwd_timer(lambda: rnn(x)[0], [x], [torch.randn(steps, bsz, width, device="cuda", dtype=dtype)]))
+        row(
+            "gated",
+            f"cuDNN nn.{kind} hidden {width}",
+            f"T{steps} B{bsz}",
+            dtype,
+            f,
+            fb,
+            f"ours {f / ours_f:.1f}x / {fb / ours_fb:.1f}x faster",
+        )
 
-        def eager():
-            with torch.no_grad():
-                f = bench(lambda: gated_ref.forward(*args), rep=300)
-            row("gated", "eager loop (reference, CUDA)", shape, dtype, f, None, f"ours {f / ours_f:.0f}x faster")
-
-        def compiled_step_loop():
-            width = heads * dh
-
-            @torch.compile
-            def step(h, z, gz, gamma, w):
-                p = torch.einsum("bhd,hde->bhe", h.view(bsz, heads, dh), w).reshape(bsz, width)
-                return z * torch.sigmoid(p + gz) + gamma * h
-
-            def run():
-                h = args[4]
-                for t in range(steps):
-                    h = step(h, args[0][:, t], args[1][:, t], args[2][:, t], args[3])
-                return h
-
-            with torch.no_grad():
-                f = bench(run, rep=300)
-            row("gated", "torch.compile step loop", shape, dtype, f, None, f"ours {f / ours_f:.0f}x faster")
-
-        def cudnn(kind):
-            width = heads * dh
-            rnn = getattr(torch.nn, kind)(width, width).to("cuda", dtype)
-            x = torch.randn(steps, bsz, width, device="cuda", dtype=dtype, requires_grad=True)
-            with torch.no_grad():
-                f = bench(lambda: rnn(x))
-            fb = bench(
-                fwd_bwd_timer(lambda: rnn(x)[0], [x], [torch.randn(steps, bsz, width, device="cuda", dtype=dtype)])
-            )
-            row(
-                "gated",
-                f"cuDNN nn.{kind} hidden {width}",
-                f"T{steps} B{bsz}",
-                dtype,
-                f,
-                fb,
-                f"ours {f / ours_f:.1f}x / {fb / ours_fb:.1f}x faster",
-            )
-
-        attempt("eager loop", eager)
-        attempt("torch.compile step loop", compiled_step_loop)
-        attempt("cuDNN LSTM", lambda: cudnn("LSTM"))
-        attempt("cuDNN GRU", lambda: cudnn("GRU"))
-        if flashrnn:
-            attempt("FlashRNN", lambda: flashrnn_rows(bsz, steps, heads, dh, ours_f, ours_fb))
-        else:
-            NOTES.append("FlashRNN: not run (pass --flashrnn; its CUDA backends compile for minutes)")
+    attempt("eager loop", eager)
+    attempt("torch.compile step loop", compiled_step_loop)
+    attempt("cuDNN LSTM", lambda: cudnn("LSTM"))
+    attempt("cuDNN GRU", lambda: cudnn("GRU"))
+    if flashrnn:
+        attempt("FlashRNN", lambda: flashrnn_rows(bsz, steps, heads, dh, ours_f, ours_fb))
+    else:
+        NOTES.append("FlashRNN: not run (pass --flashrnn; its CUDA backends compile for minutes)")
 
 
 def flashrnn_rows(bsz, steps, heads, dh, ours_f, ours_fb) -> None:
@@ -268,33 +270,35 @@ def flashrnn_rows(bsz, steps, heads, dh, ours_f, ours_fb) -> None:
 
     dtype = torch.bfloat16
     for function, backend in (("elman", "cuda_fused"), ("gru", "cuda_fused"), ("elman", "cuda"), ("gru", "cuda")):
-        gates = {"elman": 1, "gru": 3}[function]
-        x = torch.randn(bsz, steps, gates, heads, dh, device="cuda", dtype=dtype, requires_grad=True)
-        r = torch.randn(gates, heads, dh, dh, device="cuda", dtype=dtype, requires_grad=True)
-        bias = torch.randn(gates + (function == "gru"), heads, dh, device="cuda", dtype=dtype, requires_grad=True)
+        flashrnn_case(flashrnn, function, backend, bsz, steps, heads, dh, dtype, ours_f, ours_fb)
 
-        def run():
-            return flashrnn(Wx=x, R=r, b=bias, function=function, backend=backend, dtype="bfloat16")[0]
 
-        try:
-            with torch.no_grad():
-                f = bench(run)
-            out = run()
-            fb = bench(fwd_bwd_timer(run, [x, r, bias], [torch.randn_like(out)]))
-        except Exception as err:
-            NOTES.append(
-                f"FlashRNN {function} {backend}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-            )
-            continue
-        row(
-            "gated",
-            f"FlashRNN {function} {backend}",
-            f"B{bsz} T{steps} H{heads} Dh{dh}",
-            dtype,
-            f,
-            fb,
-            f"ours {f / ours_f:.1f}x / {fb / ours_fb:.1f}x faster",
-        )
+def flashrnn_case(flashrnn, function, backend, bsz, steps, heads, dh, dtype, ours_f, ours_fb) -> None:
+    gates = {"elman": 1, "gru": 3}[function]
+    x = torch.randn(bsz, steps, gates, heads, dh, device="cuda", dtype=dtype, requires_grad=True)
+    r = torch.randn(gates, heads, dh, dh, device="cuda", dtype=dtype, requires_grad=True)
+    bias = torch.randn(gates + (function == "gru"), heads, dh, device="cuda", dtype=dtype, requires_grad=True)
+
+    def run():
+        return flashrnn(Wx=x, R=r, b=bias, function=function, backend=backend, dtype="bfloat16")[0]
+
+    try:
+        with torch.no_grad():
+            f = bench(run)
+        out = run()
+        fb = bench(fwd_bwd_timer(run, [x, r, bias], [torch.randn_like(out)]))
+    except Exception as err:
+        NOTES.append(f"FlashRNN {function} {backend}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        return
+    row(
+        "gated",
+        f"FlashRNN {function} {backend}",
+        f"B{bsz} T{steps} H{heads} Dh{dh}",
+        dtype,
+        f,
+        fb,
+        f"ours {f / ours_f:.1f}x / {fb / ours_fb:.1f}x faster",
+    )
 
 
 def main() -> None:

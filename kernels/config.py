@@ -13,6 +13,9 @@ class Knobs:
     interpret: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
     # MMREC_KERNELS=reference: use the plain-PyTorch references on every device.
     use_triton: bool = os.environ.get("MMREC_KERNELS", "triton") != "reference"
+    # MMREC_AUTOTUNE=0: one fixed launch config per kernel instead of tuning per shape
+    # (tests use it: tuning every odd test shape costs minutes of compilation).
+    autotune: bool = os.environ.get("MMREC_AUTOTUNE", "1") == "1"
     # MMREC_RECURRENCE_TF32=0: exact fp32 W_g products for bf16/fp16 inputs too.
     recurrence_tf32: bool = os.environ.get("MMREC_RECURRENCE_TF32", "1") == "1"
     # Fill every kernel output with NaN before launch, so elements a kernel fails to write

@@ -164,6 +164,13 @@ _gated_bwd_tuned = triton.autotune(_configs(), key=["B", "D", "DH_SIZE", "HAS_H0
 _INTERPRET_BLOCK_B = 2
 
 
+def _fixed_block_b(bsz: int) -> int:
+    """The batch tile without autotuning: tiny under the interpreter, tensor-core sized when it fills."""
+    if knobs.interpret:
+        return _INTERPRET_BLOCK_B
+    return 16 if bsz >= 16 else 4
+
+
 def precision_for(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 products; bf16/fp16 inputs may use tf32 (within their own error)."""
     return "ieee" if dtype in (torch.float32, torch.float64) or not knobs.recurrence_tf32 else "tf32"
@@ -180,8 +187,9 @@ def gated_fwd(z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | No
         "BLOCK_D": max(16, triton.next_power_of_2(dh)),
         "PRECISION": precision_for(z.dtype),
     }
-    if knobs.interpret:
-        _gated_fwd[(triton.cdiv(bsz, _INTERPRET_BLOCK_B), heads)](*args, **meta, BLOCK_B=_INTERPRET_BLOCK_B)
+    if knobs.interpret or not knobs.autotune:
+        block_b = _fixed_block_b(bsz)
+        _gated_fwd[(triton.cdiv(bsz, block_b), heads)](*args, **meta, BLOCK_B=block_b)
     else:
         _gated_fwd_tuned[lambda m: (triton.cdiv(bsz, m["BLOCK_B"]), heads)](*args, **meta)
     return h, h_last
@@ -219,8 +227,9 @@ def gated_bwd(
         "BLOCK_D": max(16, triton.next_power_of_2(dhead)),
         "PRECISION": precision_for(z.dtype),
     }
-    if knobs.interpret:
-        _gated_bwd[(triton.cdiv(bsz, _INTERPRET_BLOCK_B), heads)](*args, **meta, BLOCK_B=_INTERPRET_BLOCK_B)
+    if knobs.interpret or not knobs.autotune:
+        block_b = _fixed_block_b(bsz)
+        _gated_bwd[(triton.cdiv(bsz, block_b), heads)](*args, **meta, BLOCK_B=block_b)
     else:
         _gated_bwd_tuned[lambda m: (triton.cdiv(bsz, m["BLOCK_B"]), heads)](*args, **meta)
     return dz, dgz, dgamma, dw.to(w_g.dtype), dh0

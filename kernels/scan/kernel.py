@@ -132,9 +132,10 @@ _scan_bwd_tuned = triton.autotune(_CONFIGS, key=["C", "HAS_H0"])(_scan_bwd)
 
 
 def _launch(tuned, plain, grid_b: int, width: int, *args, **meta):
-    """Autotuned on a GPU; one fixed small tile under the interpreter (tuning it is pointless)."""
-    if knobs.interpret:
-        plain[(grid_b, triton.cdiv(width, 16))](*args, **meta, BLOCK_T=8, BLOCK_C=16)
+    """Autotuned on a GPU; a fixed tile under the interpreter or with autotuning off."""
+    if knobs.interpret or not knobs.autotune:
+        block_t, block_c, warps = (8, 16, 1) if knobs.interpret else (32, 64, 4)
+        plain[(grid_b, triton.cdiv(width, block_c))](*args, **meta, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
     else:
         tuned[lambda m: (grid_b, triton.cdiv(width, m["BLOCK_C"]))](*args, **meta)
 
