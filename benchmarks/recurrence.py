@@ -265,6 +265,27 @@ def gated_case(bsz, steps, heads, dh, dtype, with_peers: bool, flashrnn: bool) -
         NOTES.append("FlashRNN: not run (pass --flashrnn; its CUDA backends compile for minutes)")
 
 
+def flashrnn_section() -> None:
+    """FlashRNN's head-wise Elman and GRU next to ours, bf16, at the main shape (its CUDA
+    kernels compile at first use, which takes minutes: hence a section of its own)."""
+    bsz, steps, heads, dh = 16, 1024, 16, 64
+    args = gated_inputs(bsz, steps, heads, dh, torch.bfloat16)
+    grad = torch.randn_like(args[0])
+    with torch.no_grad():
+        ours_f = bench(lambda: kernels.gated_recurrence(*args))
+    ours_fb = bench(fwd_bwd_timer(lambda: kernels.gated_recurrence(*args)[0], args, [grad]))
+    print(f"gated recurrence B{bsz} T{steps} H{heads} Dh{dh} bfloat16 vs FlashRNN")
+    row(
+        "flashrnn",
+        "mmrec gated_recurrence (Triton)",
+        f"B{bsz} T{steps} H{heads} Dh{dh}",
+        torch.bfloat16,
+        ours_f,
+        ours_fb,
+    )
+    flashrnn_rows(bsz, steps, heads, dh, ours_f, ours_fb)
+
+
 def flashrnn_rows(bsz, steps, heads, dh, ours_f, ours_fb) -> None:
     from flashrnn import flashrnn
 
@@ -306,7 +327,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, to check the script")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--flashrnn", action="store_true", help="include FlashRNN (slow to build)")
-    parser.add_argument("--only", choices=["scan", "gated"], default=None)
+    parser.add_argument("--only", choices=["scan", "gated", "flashrnn"], default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/recurrence.py needs a CUDA device")
@@ -319,13 +340,18 @@ def main() -> None:
         "python": platform.python_version(),
     }
     print(" | ".join(f"{k} {v}" for k, v in info.items()))
-    for section in ("scan", "gated"):
-        if args.only in (None, section):
+    sections = {
+        "scan": lambda: linear_scan_section(args.quick),
+        "gated": lambda: gated_section(args.quick, args.flashrnn),
+        "flashrnn": flashrnn_section,
+    }
+    for name, section in sections.items():
+        if args.only == name or (args.only is None and name != "flashrnn"):
             try:
-                linear_scan_section(args.quick) if section == "scan" else gated_section(args.quick, args.flashrnn)
+                section()
             except Exception:
                 traceback.print_exc()
-                NOTES.append(f"{section} section failed: see the traceback above")
+                NOTES.append(f"{name} section failed: see the traceback above")
     for note in NOTES:
         print("note:", note)
     if args.json:

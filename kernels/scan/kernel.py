@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ..config import knobs, new_output
 
-LOG_A_MIN = -50.0
-LOG_A_MAX = 0.0
+LOG_A_MIN = tl.constexpr(-50.0)
+LOG_A_MAX = tl.constexpr(0.0)
 
 
 @triton.jit
@@ -49,19 +49,37 @@ def _scan_fwd(
         carry = tl.load(H0 + pid_b.to(tl.int64) * C + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # The next chunk is loaded before this one is scanned, so its latency hides behind the scan.
+    ok = (rows < T)[:, None] & col_ok[None, :]
+    offs = row_base + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    la_next = tl.load(LA + offs, mask=ok, other=0.0)
+    x_next = tl.load(X + offs, mask=ok, other=0.0)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + rows
-        ok = (t < T)[:, None] & col_ok[None, :]
-        offs = row_base + t.to(tl.int64)[:, None] * C + cols[None, :]
         # Rows past T load a = exp(0) = 1, b = 0: they copy the carry and change nothing.
-        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        la, x = la_next.to(tl.float32), x_next.to(tl.float32)
+        cur_ok, cur_offs = ok, offs
+        ok = ((t0 + BLOCK_T + rows) < T)[:, None] & col_ok[None, :]
+        offs = cur_offs + BLOCK_T * C
+        la_next = tl.load(LA + offs, mask=ok, other=0.0)
+        x_next = tl.load(X + offs, mask=ok, other=0.0)
         a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
         a_cum, b_cum = tl.associative_scan((a, x), 0, _compose)
         h = a_cum * carry[None, :] + b_cum
-        tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
+        tl.store(H + cur_offs, h.to(H.dtype.element_ty), mask=cur_ok)
         carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
     tl.store(HLAST + pid_b.to(tl.int64) * C + cols, carry.to(HLAST.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _bwd_loads(LA, DH, H, row_base, t, cols, col_ok, T, C):
+    """log_a_t, log_a_{t+1}, dh_t, h_{t-1} for one chunk of rows t (0 where out of range)."""
+    ok = ((t >= 0) & (t < T))[:, None] & col_ok[None, :]
+    offs = row_base + t.to(tl.int64)[:, None] * C + cols[None, :]
+    la = tl.load(LA + offs, mask=ok, other=0.0)
+    la_next = tl.load(LA + offs + C, mask=ok & ((t + 1) < T)[:, None], other=0.0)
+    dh = tl.load(DH + offs, mask=ok, other=0.0)
+    h_prev = tl.load(H + offs - C, mask=ok & (t >= 1)[:, None], other=0.0)
+    return la, la_next, dh, h_prev
 
 
 @triton.jit
@@ -91,24 +109,24 @@ def _scan_bwd(
     else:
         h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
     carry = tl.load(DHLAST + state_offs, mask=col_ok, other=0.0).to(tl.float32)  # g_{T} seed
-    n_chunks = tl.cdiv(T, BLOCK_T)
-    for i in range(n_chunks):
-        t0 = (n_chunks - 1 - i) * BLOCK_T
-        t = t0 + rows
-        ok = (t < T)[:, None] & col_ok[None, :]
-        offs = row_base + t.to(tl.int64)[:, None] * C + cols[None, :]
-        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+    # Chunks run from the end; each chunk's inputs are loaded one chunk ahead.
+    t = (tl.cdiv(T, BLOCK_T) - 1) * BLOCK_T + rows
+    la_n, la_next_n, dh_n, h_prev_n = _bwd_loads(LA, DH, H, row_base, t, cols, col_ok, T, C)
+    for _ in range(tl.cdiv(T, BLOCK_T)):
+        la, la_next = la_n.to(tl.float32), la_next_n.to(tl.float32)
+        dh, h_prev = dh_n.to(tl.float32), h_prev_n.to(tl.float32)
+        cur = t
+        t = cur - BLOCK_T
+        la_n, la_next_n, dh_n, h_prev_n = _bwd_loads(LA, DH, H, row_base, t, cols, col_ok, T, C)
+
+        ok = (cur < T)[:, None] & col_ok[None, :]
+        offs = row_base + cur.to(tl.int64)[:, None] * C + cols[None, :]
         a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
-        # alpha_t = a_{t+1} (1 past the end), so g_t = dh_t + alpha_t g_{t+1}.
-        next_ok = ((t + 1) < T)[:, None] & col_ok[None, :]
-        la_next = tl.load(LA + offs + C, mask=next_ok, other=0.0).to(tl.float32)
+        # alpha_t = a_{t+1} (1 past the end, where la_next loaded 0), so g_t = dh_t + alpha_t g_{t+1}.
         alpha = tl.exp(tl.minimum(tl.maximum(la_next, LOG_A_MIN), LOG_A_MAX))
-        dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
         a_cum, b_cum = tl.associative_scan((alpha, dh), 0, _compose, reverse=True)
         g = a_cum * carry[None, :] + b_cum
-        prev_ok = ok & (t >= 1)[:, None]
-        h_prev = tl.load(H + offs - C, mask=prev_ok, other=0.0).to(tl.float32)
-        h_prev += tl.where((t == 0)[:, None], h0[None, :], 0.0)
+        h_prev += tl.where((cur == 0)[:, None], h0[None, :], 0.0)
         in_range = (la >= LOG_A_MIN) & (la <= LOG_A_MAX)
         dla = tl.where(in_range, g * a * h_prev, 0.0)
         tl.store(DLA + offs, dla.to(DLA.dtype.element_ty), mask=ok)
@@ -126,6 +144,12 @@ _CONFIGS = [
     for bc in (32, 64, 128)
     for w in (4, 8)
     if bt * bc <= 4096
+] + [
+    # Wide, short tiles on few warps: every thread owns whole columns, so the scan along T
+    # stays inside a thread instead of crossing warps through shared memory.
+    triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
+    for bt in (4, 8)
+    for bc, w in ((128, 1), (256, 1), (256, 2), (512, 2))
 ]
 _scan_fwd_tuned = triton.autotune(_CONFIGS, key=["C", "HAS_H0"])(_scan_fwd)
 _scan_bwd_tuned = triton.autotune(_CONFIGS, key=["C", "HAS_H0"])(_scan_bwd)
