@@ -142,15 +142,12 @@ _CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
     for bt in (16, 32, 64)
     for bc in (32, 64, 128)
-    for w in (4, 8)
-    if bt * bc <= 4096
-] + [
-    # Wide, short tiles on few warps: every thread owns whole columns, so the scan along T
-    # stays inside a thread instead of crossing warps through shared memory.
-    triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
-    for bt in (4, 8)
-    for bc, w in ((128, 1), (256, 1), (256, 2), (512, 2))
+    for w in (1, 2, 4, 8)
+    # Few warps per tile keep the scan along T inside a warp (no shared-memory round trip).
+    if bt * bc <= 4096 and bt * bc // (32 * w) >= 4
 ]
+
+
 _scan_fwd_tuned = triton.autotune(_CONFIGS, key=["C", "HAS_H0"])(_scan_fwd)
 _scan_bwd_tuned = triton.autotune(_CONFIGS, key=["C", "HAS_H0"])(_scan_bwd)
 
