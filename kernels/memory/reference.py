@@ -130,42 +130,107 @@ def _level_slots(mem: Memory, level: int, k: Tensor, v: Tensor) -> _LevelSlots:
     )
 
 
-def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:
-    """q [B, T, H*Dh], k/v [B, T, K*Dh], beta [H, L] -> m [B, T, H*Dh].
+@dataclass
+class Candidates:
+    """Every slot a segment's tokens may read, all levels concatenated ([ring ; segment] per
+    level). Visibility per token is computed from these indices, never stored as a mask."""
 
-    Token t (absolute position a = pos + t) sees at level l the global slots
-    [a // S_l - M_l, a // S_l): the M_l most recent slots completed before its own block.
-    """
-    spec = mem.spec
-    steps = q.shape[1]
-    group = heads // spec.heads
-    pos = mem.pos[:, None] + torch.arange(steps, device=q.device)  # [B, T]
-    keys, values, masks, level_of_slot = [], [], [], []
-    for level, ring in enumerate(spec.slots):
-        cand = _level_slots(mem, level, k, v)
-        now = pos // spec.span(level)  # [B, T]
-        g = cand.global_index[:, None, :]  # [B, 1, S]
-        masks.append((g >= 0) & (g >= now[..., None] - ring) & (g < now[..., None]))
-        keys.append(cand.keys)
-        values.append(cand.values)
-        level_of_slot.append(torch.full((g.shape[-1],), level, device=q.device))
+    keys: Tensor  # [B, K, S, Dh]
+    values: Tensor  # [B, K, S, Dh]
+    slot: Tensor  # [B, S] int64: global slot index within its level (negative: empty)
+    level: Tensor  # [S] int64
+    span: Tensor  # [S] int64: tokens per slot of that level, c R^l
+    ring: Tensor  # [S] int64: ring size M_l of that level
+
+
+def candidates(mem: Memory, k: Tensor, v: Tensor) -> Candidates:
+    spec, device = mem.spec, k.device
+    per_level = [_level_slots(mem, level, k, v) for level in range(len(spec.slots))]
+
+    def per_slot(values: list[int]) -> Tensor:
+        sizes = [c.global_index.shape[1] for c in per_level]
+        return torch.cat(
+            [torch.full((n,), x, device=device, dtype=torch.int64) for n, x in zip(sizes, values, strict=True)]
+        )
+
+    return Candidates(
+        keys=torch.cat([c.keys for c in per_level], dim=2),
+        values=torch.cat([c.values for c in per_level], dim=2),
+        slot=torch.cat([c.global_index for c in per_level], dim=1),
+        level=per_slot(list(range(len(spec.slots)))),
+        span=per_slot([spec.span(level) for level in range(len(spec.slots))]),
+        ring=per_slot(list(spec.slots)),
+    )
+
+
+def visible(cand: Candidates, pos: Tensor, steps: int) -> Tensor:
+    """[B, T, S]: token t (absolute position a = pos + t) sees at level l the global slots
+    [a // S_l - M_l, a // S_l), the M_l most recent slots completed before its own block."""
+    now = (pos[:, None] + torch.arange(steps, device=pos.device))[:, :, None] // cand.span  # [B, T, S]
+    g = cand.slot[:, None, :]
+    return (g >= 0) & (g >= now - cand.ring) & (g < now)
+
+
+def _weights(q: Tensor, cand: Candidates, beta: Tensor, pos: Tensor, heads: int):
+    """Softmax weights [B, K, G, T, S] (0 where invisible; rows with nothing visible are all 0),
+    the log-sum-exp [B, K, G, T], and q as [B, T, K, G, Dh], in the accumulation dtype."""
+    kv_heads, dim = cand.keys.shape[1], cand.keys.shape[3]
+    group = heads // kv_heads
     acc = torch.promote_types(q.dtype, torch.float32)
-    keys_all = torch.cat(keys, dim=2).to(acc)  # [B, K, S, Dh]
-    values_all = torch.cat(values, dim=2).to(acc)
-    visible = torch.cat(masks, dim=2)  # [B, T, S]
-    levels = torch.cat(level_of_slot)  # [S]
-
-    qh = q.to(acc).unflatten(2, (spec.heads, group, spec.dim))  # [B, T, K, G, Dh]
-    logits = torch.einsum("btkgd,bksd->bkgts", qh, keys_all) / math.sqrt(spec.dim)
-    bias = beta.to(acc).unflatten(0, (spec.heads, group))[:, :, levels]  # [K, G, S]
+    qh = q.to(acc).unflatten(2, (kv_heads, group, dim))
+    logits = torch.einsum("btkgd,bksd->bkgts", qh, cand.keys.to(acc)) / math.sqrt(dim)
+    bias = beta.to(acc).unflatten(0, (kv_heads, group))[:, :, cand.level]  # [K, G, S]
     logits = logits + bias[None, :, :, None, :]
-    logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    logits = logits.masked_fill(~visible(cand, pos, q.shape[1])[:, None, None], float("-inf"))
     peak = logits.amax(-1, keepdim=True).detach()
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    weights = torch.exp(logits - peak)  # masked slots give exactly 0
+    weights = torch.exp(logits - peak)  # invisible slots give exactly 0
     denom = weights.sum(-1, keepdim=True)
-    out = torch.einsum("bkgts,bksd->btkgd", weights / torch.where(denom > 0, denom, 1.0), values_all)
-    return out.flatten(2).to(q.dtype)
+    lse = torch.where(denom > 0, peak + torch.log(torch.where(denom > 0, denom, 1.0)), float("-inf"))
+    return weights / torch.where(denom > 0, denom, 1.0), lse[..., 0], qh
+
+
+def attend_with_lse(q: Tensor, cand: Candidates, beta: Tensor, pos: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """One softmax per (token, query head) over the visible candidates, logit bias
+    beta[head, level]; no visible slot gives 0. q [B, T, H*Dh] -> (out [B, T, H*Dh],
+    log-sum-exp of the logits [B, H, T] in fp32, -inf where nothing is visible)."""
+    probs, lse, _ = _weights(q, cand, beta, pos, heads)
+    out = torch.einsum("bkgts,bksd->btkgd", probs, cand.values.to(probs.dtype))
+    return out.flatten(2).to(q.dtype), lse.detach().flatten(1, 2).float()
+
+
+def attend(q: Tensor, cand: Candidates, beta: Tensor, pos: Tensor, heads: int) -> Tensor:
+    return attend_with_lse(q, cand, beta, pos, heads)[0]
+
+
+def attend_backward(
+    q: Tensor, cand: Candidates, beta: Tensor, pos: Tensor, heads: int, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of attend's output w.r.t. (q, keys, values, beta), written out (the oracle
+    for the Triton backward): ds = p (do.v - do.o), dq = ds k / sqrt(Dh), dk = ds^T q / sqrt(Dh),
+    dv = p^T do, dbeta[h, l] = sum of ds over the slots of level l."""
+    with torch.no_grad():
+        probs, _, qh = _weights(q, cand, beta, pos, heads)
+        acc = probs.dtype
+        kv_heads, dim = cand.keys.shape[1], cand.keys.shape[3]
+        values, keys = cand.values.to(acc), cand.keys.to(acc)
+        do = dout.to(acc).unflatten(2, (kv_heads, heads // kv_heads, dim))  # [B, T, K, G, Dh]
+        out = torch.einsum("bkgts,bksd->btkgd", probs, values)
+        dvalues = torch.einsum("bkgts,btkgd->bksd", probs, do)
+        dprobs = torch.einsum("btkgd,bksd->bkgts", do, values)
+        delta = torch.einsum("btkgd,btkgd->bkgt", do, out)
+        ds = probs * (dprobs - delta[..., None])
+        scale = 1.0 / math.sqrt(dim)
+        dq = torch.einsum("bkgts,bksd->btkgd", ds, keys) * scale
+        dkeys = torch.einsum("bkgts,btkgd->bksd", ds, qh) * scale
+        per_slot = ds.sum((0, 3)).flatten(0, 1)  # [H, S]
+        dbeta = torch.zeros(heads, beta.shape[1], dtype=acc, device=q.device).index_add_(1, cand.level, per_slot)
+    return dq.flatten(2).to(q.dtype), dkeys.to(cand.keys.dtype), dvalues.to(cand.values.dtype), dbeta.to(beta.dtype)
+
+
+def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:
+    """SPEC §4 query. q [B, T, H*Dh], k/v [B, T, K*Dh], beta [H, L] -> m [B, T, H*Dh]."""
+    return attend(q, candidates(mem, k, v), beta, mem.pos, heads)
 
 
 def memory_write(mem: Memory, k: Tensor, v: Tensor) -> Memory:

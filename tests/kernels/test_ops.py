@@ -79,3 +79,21 @@ def test_bad_arguments_are_one_line_errors():
         kernels.gated_recurrence(z, gz, gamma, w_g[:1], h0)
     with pytest.raises(KernelInputError, match="gated_recurrence: gamma: expected a floating dtype"):
         kernels.gated_recurrence(z, gz, gamma.long(), w_g, h0)
+
+
+def test_opcheck_hds_attend():
+    from kernels.memory.reference import candidates
+    from tests.kernels.test_hds import HEADS, SPEC, build_history
+
+    mem, _, _ = build_history([13, 6], {0: [1]}, dtype=torch.float32)
+    kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
+    q = torch.randn(3, 21, qd, requires_grad=True)
+    k, v = torch.randn(3, 21, kd), torch.randn(3, 21, kd)
+    cand = candidates(mem, k, v)
+    keys, values = cand.keys.detach().requires_grad_(), cand.values.detach().requires_grad_()
+    beta = torch.randn(HEADS, 3, requires_grad=True)
+    args = (q, keys, values, cand.slot, cand.level, cand.span, cand.ring, beta, mem.pos, HEADS)
+    torch.library.opcheck(torch.ops.mmrec.hds_attend_fwd.default, args)
+    out, lse = torch.ops.mmrec.hds_attend_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.mmrec.hds_attend_bwd.default, (*plain[:9], out, lse, torch.randn_like(out), HEADS))

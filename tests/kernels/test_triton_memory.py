@@ -1,0 +1,87 @@
+"""The Triton memory query (online softmax over every level's visible slots) vs the reference
+and the naive loop: carried rings partly filled, rows at different positions, T not a multiple
+of the block, more levels than filled slots, fp32 and bf16, every gradient, NaN-poisoned
+outputs. Runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
+
+import pytest
+import torch
+
+import kernels
+from kernels.memory import kernel
+from kernels.memory import reference as ref
+from tests.conftest import TRITON_DEVICE, assert_close
+from tests.kernels.test_hds import HEADS, SPEC, build_history, naive_query
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
+
+
+def to_device(mem):
+    return mem.map(lambda t: t.to(TRITON_DEVICE))
+
+
+@pytest.mark.parametrize(
+    ("chunks", "resets", "steps"), [([], {}, 37), ([13, 6], {0: [1]}, 23), ([30, 11], {1: [2]}, 1)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_query_matches_reference_forward_and_backward(chunks, resets, steps, dtype):
+    mem, _, _ = build_history(chunks, resets, dtype=torch.float32)
+    mem = to_device(mem.map(lambda t: t.to(dtype) if t.is_floating_point() else t))
+    kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
+    q, k, v = (torch.randn(3, steps, d).to(TRITON_DEVICE, dtype).requires_grad_() for d in (qd, kd, kd))
+    beta = torch.randn(HEADS, 3).to(TRITON_DEVICE, dtype).requires_grad_()
+    out = kernels.hds_query(q, k, v, beta, mem, HEADS)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v, beta))
+
+    cpu = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, beta)]
+    mem64 = mem.map(lambda t: t.cpu().double() if t.is_floating_point() else t.cpu())
+    expected = ref.hds_query(*cpu[:4], mem64, HEADS)
+    expected_grads = torch.autograd.grad((expected * dout.cpu().double()).sum(), cpu)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    assert_close(out.cpu(), expected, what="m", **tol)
+    for name, g, r in zip(["q", "k", "v", "beta"], grads, expected_grads, strict=True):
+        assert_close(g.cpu(), r, what=f"d{name}", **tol)
+
+
+def test_triton_query_matches_the_naive_loop():
+    mem, hist_k, hist_v = build_history([21], {}, dtype=torch.float32)
+    kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
+    q, k, v = (torch.randn(3, 19, d) for d in (qd, kd, kd))
+    beta = torch.randn(HEADS, 3)
+    out = kernels.hds_query(
+        q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), beta.to(TRITON_DEVICE), to_device(mem), HEADS
+    ).cpu()
+    for b in range(3):
+        full_k, full_v = torch.cat([hist_k[b].float(), k[b]]), torch.cat([hist_v[b].float(), v[b]])
+        assert_close(out[b], naive_query(q[b], full_k, full_v, beta, 21), rtol=1e-4, atol=1e-5, what=f"row {b}")
+
+
+def test_rows_with_nothing_visible_are_zero_with_finite_gradients():
+    mem = to_device(kernels.Memory.empty(SPEC, 2))
+    q = torch.randn(2, 4, HEADS * SPEC.dim, device=TRITON_DEVICE, requires_grad=True)
+    k = torch.randn(2, 4, SPEC.heads * SPEC.dim, device=TRITON_DEVICE, requires_grad=True)
+    out = kernels.hds_query(q, k, k, torch.zeros(HEADS, 3, device=TRITON_DEVICE), mem, HEADS)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_launchers_write_every_element():
+    mem, _, _ = build_history([9], {}, dtype=torch.float32)
+    mem = to_device(mem)
+    kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
+    q, k, v = (torch.randn(3, 29, d, device=TRITON_DEVICE) for d in (qd, kd, kd))
+    cand = ref.candidates(mem, k, v)
+    beta = torch.randn(HEADS, 3, device=TRITON_DEVICE)
+    idx = (cand.slot.contiguous(), cand.level, cand.span, cand.ring)
+    out, lse = kernel.attend_fwd(q, cand.keys.contiguous(), cand.values.contiguous(), *idx, beta, mem.pos, HEADS)
+    grads = kernel.attend_bwd(
+        q, cand.keys.contiguous(), cand.values.contiguous(), *idx, beta, mem.pos, out, lse, torch.randn_like(out), HEADS
+    )
+    for t in (out, *grads):
+        assert not torch.isnan(t).any()
