@@ -40,6 +40,7 @@ def _tile_logits(
     DH,
     scale,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Logits [BLOCK_T, BLOCK_S] of one slot tile, -inf where a slot is not visible, and the
     slot tile's keys [BLOCK_S, BLOCK_D] and levels."""
@@ -55,7 +56,7 @@ def _tile_logits(
     span = tl.load(SPAN + s, mask=s_ok, other=1)
     ring = tl.load(RING + s, mask=s_ok, other=0)
     bias = tl.load(BETA + head * n_levels + level, mask=s_ok, other=0.0).to(tl.float32)
-    logits = tl.dot(q, tl.trans(kt)) * scale + bias[None, :]
+    logits = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale + bias[None, :]
     now = a[:, None] // span[None, :]
     seen = s_ok[None, :] & (g[None, :] >= 0) & (g[None, :] >= now - ring[None, :]) & (g[None, :] < now)
     return tl.where(seen, logits, float("-inf")), kt, level, s_ok
@@ -84,6 +85,7 @@ def _attend_fwd(
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     b, head = pid_bh // HEADS, pid_bh % HEADS
@@ -133,7 +135,7 @@ def _attend_fwd(
         p = tl.exp(logits - shift[:, None])
         alpha = tl.exp(m - shift)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, vt)
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PRECISION)
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=row_ok)
@@ -169,6 +171,7 @@ def _attend_bwd(
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     b, head = pid_bh // HEADS, pid_bh % HEADS
@@ -214,20 +217,21 @@ def _attend_bwd(
         slot_ok = s_ok[:, None] & (cols < DH)[None, :]
         vt = tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0).to(tl.float32)
         p = tl.exp(logits - lse_shift[:, None])  # [BLOCK_T, BLOCK_S], 0 where not visible
-        tl.atomic_add(DVALUES + slot_offs, tl.dot(tl.trans(p), do), mask=slot_ok)
-        ds = p * (tl.dot(do, tl.trans(vt)) - delta[:, None])  # d logits
-        dq += tl.dot(ds, kt) * scale
-        tl.atomic_add(DKEYS + slot_offs, tl.dot(tl.trans(ds), q) * scale, mask=slot_ok)
+        tl.atomic_add(DVALUES + slot_offs, tl.dot(tl.trans(p), do, input_precision=PRECISION), mask=slot_ok)
+        ds = p * (tl.dot(do, tl.trans(vt), input_precision=PRECISION) - delta[:, None])  # d logits
+        dq += tl.dot(ds, kt, input_precision=PRECISION) * scale
+        tl.atomic_add(DKEYS + slot_offs, tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale, mask=slot_ok)
         tl.atomic_add(DBETA + head * n_levels + level, tl.sum(ds, axis=0), mask=s_ok)
     tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok)
 
 
-def _blocks(dim: int) -> dict:
-    # tl.dot needs every tile side >= 16.
+def _blocks(dim: int, dtype: torch.dtype) -> dict:
+    # tl.dot needs every tile side >= 16. fp32 inputs get exact fp32 products, not tf32.
     return {
         "BLOCK_T": 16 if knobs.interpret else 32,
         "BLOCK_S": 16 if knobs.interpret else 64,
         "BLOCK_D": max(16, triton.next_power_of_2(dim)),
+        "PRECISION": "ieee" if dtype in (torch.float32, torch.float64) else "tf32",
     }
 
 
@@ -236,7 +240,7 @@ def attend_fwd(q, keys, values, slot, level, span, ring, beta, pos, heads: int) 
     kv_heads, n_slots, dim = keys.shape[1], keys.shape[2], keys.shape[3]
     out = new_output(q)
     lse = new_output(q, (bsz, heads, steps), torch.float32)
-    blocks = _blocks(dim)
+    blocks = _blocks(dim, q.dtype)
     grid = (triton.cdiv(steps, blocks["BLOCK_T"]), bsz * heads)
     _attend_fwd[grid](
         q,
@@ -269,7 +273,7 @@ def attend_bwd(q, keys, values, slot, level, span, ring, beta, pos, out, lse, do
     dkeys = torch.zeros(keys.shape, device=q.device, dtype=torch.float32)
     dvalues = torch.zeros(values.shape, device=q.device, dtype=torch.float32)
     dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
-    blocks = _blocks(dim)
+    blocks = _blocks(dim, q.dtype)
     grid = (triton.cdiv(steps, blocks["BLOCK_T"]), bsz * heads)
     _attend_bwd[grid](
         q,

@@ -104,12 +104,13 @@ def _level_slots(mem: Memory, level: int, k: Tensor, v: Tensor) -> _LevelSlots:
     t = torch.arange(steps, device=k.device)
     n_before = mem.pos // span  # [B]
     slot_of_token = (mem.pos[:, None] + t) // span - n_before[:, None]  # [B, T] in 0..n_seg
-    index = slot_of_token[:, :, None].expand(bsz, steps, k.shape[2])
+    # One flat index over (row, slot): index_add on [B * (NS + 1), K * Dh] rows.
+    flat_index = (torch.arange(bsz, device=k.device)[:, None] * (n_seg + 1) + slot_of_token).flatten()
 
     def sums(x: Tensor, carry: Tensor) -> Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
-        out = torch.zeros(bsz, n_seg + 1, x.shape[2], device=x.device, dtype=acc)
-        out = out.scatter_add(1, index, x.to(acc))
+        out = torch.zeros(bsz * (n_seg + 1), x.shape[2], device=x.device, dtype=acc)
+        out = out.index_add(0, flat_index, x.flatten(0, 1).to(acc)).view(bsz, n_seg + 1, x.shape[2])
         first = out[:, :1] + carry.flatten(1)[:, None]
         return torch.cat([first, out[:, 1:]], dim=1).unflatten(2, (spec.heads, spec.dim))
 
