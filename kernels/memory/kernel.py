@@ -123,6 +123,7 @@ def _attend_fwd(
             DH,
             scale,
             BLOCK_D,
+            PRECISION,
         )
         vt = tl.load(
             VALUES + kv_base + s.to(tl.int64)[:, None] * DH + cols[None, :],
@@ -212,6 +213,7 @@ def _attend_bwd(
             DH,
             scale,
             BLOCK_D,
+            PRECISION,
         )
         slot_offs = kv_base + s.to(tl.int64)[:, None] * DH + cols[None, :]
         slot_ok = s_ok[:, None] & (cols < DH)[None, :]
