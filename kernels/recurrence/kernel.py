@@ -66,7 +66,9 @@ def _gated_fwd(
     gamma_next = tl.load(GAMMA + offs, mask=ok, other=0.0)
     for t in range(T):
         z, gz, gamma = z_next.to(tl.float32), gz_next.to(tl.float32), gamma_next.to(tl.float32)
-        more = ok & (t + 1 < T)
+        # Step conditions as tensors: the interpreter of newer Tritons rejects Python-bool masks.
+        step = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.int32) + t
+        more = ok & (step + 1 < T)
         z_next = tl.load(Z + offs + D, mask=more, other=0.0)
         gz_next = tl.load(GZ + offs + D, mask=more, other=0.0)
         gamma_next = tl.load(GAMMA + offs + D, mask=more, other=0.0)
@@ -118,18 +120,20 @@ def _gated_bwd(
     carry = tl.load(DHLAST + state_offs, mask=ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     offs = rows.to(tl.int64)[:, None] * T * D + (T - 1) * D + head * DH_SIZE + cols[None, :]
-    prev_next = tl.load(H + offs - D, mask=ok & (T > 1), other=0.0)
+    last = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.int32) + (T - 1)
+    prev_next = tl.load(H + offs - D, mask=ok & (last > 0), other=0.0)
     z_next = tl.load(Z + offs, mask=ok, other=0.0)
     gz_next = tl.load(GZ + offs, mask=ok, other=0.0)
     gamma_next = tl.load(GAMMA + offs, mask=ok, other=0.0)
     dh_next = tl.load(DH + offs, mask=ok, other=0.0)
     for i in range(T):
         t = T - 1 - i
-        prev = tl.where(t > 0, prev_next.to(tl.float32), h0)
+        step = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.int32) + t
+        prev = tl.where(step > 0, prev_next.to(tl.float32), h0)
         z, gz = z_next.to(tl.float32), gz_next.to(tl.float32)
         gamma, dh = gamma_next.to(tl.float32), dh_next.to(tl.float32)
-        more = ok & (t > 0)
-        prev_next = tl.load(H + offs - 2 * D, mask=more & (t > 1), other=0.0)
+        more = ok & (step > 0)
+        prev_next = tl.load(H + offs - 2 * D, mask=more & (step > 1), other=0.0)
         z_next = tl.load(Z + offs - D, mask=more, other=0.0)
         gz_next = tl.load(GZ + offs - D, mask=more, other=0.0)
         gamma_next = tl.load(GAMMA + offs - D, mask=more, other=0.0)
