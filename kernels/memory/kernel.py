@@ -63,6 +63,22 @@ def _tile_logits(
 
 
 @triton.jit
+def _program_rows(POS, T, n_slots, HEADS, GROUP, DH, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program (batch row, query head, token tile) addresses: its tokens, their absolute
+    positions, the offsets of its q/out rows, and the base offsets of its memory head's slots."""
+    pid_bh = tl.program_id(1)
+    b, head = pid_bh // HEADS, pid_bh % HEADS
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    t_ok = t < T
+    row_ok = t_ok[:, None] & (cols < DH)[None, :]
+    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
+    a = tl.load(POS + b) + t  # absolute positions [BLOCK_T]
+    kv_base = (b * (n_slots * HEADS // GROUP) + (head // GROUP) * n_slots).to(tl.int64) * DH
+    return b, head, t, t_ok, row_ok, q_offs, a, kv_base, b.to(tl.int64) * n_slots
+
+
+@triton.jit
 def _attend_fwd(
     Q,
     KEYS,
@@ -87,18 +103,11 @@ def _attend_fwd(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b, head = pid_bh // HEADS, pid_bh % HEADS
-    kv = head // GROUP
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b, head, t, t_ok, row_ok, q_offs, a, kv_base, slot_base = _program_rows(
+        POS, T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
+    )
     cols = tl.arange(0, BLOCK_D)
-    t_ok = t < T
-    row_ok = t_ok[:, None] & (cols < DH)[None, :]
-    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
     q = tl.load(Q + q_offs, mask=row_ok, other=0.0).to(tl.float32)
-    a = tl.load(POS + b) + t  # absolute positions [BLOCK_T]
-    kv_base = (b * (n_slots * HEADS // GROUP) + kv * n_slots).to(tl.int64) * DH
-    slot_base = b.to(tl.int64) * n_slots
 
     m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -174,23 +183,16 @@ def _attend_bwd(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b, head = pid_bh // HEADS, pid_bh % HEADS
-    kv = head // GROUP
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b, head, t, t_ok, row_ok, q_offs, a, kv_base, slot_base = _program_rows(
+        POS, T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
+    )
     cols = tl.arange(0, BLOCK_D)
-    t_ok = t < T
-    row_ok = t_ok[:, None] & (cols < DH)[None, :]
-    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
     q = tl.load(Q + q_offs, mask=row_ok, other=0.0).to(tl.float32)
     o = tl.load(OUT + q_offs, mask=row_ok, other=0.0).to(tl.float32)
     do = tl.load(DOUT + q_offs, mask=row_ok, other=0.0).to(tl.float32)
     lse = tl.load(LSE + (b * HEADS + head).to(tl.int64) * T + t, mask=t_ok, other=float("-inf"))
     lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.sum(do * o, axis=1)  # [BLOCK_T]
-    a = tl.load(POS + b) + t
-    kv_base = (b * (n_slots * HEADS // GROUP) + kv * n_slots).to(tl.int64) * DH
-    slot_base = b.to(tl.int64) * n_slots
 
     dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for s0 in range(0, n_slots, BLOCK_S):
