@@ -4,6 +4,7 @@ from .base import PASSES, Pass
 from .cse import CSE
 from .dce import DCE
 from .infer_shapes import InferShapes
+from .inspect import RenderError, dump_stages, render_pipeline, render_svg
 from .manager import PassError, PipelineResult, Stage, default_pipeline, lookup, print_after, run_pipeline
 
 __all__ = [
@@ -14,9 +15,13 @@ __all__ = [
     "Pass",
     "PassError",
     "PipelineResult",
+    "RenderError",
     "Stage",
     "default_pipeline",
+    "dump_stages",
     "lookup",
     "print_after",
+    "render_pipeline",
+    "render_svg",
     "run_pipeline",
 ]

@@ -104,6 +104,12 @@ def _cmd_inspect(args) -> int:
     result = passlib.run_pipeline(graph, pipeline, after_each=show)
     if not args.print_after_all:
         print(print_python(result.graph) if args.python else print_graph(result.graph), end="")
+    if args.dump:
+        written = passlib.dump_stages(result, args.dump)
+        print(f"// wrote {len(written)} files to {args.dump}")
+    if args.svg:
+        for path in passlib.render_pipeline(result, args.svg):
+            print(f"// wrote {path}")
     g = result.graph
     timings = ", ".join(f"{s.pass_name} {s.seconds * 1e3:.1f} ms" for s in result.stages[1:]) or "none"
     print(f"// {len(g.nodes)} nodes, {len(g.params)} parameters ({g.param_count():,} values); passes: {timings}")
@@ -149,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default=None, help="comma-separated pipeline, e.g. infer-shapes,cse,dce")
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     p.add_argument("--python", action="store_true", help="print the generated Python forward instead of IR")
+    p.add_argument("--dump", default=None, metavar="DIR", help="write every stage's IR, the forward and timings here")
+    p.add_argument("--svg", default=None, metavar="FILE", help="draw the graph after the passes (and FILE.before.svg)")
     p.set_defaults(fn=_cmd_inspect)
 
     p = sub.add_parser("export", help="export an inference engine (not implemented yet)")
@@ -161,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mmrec_ir import IRError
     from models import ConfigError
+    from passes.inspect import RenderError
 
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         InputError,
         StateError,
         TrainingError,
+        RenderError,
         NotImplementedError,
         ValueError,
     )

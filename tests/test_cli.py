@@ -132,3 +132,20 @@ def test_nan_loss_exits_nonzero_with_one_line(capsys, small, monkeypatch):
         "--quiet",
     )
     one_line_error(code, err, "step 1: loss is nan; training stopped, no checkpoint had been written yet")
+
+
+def test_inspect_dump_and_svg(capsys, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    code, out, _ = run(
+        capsys, "inspect", "--config", "tiny", "--dump", str(tmp_path / "stages"), "--svg", str(tmp_path / "g.svg")
+    )
+    assert code == 0 and "wrote 6 files" in out
+    names = sorted(p.name for p in (tmp_path / "stages").iterdir())
+    assert names == ["00-input.mlir", "01-infer-shapes.mlir", "02-cse.mlir", "03-dce.mlir", "forward.py", "passes.txt"]
+    for stage in names[:4]:
+        verify(parse((tmp_path / "stages" / stage).read_text()))
+    for svg in ("g.svg", "g.before.svg"):
+        root = ET.parse(tmp_path / svg).getroot()
+        assert root.tag.endswith("svg")
+        assert "gated_recurrence" in (tmp_path / svg).read_text()
