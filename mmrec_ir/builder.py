@@ -103,9 +103,6 @@ class Builder:
             return lambda *operands, **kw: self.op(opname, *operands, **kw)
         raise AttributeError(f"Builder has no op '{opname}' (known ops: {', '.join(sorted(OPS))})")
 
-    def type_of(self, ref: str) -> Type:
-        return self.types[ref]
-
     def output(self, name: str, ref: str) -> None:
         self.outputs.append((name, ref))
 

@@ -7,7 +7,6 @@ so what runs is readable and torch.compile traces straight through it.
 from __future__ import annotations
 
 import builtins
-import math
 
 import torch
 from torch import Tensor, nn
@@ -131,7 +130,3 @@ def compile(graph: Graph, mode: str = "train", passes=None, seed: int = 0) -> Co
     result = passlib.run_pipeline(graph, pipeline)
     model = CompiledModel(result.graph, result.stages, seed=seed)
     return model.train(mode == "train")
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

@@ -22,6 +22,10 @@ def _reference_bwd(q, keys, values, slot, level, span, ring, beta, pos, dout, he
     return reference.attend_backward(q, cand, beta, pos, heads, dout)
 
 
+def hds_attend_fwd_reference(q, keys, values, slot, level, span, ring, beta, pos, heads):
+    return reference.attend_with_lse(q, Candidates(keys, values, slot, level, span, ring), beta, pos, heads)
+
+
 @torch.library.custom_op("mmrec::hds_attend_fwd", mutates_args=())
 def hds_attend_fwd(
     q: Tensor,
@@ -43,10 +47,6 @@ def _fwd_cuda(q, keys, values, slot, level, span, ring, beta, pos, heads):
     if not knobs.use_triton:
         return hds_attend_fwd_reference(q, keys, values, slot, level, span, ring, beta, pos, heads)
     return kernel.attend_fwd(q, keys, values, slot, level, span, ring, beta, pos, heads)
-
-
-def hds_attend_fwd_reference(q, keys, values, slot, level, span, ring, beta, pos, heads):
-    return reference.attend_with_lse(q, Candidates(keys, values, slot, level, span, ring), beta, pos, heads)
 
 
 @hds_attend_fwd.register_fake
