@@ -1,6 +1,7 @@
 """Graphviz DOT text for a graph: values flow between op boxes; nodes are grouped in one
-cluster per layer (by the `layerN.` prefix of their outputs), and nodes that a fusion pass
-marked with a `region` attribute are filled with that region's colour."""
+cluster per layer (by the `layerN.` prefix of their outputs); fused ops (the products of the
+fusion passes, and projections fused into one GEMM) are filled in colour, the recurrent and
+memory ops drawn bold."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 
 from .graph import Graph, Node
 
-_PALETTE = ("#fde0c5", "#c9e4de", "#dbcdf0", "#f9c6c9", "#c6def1", "#faedcb", "#f2c6de", "#d0f4de")
+_FUSED_COLOUR = {"add_rmsnorm": "#fde0c5", "linear": "#c9e4de"}
 _RECURRENT = {"linear_scan", "gated_recurrence", "hds_query", "memory_write"}
 
 
@@ -34,7 +35,6 @@ def to_dot(graph: Graph, title: str | None = None) -> str:
     producer: dict[str, str] = {}
     cluster_of: dict[str, str] = {}
     clusters: dict[str, list[str]] = {}
-    regions: dict[object, str] = {}
     for v in graph.inputs:
         producer[v.ref] = "in_" + re.sub(r"\W", "_", v.name)
         lines.append(f"  {producer[v.ref]} [label={_quote(f'%{v.name}: {v.type}')}, shape=ellipse];")
@@ -44,10 +44,9 @@ def to_dot(graph: Graph, title: str | None = None) -> str:
         cluster_of[ident] = _cluster(node, cluster_of.get(first, ""))
         for out in node.outputs:
             producer[out.ref] = ident
-        region = node.attr.get("region")
-        if region is not None:
-            colour = regions.setdefault(region, _PALETTE[len(regions) % len(_PALETTE)])
-            style = f'style=filled, fillcolor="{colour}"'
+        fused = node.op == "add_rmsnorm" or (node.op == "linear" and len(node.outputs) > 1)
+        if fused:
+            style = f'style=filled, fillcolor="{_FUSED_COLOUR[node.op]}"'
         elif node.op in _RECURRENT:
             style = 'style="filled,bold", fillcolor="#eeeeee"'
         else:

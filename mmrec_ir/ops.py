@@ -35,11 +35,17 @@ class OpDef:
             args = dict(zip(self.operands[:-1], in_types[:fixed], strict=True))
             args[self.operands[-1].rstrip("*")] = in_types[fixed:]
         else:
-            if len(in_types) != len(self.operands):
-                raise ShapeError(
-                    f"expected {len(self.operands)} operands ({', '.join(self.operands)}), got {len(in_types)}"
+            # Trailing operands spelled "name?" may be left out; the rule then sees None.
+            required = [o for o in self.operands if not o.endswith("?")]
+            if not len(required) <= len(in_types) <= len(self.operands):
+                count = (
+                    str(len(required))
+                    if len(required) == len(self.operands)
+                    else f"{len(required)}-{len(self.operands)}"
                 )
-            args = dict(zip(self.operands, in_types, strict=True))
+                raise ShapeError(f"expected {count} operands ({', '.join(self.operands)}), got {len(in_types)}")
+            padded = list(in_types) + [None] * (len(self.operands) - len(in_types))
+            args = dict(zip((o.rstrip("?") for o in self.operands), padded, strict=True))
         full = {k: attrs.get(k, v) for k, v in self.attrs.items()}
         return self.rule(**args, **full)
 
@@ -217,18 +223,28 @@ def _linear_scan(log_a, b, h0):
     return _state_pair(log_a, h0)
 
 
-@op("gated_recurrence", ("z", "gz", "gamma", "w_g", "h0"))
-def _gated_recurrence(z, gz, gamma, w_g, h0):
-    """SPEC §2: h_t = z_t sigmoid(W_g h_{t-1} + gz_t) + gamma_t h_{t-1}, W_g block-diagonal [H, Dh, Dh]."""
+@op("gated_recurrence", ("z", "gz", "gamma", "h0", "w_g?"))
+def _gated_recurrence(z, gz, gamma, h0, w_g):
+    """SPEC §2: h_t = z_t sigmoid(W_g h_{t-1} + gz_t) + gamma_t h_{t-1}, W_g block-diagonal [H, Dh, Dh].
+    Without w_g the gate depends on the input only (lower-linear-recurrence makes it a linear_scan)."""
     z = seq("z", z)
     expect("gz", gz, z.shape, z.dtype)
     expect("gamma", gamma, z.shape, z.dtype)
-    w_g = tensor("w_g", w_g, rank=3)
-    heads, dh = w_g.shape[0], w_g.shape[1]
-    if heads * dh != z.shape[2]:
-        raise ShapeError(f"w_g: expected [H, Dh, Dh] with H*Dh = {z.shape[2]}, got {w_g}")
-    expect("w_g", w_g, (heads, dh, dh), z.dtype)
+    if w_g is not None:
+        w_g = tensor("w_g", w_g, rank=3)
+        heads, dh = w_g.shape[0], w_g.shape[1]
+        if heads * dh != z.shape[2]:
+            raise ShapeError(f"w_g: expected [H, Dh, Dh] with H*Dh = {z.shape[2]}, got {w_g}")
+        expect("w_g", w_g, (heads, dh, dh), z.dtype)
     return _state_pair(z, h0)
+
+
+@op("add_rmsnorm", ("lhs", "rhs", "weight"), eps=1e-6)
+def _add_rmsnorm(lhs, rhs, weight, eps):
+    """Residual add and the norm that follows it, one pass: -> (lhs + rhs, rmsnorm(lhs + rhs) * weight)."""
+    x = _same(lhs, rhs)[0]
+    expect("weight", weight, (x.shape[-1],), x.dtype)
+    return [x, x]
 
 
 def _memory(mem: Type) -> MemoryType:

@@ -41,13 +41,9 @@ def block(b: Builder, cfg: Config, i: int, x: str, h_prev: str, mem: str) -> tup
         b.param(p + "decay.cb2", (d,), "const(2.0)"),
         name=p + "gamma",
     )
-    if cfg.recurrence == "gated":
-        w_g = b.param(p + "w_g", (cfg.n_heads, cfg.head_dim, cfg.head_dim))
-        h, h_last = b.gated_recurrence(z, gz, gamma, w_g, h_prev, name=[p + "h", p + "h_last"])
-    else:
-        # Without W_g the gate depends on the input only: the recurrence is a linear scan (SPEC §2).
-        drive = b.mul(z, b.sigmoid(gz), name=p + "drive")
-        h, h_last = b.linear_scan(b.log(gamma, name=p + "log_gamma"), drive, h_prev, name=[p + "h", p + "h_last"])
+    # Without W_g (recurrence: linear) the pass lower-linear-recurrence turns this into a linear scan.
+    w_g = [b.param(p + "w_g", (cfg.n_heads, cfg.head_dim, cfg.head_dim))] if cfg.recurrence == "gated" else []
+    h, h_last = b.gated_recurrence(z, gz, gamma, h_prev, *w_g, name=[p + "h", p + "h_last"])
     beta = b.param(p + "beta", (cfg.n_heads, len(cfg.memory.slots)), "zeros")
     m = b.hds_query(q, k, v, beta, mem, heads=cfg.n_heads, name=p + "m")
     mixed = b.linear(b.add(h, m), b.param(p + "w_o", (d, d), f"normal({out_std})"))

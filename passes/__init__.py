@@ -3,15 +3,19 @@
 from .base import PASSES, Pass
 from .cse import CSE
 from .dce import DCE
+from .fuse_residual_norm import FuseResidualNorm
 from .infer_shapes import InferShapes
 from .inspect import RenderError, dump_stages, render_pipeline, render_svg
+from .lower_linear_recurrence import LowerLinearRecurrence
 from .manager import PassError, PipelineResult, Stage, default_pipeline, lookup, print_after, run_pipeline
 
 __all__ = [
     "CSE",
     "DCE",
     "PASSES",
+    "FuseResidualNorm",
     "InferShapes",
+    "LowerLinearRecurrence",
     "Pass",
     "PassError",
     "PipelineResult",

@@ -16,7 +16,8 @@ class Pass:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        PASSES[cls.name] = cls
+        if "name" in cls.__dict__:  # abstract bases (e.g. RewritePass) have no name
+            PASSES[cls.name] = cls
 
     def apply(self, graph: Graph) -> Graph:
         raise NotImplementedError

@@ -73,9 +73,12 @@ def run_pipeline(
 
 
 def default_pipeline() -> list[Pass]:
-    """The passes `runtime.compile` runs. Type inference first, so that later passes see
-    exact types; CSE before DCE, because CSE leaves the duplicates' producers dead."""
-    return lookup(["infer-shapes", "cse", "dce"])
+    """The passes `runtime.compile` runs, in this order:
+    - infer-shapes first, so every later pass sees exact types;
+    - lower-linear-recurrence before the fusions, which may then fuse the ops it creates;
+    - fuse-residual-norm;
+    - cse, then dce, because CSE leaves the duplicates' producers dead."""
+    return lookup(["infer-shapes", "lower-linear-recurrence", "fuse-residual-norm", "cse", "dce"])
 
 
 def print_after(stage: Stage) -> str:

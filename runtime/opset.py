@@ -39,7 +39,18 @@ class ReferenceOps:
     concat = staticmethod(lambda *xs: _one(torch.cat(xs, dim=-1)))
     mdi_decay = staticmethod(lambda *args, eps: _one(kernels.mdi_decay(*args, eps=eps)))
     linear_scan = staticmethod(kernels.linear_scan)
-    gated_recurrence = staticmethod(kernels.gated_recurrence)
+
+    @staticmethod
+    def gated_recurrence(z, gz, gamma, h0, w_g=None):
+        if w_g is None:  # the gate depends on the input only: a linear scan (SPEC §2)
+            return kernels.linear_scan(torch.log(gamma), z * torch.sigmoid(gz), h0)
+        return kernels.gated_recurrence(z, gz, gamma, w_g, h0)
+
+    @staticmethod
+    def add_rmsnorm(lhs, rhs, weight, eps):
+        total = lhs + rhs
+        return total, kernels.rmsnorm(total, weight, eps)
+
     memory_write = staticmethod(lambda mem, k, v: _one(kernels.memory_write(mem, k, v)))
     hds_query = staticmethod(lambda q, k, v, beta, mem, heads: _one(kernels.hds_query(q, k, v, beta, mem, heads)))
     ffn = staticmethod(lambda x, w_gate, w_up, w_down: _one(kernels.swiglu(x, w_gate, w_up, w_down)))

@@ -140,10 +140,19 @@ def test_inspect_dump_and_svg(capsys, tmp_path):
     code, out, _ = run(
         capsys, "inspect", "--config", "tiny", "--dump", str(tmp_path / "stages"), "--svg", str(tmp_path / "g.svg")
     )
-    assert code == 0 and "wrote 6 files" in out
+    assert code == 0 and "wrote 8 files" in out
     names = sorted(p.name for p in (tmp_path / "stages").iterdir())
-    assert names == ["00-input.mlir", "01-infer-shapes.mlir", "02-cse.mlir", "03-dce.mlir", "forward.py", "passes.txt"]
-    for stage in names[:4]:
+    assert names == [
+        "00-input.mlir",
+        "01-infer-shapes.mlir",
+        "02-lower-linear-recurrence.mlir",
+        "03-fuse-residual-norm.mlir",
+        "04-cse.mlir",
+        "05-dce.mlir",
+        "forward.py",
+        "passes.txt",
+    ]
+    for stage in names[:6]:
         verify(parse((tmp_path / "stages" / stage).read_text()))
     for svg in ("g.svg", "g.before.svg"):
         root = ET.parse(tmp_path / svg).getroot()

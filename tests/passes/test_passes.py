@@ -75,7 +75,7 @@ def test_infer_shapes_repairs_annotations_and_cse_then_dce_cleans_up():
 
 
 def test_unknown_pass_is_a_one_line_error():
-    with pytest.raises(passes.PassError, match="unknown pass 'fuse-everything' \\(known: cse, dce, infer-shapes"):
+    with pytest.raises(passes.PassError, match="unknown pass 'fuse-everything' \\(known: cse, dce, fuse-residual-norm"):
         passes.lookup("cse,fuse-everything")
 
 
@@ -94,10 +94,75 @@ def test_verification_between_passes_catches_a_broken_pass():
         del passes.PASSES["test-breaker"]
 
 
-def test_default_pipeline_leaves_the_model_graph_valid_and_unchanged():
-    graph = models.build(models.load_config("tiny", {"moe": {"experts": 2, "top_k": 1}}))
+def test_lower_linear_recurrence_golden():
+    before = """graph @g(%z: f32[B, T, 4], %gz: f32[B, T, 4], %gamma: f32[B, T, 4], %h0: f32[B, 4]) {
+  param @w: f32[1, 4, 4] = zeros
+  %h: f32[B, T, 4], %h_last: f32[B, 4] = gated_recurrence(%z, %gz, %gamma, %h0)
+  %k: f32[B, T, 4], %k_last: f32[B, 4] = gated_recurrence(%z, %gz, %gamma, %h0, @w)
+  return h = %h, h_last = %h_last, k = %k
+}
+"""
+    after = """graph @g(%z: f32[B, T, 4], %gz: f32[B, T, 4], %gamma: f32[B, T, 4], %h0: f32[B, 4]) {
+  param @w: f32[1, 4, 4] = zeros
+  %h.log_gamma: f32[B, T, 4] = log(%gamma)
+  %h.gate: f32[B, T, 4] = sigmoid(%gz)
+  %h.drive: f32[B, T, 4] = mul(%z, %h.gate)
+  %h: f32[B, T, 4], %h_last: f32[B, 4] = linear_scan(%h.log_gamma, %h.drive, %h0)
+  %k: f32[B, T, 4], %k_last: f32[B, 4] = gated_recurrence(%z, %gz, %gamma, %h0, @w)
+  return h = %h, h_last = %h_last, k = %k
+}
+"""
+    assert run(before, "lower-linear-recurrence") == after
+
+
+def test_fuse_residual_norm_golden():
+    before = """graph @g(%a: f32[B, 4], %b: f32[B, 4], %c: f32[B, 4]) {
+  param @w: f32[4] = ones
+  %x: f32[B, 4] = add(%a, %b)
+  %y: f32[B, 4] = mul(%x, %c)
+  %u: f32[B, 4] = rmsnorm(%x, @w) {eps = 1e-05}
+  %v: f32[B, 4] = rmsnorm(%c, @w) {eps = 1e-05}
+  return u = %u, y = %y, v = %v
+}
+"""
+    after = """graph @g(%a: f32[B, 4], %b: f32[B, 4], %c: f32[B, 4]) {
+  param @w: f32[4] = ones
+  %x: f32[B, 4], %u: f32[B, 4] = add_rmsnorm(%a, %b, @w) {eps = 1e-05}
+  %y: f32[B, 4] = mul(%x, %c)
+  %v: f32[B, 4] = rmsnorm(%c, @w) {eps = 1e-05}
+  return u = %u, y = %y, v = %v
+}
+"""
+    assert run(before, "fuse-residual-norm") == after
+
+
+@pytest.mark.parametrize("variant", [{}, {"recurrence": "linear"}, {"moe": {"experts": 2, "top_k": 1}, "uboo": True}])
+def test_default_pipeline_keeps_the_model_numerics(variant):
+    """Fused and lowered model == the model as written: logits and every gradient."""
+    import torch.nn.functional as F
+
+    import runtime
+
+    graph = models.build(models.load_config("tiny", variant))
     result = passes.run_pipeline(graph, passes.default_pipeline())
-    assert result.graph == graph
+    ops = [n.op for n in result.graph.nodes]
+    assert ops.count("add_rmsnorm") == 4 and "rmsnorm" in ops  # the first norm has no add before it
+    assert ("linear_scan" in ops) == (variant.get("recurrence") == "linear")
+    assert "gated_recurrence" not in ops or variant.get("recurrence") != "linear"
+
+    tokens = torch.randint(0, 2048, (2, 37))
+    outputs = []
+    for pipeline in (["infer-shapes"], None):
+        model = runtime.compile(graph, passes=pipeline, seed=3)
+        out = model(tokens[:, :-1])
+        loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
+        if out.aux is not None:
+            loss = loss + out.aux
+        outputs.append((out[0], torch.autograd.grad(loss, list(model.parameters()))))
+    (plain, plain_grads), (fused, fused_grads) = outputs
+    torch.testing.assert_close(fused, plain)
+    for f, p in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-6)
 
 
 UNARY = ["sigmoid", "neg", "silu", "gelu", "exp"]
@@ -106,11 +171,15 @@ BINARY = ["add", "mul", "sub"]
 
 @st.composite
 def random_graphs(draw):
-    """Small random DAGs of elementwise ops, with deliberate duplicates and dead branches."""
+    """Small random DAGs of elementwise ops and norms, with deliberate duplicates and dead branches."""
     b = Builder("g")
     pool = [b.input("x", f32("B", 6)), b.input("y", f32("B", 6))]
+    norm = b.param("norm", (6,), "ones")
     for _ in range(draw(st.integers(2, 12))):
-        if draw(st.booleans()):
+        kind = draw(st.integers(0, 4))
+        if kind == 0:  # a norm, fusable when its input comes from an add
+            op, args = "rmsnorm", [draw(st.sampled_from(pool)), norm]
+        elif kind in (1, 2):
             op = draw(st.sampled_from(UNARY))
             args = [draw(st.sampled_from(pool))]
         else:
@@ -125,16 +194,16 @@ def random_graphs(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_graphs())
-def test_cse_and_dce_preserve_values_and_gradients(graph):
+def test_fusion_cse_and_dce_preserve_values_and_gradients(graph):
     def evaluate(g):
         x = torch.linspace(-1, 1, 12, dtype=torch.float64).view(2, 6).requires_grad_()
         y = torch.linspace(0.5, -0.7, 12, dtype=torch.float64).view(2, 6).requires_grad_()
-        outs = run_graph(g, {"x": x, "y": y}, {})
+        outs = run_graph(g, {"x": x, "y": y}, {"norm": torch.linspace(0.5, 1.5, 6, dtype=torch.float64)})
         total = sum((o.tanh() * (i + 1)).sum() for i, o in enumerate(outs.values()))
         gx, gy = torch.autograd.grad(total, (x, y), allow_unused=True)
         return outs, gx, gy
 
-    optimized = passes.run_pipeline(graph, passes.lookup("cse,dce")).graph
+    optimized = passes.run_pipeline(graph, passes.lookup("fuse-residual-norm,cse,dce")).graph
     assert len(optimized.nodes) <= len(graph.nodes)
     before, after = evaluate(graph), evaluate(optimized)
     for name in before[0]:
