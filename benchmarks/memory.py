@@ -7,7 +7,6 @@ F.scaled_dot_product_attention (FlashAttention backend) over the same number of 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton
 
 import kernels
+from benchmarks.common import run_info
 from kernels.memory import reference
 
 
@@ -43,14 +43,7 @@ def main() -> None:
     bsz, heads, steps, dim, dtype = 8, 16, 4096, 64, torch.bfloat16
     # 240 + 240 + 460 ring slots, plus the 64 + 16 + 4 slots this segment completes: 1024 keys.
     spec = kernels.MemorySpec(heads=heads, dim=dim, block=64, ratio=4, slots=(240, 240, 460))
-    info = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", *sys.argv]),
-    }
-    print(" | ".join(f"{k} {v}" for k, v in info.items()))
+    info = run_info("benchmarks/memory.py")
     torch.manual_seed(0)
     mem = full_memory(spec, bsz, dtype)
     q = torch.randn(bsz, steps, heads * dim, device="cuda", dtype=dtype, requires_grad=True)

@@ -10,10 +10,8 @@ reference on the benchmark inputs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton
 
 import kernels
+from benchmarks.common import run_info
 from kernels.recurrence import reference as gated_ref
 from kernels.scan import reference as scan_ref
 
@@ -329,17 +328,7 @@ def main() -> None:
     parser.add_argument("--flashrnn", action="store_true", help="include FlashRNN (slow to build)")
     parser.add_argument("--only", choices=["scan", "gated", "flashrnn"], default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/recurrence.py needs a CUDA device")
-    info = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", *sys.argv]),
-        "python": platform.python_version(),
-    }
-    print(" | ".join(f"{k} {v}" for k, v in info.items()))
+    info = run_info("benchmarks/recurrence.py")
     sections = {
         "scan": lambda: linear_scan_section(args.quick),
         "gated": lambda: gated_section(args.quick, args.flashrnn),
