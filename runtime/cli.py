@@ -84,7 +84,7 @@ def _cmd_generate(args) -> int:
 def _cmd_inspect(args) -> int:
     import models
     import passes as passlib
-    from mmrec_ir import parse, print_graph, print_python, verify
+    from mmrec_ir import MemoryType, parse, print_graph, print_python, verify
 
     if args.ir:
         path = Path(args.ir)
@@ -112,7 +112,11 @@ def _cmd_inspect(args) -> int:
             print(f"// wrote {path}")
     g = result.graph
     timings = ", ".join(f"{s.pass_name} {s.seconds * 1e3:.1f} ms" for s in result.stages[1:]) or "none"
-    print(f"// {len(g.nodes)} nodes, {len(g.params)} parameters ({g.param_count():,} values); passes: {timings}")
+    memories = [v.type for v in g.inputs if isinstance(v.type, MemoryType)]
+    coverage = f", memory coverage {memories[0].coverage:,} tokens per layer" if memories else ""
+    print(
+        f"// {len(g.nodes)} nodes, {len(g.params)} parameters ({g.param_count():,} values){coverage}; passes: {timings}"
+    )
     return 0
 
 
