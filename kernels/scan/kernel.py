@@ -138,6 +138,176 @@ def _scan_bwd(
         tl.store(DH0 + state_offs, (a0 * carry).to(DH0.dtype.element_ty), mask=col_ok)
 
 
+# ---- Decoupled look-back: every (row, column block, time chunk) tile is its own program. ----
+#
+# A program takes a ticket from a global counter (so every tile it may wait on was started
+# before it), loads its tile, scans it, publishes the tile's aggregate transform
+# h -> A h + B, then walks back over earlier chunks of the same columns: an aggregate is
+# composed in, an inclusive prefix (the state after that chunk) ends the walk. It then
+# publishes its own inclusive prefix and writes h. Extra traffic: 3 floats per column per
+# chunk (about 3% at BLOCK_T = 64), against 3 x BLOCK_T elements of the tile itself.
+
+AGGREGATE = tl.constexpr(1)
+INCLUSIVE = tl.constexpr(2)
+
+
+@triton.jit
+def _tile_of(COUNTER, B, n_cblk, n_chunks, REVERSE: tl.constexpr):
+    ticket = tl.atomic_add(COUNTER, 1)
+    order = ticket // (B * n_cblk)
+    rest = ticket % (B * n_cblk)
+    chunk = n_chunks - 1 - order if REVERSE else order
+    return rest // n_cblk, rest % n_cblk, chunk
+
+
+@triton.jit
+def _look_back(FLAG, AGG_A, AGG_B, INC, chunk, step, bb, cblk, cols, col_ok, B, C, n_cblk, BLOCK_C: tl.constexpr):
+    """The state entering `chunk`: compose earlier chunks' aggregates until an inclusive prefix."""
+    acc_a = tl.full([BLOCK_C], 1.0, tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    j = chunk - step
+    status = 0
+    while status != INCLUSIVE:
+        flag = FLAG + (j * B + bb) * n_cblk + cblk
+        status = tl.atomic_add(flag, 0, sem="acquire")
+        while status == 0:
+            status = tl.atomic_add(flag, 0, sem="acquire")
+        offs = (j * B + bb).to(tl.int64) * C + cols
+        is_inc = status == INCLUSIVE
+        pa = tl.load(AGG_A + offs, mask=col_ok & (status == AGGREGATE), other=0.0, cache_modifier=".cg")
+        pb = tl.where(
+            is_inc,
+            tl.load(INC + offs, mask=col_ok & is_inc, other=0.0, cache_modifier=".cg"),
+            tl.load(AGG_B + offs, mask=col_ok & (status == AGGREGATE), other=0.0, cache_modifier=".cg"),
+        )
+        acc_a, acc_b = acc_a * pa, acc_a * pb + acc_b
+        j -= step
+    return acc_b
+
+
+@triton.jit
+def _publish(FLAG, OUT_A, OUT_B, a, b, chunk, bb, cblk, cols, col_ok, B, C, n_cblk, status: tl.constexpr):
+    offs = (chunk * B + bb).to(tl.int64) * C + cols
+    if status == AGGREGATE:
+        tl.store(OUT_A + offs, a, mask=col_ok)
+    tl.store(OUT_B + offs, b, mask=col_ok)
+    tl.debug_barrier()  # every thread's stores happen before the flag (release is cumulative)
+    tl.atomic_xchg(FLAG + (chunk * B + bb) * n_cblk + cblk, status, sem="release")
+
+
+@triton.jit
+def _scan_fwd_lb(
+    LA,
+    X,
+    H0,
+    H,
+    HLAST,  # [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
+    COUNTER,
+    FLAG,
+    AGG_A,
+    AGG_B,
+    INC,  # scratch: [1] int32 zeroed, [chunks, B, C blocks] int32 zeroed, 3 x [chunks, B, C] fp32
+    B,
+    T,
+    C,
+    HAS_H0: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    n_cblk = tl.cdiv(C, BLOCK_C)
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    bb, cblk, chunk = _tile_of(COUNTER, B, n_cblk, n_chunks, False)
+    cols = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rows = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = (rows < T)[:, None] & col_ok[None, :]
+    offs = bb.to(tl.int64) * T * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    # Rows past T load a = exp(0) = 1, b = 0: they copy the carry and change nothing.
+    la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
+    a_cum, b_cum = tl.associative_scan((a, x), 0, _compose)
+    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None]
+    if chunk == 0:
+        if HAS_H0:
+            carry = tl.load(H0 + bb.to(tl.int64) * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    else:
+        agg_a = tl.sum(tl.where(is_last, a_cum, 0.0), axis=0)
+        agg_b = tl.sum(tl.where(is_last, b_cum, 0.0), axis=0)
+        _publish(FLAG, AGG_A, AGG_B, agg_a, agg_b, chunk, bb, cblk, cols, col_ok, B, C, n_cblk, AGGREGATE)
+        carry = _look_back(FLAG, AGG_A, AGG_B, INC, chunk, 1, bb, cblk, cols, col_ok, B, C, n_cblk, BLOCK_C)
+    h = a_cum * carry[None, :] + b_cum
+    h_end = tl.sum(tl.where(is_last, h, 0.0), axis=0)
+    if chunk < n_chunks - 1:
+        _publish(FLAG, INC, INC, h_end, h_end, chunk, bb, cblk, cols, col_ok, B, C, n_cblk, INCLUSIVE)
+    else:
+        tl.store(HLAST + bb.to(tl.int64) * C + cols, h_end.to(HLAST.dtype.element_ty), mask=col_ok)
+    tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _scan_bwd_lb(
+    LA,
+    H,
+    H0,
+    DH,
+    DHLAST,  # inputs: [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
+    DLA,
+    DX,
+    DH0,  # outputs: [B, T, C], [B, T, C], [B, C]
+    COUNTER,
+    FLAG,
+    AGG_A,
+    AGG_B,
+    INC,
+    B,
+    T,
+    C,
+    HAS_H0: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    n_cblk = tl.cdiv(C, BLOCK_C)
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    bb, cblk, chunk = _tile_of(COUNTER, B, n_cblk, n_chunks, True)
+    cols = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rows = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    state_offs = bb.to(tl.int64) * C + cols
+    la, la_next, dh, h_prev = _bwd_loads(LA, DH, H, bb.to(tl.int64) * T * C, rows, cols, col_ok, T, C)
+    la, la_next, dh, h_prev = la.to(tl.float32), la_next.to(tl.float32), dh.to(tl.float32), h_prev.to(tl.float32)
+    a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
+    # alpha_t = a_{t+1} (1 past the end, where la_next loaded 0), so g_t = dh_t + alpha_t g_{t+1}.
+    alpha = tl.exp(tl.minimum(tl.maximum(la_next, LOG_A_MIN), LOG_A_MAX))
+    a_cum, b_cum = tl.associative_scan((alpha, dh), 0, _compose, reverse=True)
+    is_first = (tl.arange(0, BLOCK_T) == 0)[:, None]
+    if chunk == n_chunks - 1:
+        carry = tl.load(DHLAST + state_offs, mask=col_ok, other=0.0).to(tl.float32)  # g_T seed
+    else:
+        agg_a = tl.sum(tl.where(is_first, a_cum, 0.0), axis=0)
+        agg_b = tl.sum(tl.where(is_first, b_cum, 0.0), axis=0)
+        _publish(FLAG, AGG_A, AGG_B, agg_a, agg_b, chunk, bb, cblk, cols, col_ok, B, C, n_cblk, AGGREGATE)
+        carry = _look_back(FLAG, AGG_A, AGG_B, INC, chunk, -1, bb, cblk, cols, col_ok, B, C, n_cblk, BLOCK_C)
+    g = a_cum * carry[None, :] + b_cum
+    g_first = tl.sum(tl.where(is_first, g, 0.0), axis=0)
+    if chunk > 0:
+        _publish(FLAG, INC, INC, g_first, g_first, chunk, bb, cblk, cols, col_ok, B, C, n_cblk, INCLUSIVE)
+    else:
+        if HAS_H0:
+            h0 = tl.load(H0 + state_offs, mask=col_ok, other=0.0).to(tl.float32)
+            h_prev += tl.where(is_first, h0[None, :], 0.0)
+            la0 = tl.load(LA + bb.to(tl.int64) * T * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+            a0 = tl.exp(tl.minimum(tl.maximum(la0, LOG_A_MIN), LOG_A_MAX))
+            tl.store(DH0 + state_offs, (a0 * g_first).to(DH0.dtype.element_ty), mask=col_ok)
+    ok = (rows < T)[:, None] & col_ok[None, :]
+    offs = bb.to(tl.int64) * T * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    in_range = (la >= LOG_A_MIN) & (la <= LOG_A_MAX)
+    tl.store(DLA + offs, tl.where(in_range, g * a * h_prev, 0.0).to(DLA.dtype.element_ty), mask=ok)
+    tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=ok)
+
+
 _CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
     for bt in (16, 32, 64)
@@ -207,5 +377,66 @@ def scan_bwd(
         steps,
         width,
         HAS_H0=h0 is not None,
+    )
+    return dlog_a, db, dh0
+
+
+def _scratch(x: Tensor, steps: int, width: int, min_t: int, min_c: int):
+    import torch
+
+    bsz = x.shape[0]
+    chunks = triton.cdiv(steps, min_t)
+    counter = torch.zeros(1, device=x.device, dtype=torch.int32)
+    flags = torch.zeros(chunks * bsz * triton.cdiv(width, min_c), device=x.device, dtype=torch.int32)
+    agg = torch.empty(3, chunks * bsz * width, device=x.device, dtype=torch.float32)
+    return counter, flags, agg[0], agg[1], agg[2]
+
+
+def scan_fwd_lb(log_a, b, h0, block_t, block_c, warps):
+    bsz, steps, width = b.shape
+    h = new_output(b)
+    h_last = new_output(b, (bsz, width))
+    grid = (bsz * triton.cdiv(width, block_c) * triton.cdiv(steps, block_t),)
+    _scan_fwd_lb[grid](
+        log_a,
+        b,
+        h0 if h0 is not None else b,
+        h,
+        h_last,
+        *_scratch(b, steps, width, block_t, block_c),
+        bsz,
+        steps,
+        width,
+        HAS_H0=h0 is not None,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
+    return h, h_last
+
+
+def scan_bwd_lb(log_a, h, h0, dh, dh_last, block_t, block_c, warps):
+    bsz, steps, width = h.shape
+    dlog_a = new_output(log_a)
+    db = new_output(h)
+    dh0 = new_output(h0) if h0 is not None else None
+    grid = (bsz * triton.cdiv(width, block_c) * triton.cdiv(steps, block_t),)
+    _scan_bwd_lb[grid](
+        log_a,
+        h,
+        h0 if h0 is not None else h,
+        dh,
+        dh_last,
+        dlog_a,
+        db,
+        dh0 if dh0 is not None else db,
+        *_scratch(h, steps, width, block_t, block_c),
+        bsz,
+        steps,
+        width,
+        HAS_H0=h0 is not None,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=warps,
     )
     return dlog_a, db, dh0
