@@ -1,5 +1,5 @@
-"""Tile sweep for the linear-scan kernels: every launch config of the serial-chunk kernel and of
-the decoupled look-back kernel, forward and backward timed separately against the copy floor.
+"""Tile sweep for the linear-scan kernels: every launch config, forward and backward timed
+separately against the copy floor (3 and 5 passes over B*T*C elements).
 
     python benchmarks/scan_sweep.py [--B 8 --T 4096 --C 2048]
 
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--C", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true", help="only tiles of <= 2048 elements and <= 4 warps")
     args = parser.parse_args()
     run_info("benchmarks/scan_sweep.py")
     bsz, steps, width = args.B, args.T, args.C
@@ -46,7 +47,7 @@ def main() -> None:
     h0 = torch.randn(bsz, width, device="cuda", dtype=dtype)
     dh = torch.randn_like(x)
     dh_last = torch.randn_like(h0)
-    ref_h, ref_last = reference.forward(log_a.float(), x.float(), h0.float())
+    ref_h, _ = reference.forward(log_a.float(), x.float(), h0.float())
     ref_g = reference.backward(log_a.float(), ref_h, h0.float(), dh.float(), dh_last.float())
     h_bf = ref_h.to(dtype)
 
@@ -57,90 +58,43 @@ def main() -> None:
     floor_f, floor_b = copy * 3 / 2, copy * 5 / 2
     print(f"B{bsz} T{steps} C{width} bf16: copy {copy:.3f} ms -> floor fwd {floor_f:.3f}, bwd {floor_b:.3f}")
 
-    def serial_fwd(bt, bc, w):
-        h, hl = kernel.new_output(x), kernel.new_output(h0)
+    def launcher(direction: str, bt: int, bc: int, w: int):
         grid = (bsz, triton.cdiv(width, bc))
-        return lambda: kernel._scan_fwd[grid](
-            log_a, x, h0, h, hl, steps, width, HAS_H0=True, BLOCK_T=bt, BLOCK_C=bc, num_warps=w
-        ), (h, hl)
+        meta = dict(HAS_H0=True, BLOCK_T=bt, BLOCK_C=bc, num_warps=w)
+        if direction == "fwd":
+            h, h_last = torch.empty_like(x), torch.empty_like(h0)
+            args = (log_a, x, h0, h, h_last, steps, width)
+            return (lambda: kernel._scan_fwd[grid](*args, **meta)), h, ref_h
+        dla, db, dh0 = torch.empty_like(log_a), torch.empty_like(x), torch.empty_like(h0)
+        args = (log_a, h_bf, h0, dh, dh_last, dla, db, dh0, steps, width)
+        return (lambda: kernel._scan_bwd[grid](*args, **meta)), db, ref_g[1]
 
-    results = []
-    configs = [
-        (bt, bc, w)
-        for bt in (16, 32, 64, 128)
-        for bc in (16, 32, 64, 128, 256)
-        for w in (1, 2, 4, 8)
-        if 512 <= bt * bc <= 8192 and bt * bc // (32 * w) >= 4
-    ]
-    for variant in ("serial", "lookback"):
+    sizes = [(bt, bc) for bt in (16, 32, 64, 128) for bc in (16, 32, 64, 128)]
+    configs = [(bt, bc, w) for bt, bc in sizes for w in (1, 2, 4, 8) if bt * bc <= 8192 and bt * bc // (32 * w) >= 4]
+    if args.quick:
+        configs = [(bt, bc, w) for bt, bc, w in configs if bt * bc <= 2048 and w <= 4]
+    best = {}
+    for direction in ("fwd", "bwd"):
+        floor = floor_f if direction == "fwd" else floor_b
         for bt, bc, w in configs:
-            for direction in ("fwd", "bwd"):
-                try:
-                    if variant == "serial" and direction == "fwd":
-                        run, _ = serial_fwd(bt, bc, w)
-                        run()
-                        outs = _[0]
-                        want = ref_h
-                    elif variant == "serial":
-                        dla, db, dh0 = (torch.empty_like(log_a), torch.empty_like(x), torch.empty_like(h0))
-                        grid = (bsz, triton.cdiv(width, bc))
-
-                        def run(bt=bt, bc=bc, w=w, dla=dla, db=db, dh0=dh0, grid=grid):
-                            kernel._scan_bwd[grid](
-                                log_a,
-                                h_bf,
-                                h0,
-                                dh,
-                                dh_last,
-                                dla,
-                                db,
-                                dh0,
-                                steps,
-                                width,
-                                HAS_H0=True,
-                                BLOCK_T=bt,
-                                BLOCK_C=bc,
-                                num_warps=w,
-                            )
-
-                        run()
-                        outs, want = db, ref_g[1]
-                    elif direction == "fwd":
-
-                        def run(bt=bt, bc=bc, w=w):
-                            return kernel.scan_fwd_lb(log_a, x, h0, bt, bc, w)
-
-                        outs, want = run()[0], ref_h
-                    else:
-
-                        def run(bt=bt, bc=bc, w=w):
-                            return kernel.scan_bwd_lb(log_a, h_bf, h0, dh, dh_last, bt, bc, w)
-
-                        outs, want = run()[1], ref_g[1]
-                    torch.cuda.synchronize()
-                    err = rel_err(outs, want)
-                    if not err < 2e-2:
-                        print(f"  {variant} {direction} T{bt} C{bc} w{w}: WRONG (rel err {err:.2e})", flush=True)
-                        continue
-                    ms = bench(run)
-                except Exception as e:  # a config that fails to compile is reported
-                    print(f"  {variant} {direction} T{bt} C{bc} w{w}: failed {type(e).__name__}: {str(e)[:100]}")
+            name = f"{direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w}"
+            try:
+                run, got, want = launcher(direction, bt, bc, w)
+                run()
+                err = rel_err(got, want)
+                if not err < 2e-2:
+                    print(f"  {name}: WRONG (rel err {err:.2e})", flush=True)
                     continue
-                floor = floor_f if direction == "fwd" else floor_b
-                results.append((variant, direction, bt, bc, w, ms, ms / floor))
-                print(
-                    f"  {variant:8} {direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w}: {ms:.3f} ms = {ms / floor:.2f}x floor",
-                    flush=True,
-                )
-    print("best:")
-    for variant in ("serial", "lookback"):
-        for direction in ("fwd", "bwd"):
-            rows = [r for r in results if r[0] == variant and r[1] == direction]
-            if rows:
-                r = min(rows, key=lambda r: r[5])
-                print(
-                    f"  {variant:8} {direction}: BLOCK_T {r[2]} BLOCK_C {r[3]} warps {r[4]}: {r[5]:.3f} ms = {r[6]:.2f}x floor"
-                )
+                ms = bench(run)
+            except Exception as e:  # a config that fails to compile is reported, not fatal
+                print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
+                continue
+            print(f"  {name}: {ms:.3f} ms = {ms / floor:.2f}x floor", flush=True)
+            if direction not in best or ms < best[direction][0]:
+                best[direction] = (ms, name)
+    for direction, (ms, name) in best.items():
+        floor = floor_f if direction == "fwd" else floor_b
+        print(f"best {name}: {ms:.3f} ms = {ms / floor:.2f}x floor")
 
 
 if __name__ == "__main__":
