@@ -10,8 +10,8 @@ interpreter.
 from .checks import KernelInputError
 from .config import knobs
 from .decay.reference import mdi_decay
-from .memory.op import hds_query
-from .memory.reference import Memory, MemorySpec, memory_write, reset_rows
+from .memory.op import hds_query, memory_write
+from .memory.reference import Memory, MemorySpec, reset_rows
 from .nn.reference import moe, rmsnorm, swiglu, uboo_loss
 from .recurrence.op import gated_recurrence
 from .scan.op import linear_scan

@@ -1,17 +1,30 @@
-"""Triton kernels for the hierarchical-memory query (SPEC §4): one online-softmax pass per
-(batch row, query head, tile of tokens) over every candidate slot of every level.
+"""Triton kernels for the hierarchical-memory query (SPEC §4).
 
-Visibility is computed from indices inside the kernel (the slot's global index and level, the
-token's absolute position), never loaded as a mask. The level bias beta[head, level] is added
-to the logits. The forward also writes each row's log-sum-exp for the backward, which
-recomputes the probabilities (FlashAttention-2 style) and accumulates the gradients of the
-slot keys/values and of beta with atomic adds (several token tiles and the query heads of a
-group read the same slots).
+The candidate slots of a segment are laid out level after level: level l holds its carried ring
+(M_l slots, oldest first) then the ceil(T / S_l) slots the segment may complete. For a row whose
+position is `pos` (n_l = pos // S_l level-l slots complete before the segment, r_l = pos % S_l),
+token t has completed d_t = (r_l + t) // S_l level-l slots inside the segment, and SPEC's
+visibility (the M_l newest level-l slots completed before the token's own block, none before
+the stream's start) is the contiguous range of level-local indices
+
+    max(d_t, M_l - n_l)  <=  i  <  M_l + d_t.
+
+So nothing about visibility is loaded: every bound is integer arithmetic on the token index, and
+each token tile walks only the slot tiles its band touches (like causal attention skipping
+tiles above the diagonal). The logits carry the level bias beta[head, level]; the softmax runs
+online in base 2; products take the inputs' dtype on tensor cores (exact fp32 for fp32 inputs)
+with fp32 accumulation.
+
+Backward (FlashAttention-2 style, probabilities recomputed from the saved log-sum-exp):
+- `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (one atomic add per level);
+- `_attend_bwd_dkv`: per slot tile (one level), the tokens that see it, every query head of its
+  memory head's group: dk and dv accumulate in registers and are stored once, no atomics.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import triton
@@ -20,62 +33,35 @@ from torch import Tensor
 
 from ..config import knobs, new_output
 
-
-@triton.jit
-def _tile_logits(
-    q,
-    KEYS,
-    SLOT,
-    LEVEL,
-    SPAN,
-    RING,
-    BETA,
-    kv_base,
-    slot_base,
-    s,
-    a,
-    head,
-    n_slots,
-    n_levels,
-    DH,
-    scale,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Logits [BLOCK_T, BLOCK_S] of one slot tile, -inf where a slot is not visible, and the
-    slot tile's keys [BLOCK_S, BLOCK_D] and levels."""
-    cols = tl.arange(0, BLOCK_D)
-    s_ok = s < n_slots
-    kt = tl.load(
-        KEYS + kv_base + s.to(tl.int64)[:, None] * DH + cols[None, :],
-        mask=s_ok[:, None] & (cols < DH)[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    g = tl.load(SLOT + slot_base + s, mask=s_ok, other=-1)
-    level = tl.load(LEVEL + s, mask=s_ok, other=0)
-    span = tl.load(SPAN + s, mask=s_ok, other=1)
-    ring = tl.load(RING + s, mask=s_ok, other=0)
-    bias = tl.load(BETA + head * n_levels + level, mask=s_ok, other=0.0).to(tl.float32)
-    logits = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale + bias[None, :]
-    now = a[:, None] // span[None, :]
-    seen = s_ok[None, :] & (g[None, :] >= 0) & (g[None, :] >= now - ring[None, :]) & (g[None, :] < now)
-    return tl.where(seen, logits, float("-inf")), kt, level, s_ok
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _program_rows(POS, T, n_slots, HEADS, GROUP, DH, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """What a program (batch row, query head, token tile) addresses: its tokens, their absolute
-    positions, the offsets of its q/out rows, and the base offsets of its memory head's slots."""
-    pid_bh = tl.program_id(1)
-    b, head = pid_bh // HEADS, pid_bh % HEADS
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    t_ok = t < T
-    row_ok = t_ok[:, None] & (cols < DH)[None, :]
-    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
-    a = tl.load(POS + b) + t  # absolute positions [BLOCK_T]
-    kv_base = (b * (n_slots * HEADS // GROUP) + (head // GROUP) * n_slots).to(tl.int64) * DH
-    return b, head, t, t_ok, row_ok, q_offs, a, kv_base, b.to(tl.int64) * n_slots
+def _operand(x, UPCAST: tl.constexpr):
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _level_band(POS, RING, SPAN, b, lvl, t):
+    """Level `lvl`'s visible local-index band [lo, hi) for tokens t of batch row b."""
+    ring = tl.load(RING + lvl)
+    span = tl.load(SPAN + lvl)
+    pos = tl.load(POS + b)
+    n_before = pos // span
+    r = (pos - n_before * span).to(tl.int32)
+    d = (r + t) // span.to(tl.int32)
+    lo = tl.maximum(d, ring - tl.minimum(n_before, ring).to(tl.int32))
+    return lo, ring + d
+
+
+@triton.jit
+def _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION: tl.constexpr):
+    """Base-2 logits [BLOCK_T, BLOCK_S] of q against a slot tile, -inf outside each token's band."""
+    logits = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + bias2
+    seen = (i[None, :] >= lo[:, None]) & (i[None, :] < hi[:, None])
+    return tl.where(seen, logits, float("-inf")), seen
 
 
 @triton.jit
@@ -83,12 +69,11 @@ def _attend_fwd(
     Q,
     KEYS,
     VALUES,
-    SLOT,
-    LEVEL,
-    SPAN,
-    RING,
     BETA,
     POS,
+    START,
+    RING,
+    SPAN,  # per level: first candidate index, ring size M_l, span S_l
     OUT,
     LSE,
     T,
@@ -97,212 +82,346 @@ def _attend_fwd(
     HEADS,
     GROUP,
     DH,
-    scale,
+    qk_scale,  # log2(e) / sqrt(Dh)
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
 ):
-    b, head, t, t_ok, row_ok, q_offs, a, kv_base, slot_base = _program_rows(
-        POS, T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
-    )
+    pid_bh = tl.program_id(1)
+    b, head = pid_bh // HEADS, pid_bh % HEADS
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + q_offs, mask=row_ok, other=0.0).to(tl.float32)
+    t_ok = t < T
+    col_ok = cols < DH
+    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
+    q = _operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
+    kv_base = (b * (HEADS // GROUP) + head // GROUP).to(tl.int64) * n_slots * DH
+    t_last = tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, T) - 1
 
     m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, n_slots, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        logits, _, _, s_ok = _tile_logits(
-            q,
-            KEYS,
-            SLOT,
-            LEVEL,
-            SPAN,
-            RING,
-            BETA,
-            kv_base,
-            slot_base,
-            s,
-            a,
-            head,
-            n_slots,
-            n_levels,
-            DH,
-            scale,
-            BLOCK_D,
-            PRECISION,
-        )
-        vt = tl.load(
-            VALUES + kv_base + s.to(tl.int64)[:, None] * DH + cols[None, :],
-            mask=s_ok[:, None] & (cols < DH)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(logits - shift[:, None])
-        alpha = tl.exp(m - shift)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PRECISION)
-        m = m_new
+    for lvl in range(n_levels):
+        lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
+        lo_first, _hi_first = _level_band(POS, RING, SPAN, b, lvl, tl.program_id(0) * BLOCK_T)
+        _lo_last, hi_last = _level_band(POS, RING, SPAN, b, lvl, t_last)
+        start = tl.load(START + lvl)
+        bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * 1.4426950408889634
+        for i0 in range(lo_first, hi_last, BLOCK_S):
+            i = i0 + tl.arange(0, BLOCK_S)
+            slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
+            slot_ok = (i < hi_last)[:, None] & col_ok[None, :]
+            kt = _operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+            vt = _operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+            logits, _seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
+            m_new = tl.maximum(m, tl.max(logits, axis=1))
+            # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(logits - shift[:, None])
+            alpha = tl.math.exp2(m - shift)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+            m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=row_ok)
-    lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+    tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])
+    # Natural-log LSE (what the reference returns); -inf where nothing is visible.
+    lse = tl.where(l > 0, (m + tl.math.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + (b * HEADS + head).to(tl.int64) * T + t, lse, mask=t_ok)
 
 
 @triton.jit
-def _attend_bwd(
+def _attend_bwd_dq(
     Q,
     KEYS,
     VALUES,
-    SLOT,
-    LEVEL,
-    SPAN,
-    RING,
     BETA,
     POS,
-    OUT,
+    START,
+    RING,
+    SPAN,
     LSE,
+    DELTA,  # [B, H, T] fp32: rowsum(dout * out)
     DOUT,
     DQ,
-    DKEYS,
-    DVALUES,
-    DBETA,  # DKEYS/DVALUES [B, K, S, Dh] and DBETA [H, L] fp32, zeroed
+    DBETA,  # [H, L] fp32, zeroed
     T,
     n_slots,
     n_levels,
     HEADS,
     GROUP,
     DH,
+    qk_scale,
+    scale,  # 1 / sqrt(Dh)
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
+):
+    pid_bh = tl.program_id(1)
+    b, head = pid_bh // HEADS, pid_bh % HEADS
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    t_ok = t < T
+    col_ok = cols < DH
+    row_ok = t_ok[:, None] & col_ok[None, :]
+    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
+    q = _operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
+    do = _operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
+    stat_offs = (b * HEADS + head).to(tl.int64) * T + t
+    lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + stat_offs, mask=t_ok, other=0.0)
+    kv_base = (b * (HEADS // GROUP) + head // GROUP).to(tl.int64) * n_slots * DH
+    t_last = tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, T) - 1
+
+    dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for lvl in range(n_levels):
+        lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
+        lo_first, _hi_first = _level_band(POS, RING, SPAN, b, lvl, tl.program_id(0) * BLOCK_T)
+        _lo_last, hi_last = _level_band(POS, RING, SPAN, b, lvl, t_last)
+        start = tl.load(START + lvl)
+        bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * 1.4426950408889634
+        dbeta = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for i0 in range(lo_first, hi_last, BLOCK_S):
+            i = i0 + tl.arange(0, BLOCK_S)
+            slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
+            slot_ok = (i < hi_last)[:, None] & col_ok[None, :]
+            kt = _operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+            vt = _operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+            logits, seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
+            p = tl.where(seen, tl.math.exp2(logits - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])  # d logits (natural units)
+            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+            dbeta += tl.sum(ds, axis=1)
+        tl.atomic_add(DBETA + head * n_levels + lvl, tl.sum(dbeta, axis=0))
+    tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _attend_bwd_dkv(
+    Q,
+    KEYS,
+    VALUES,
+    BETA,
+    POS,
+    START,
+    RING,
+    SPAN,
+    TILE_LEVEL,
+    TILE_I0,  # per slot tile: its level and first level-local index
+    LSE,
+    DELTA,
+    DOUT,
+    DKEYS,
+    DVALUES,  # [B, K, S, Dh], every element written
+    T,
+    n_slots,
+    n_levels,
+    HEADS,
+    GROUP,
+    DH,
+    qk_scale,
     scale,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
 ):
-    b, head, t, t_ok, row_ok, q_offs, a, kv_base, slot_base = _program_rows(
-        POS, T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
-    )
+    tile = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    kv_heads = HEADS // GROUP
+    b, kvh = pid_bk // kv_heads, pid_bk % kv_heads
+    lvl = tl.load(TILE_LEVEL + tile)
+    i0 = tl.load(TILE_I0 + tile)
+    start = tl.load(START + lvl)
+    count = tl.load(START + lvl + 1) - start
+    ring = tl.load(RING + lvl)
+    span = tl.load(SPAN + lvl)
+    i = i0 + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + q_offs, mask=row_ok, other=0.0).to(tl.float32)
-    o = tl.load(OUT + q_offs, mask=row_ok, other=0.0).to(tl.float32)
-    do = tl.load(DOUT + q_offs, mask=row_ok, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + (b * HEADS + head).to(tl.int64) * T + t, mask=t_ok, other=float("-inf"))
-    lse_shift = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.sum(do * o, axis=1)  # [BLOCK_T]
+    col_ok = cols < DH
+    slot_ok = (i < count)[:, None] & col_ok[None, :]
+    kv_base = (b * kv_heads + kvh).to(tl.int64) * n_slots * DH
+    slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
+    kt = _operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+    vt = _operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
 
-    dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, n_slots, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        logits, kt, level, s_ok = _tile_logits(
-            q,
-            KEYS,
-            SLOT,
-            LEVEL,
-            SPAN,
-            RING,
-            BETA,
-            kv_base,
-            slot_base,
-            s,
-            a,
-            head,
-            n_slots,
-            n_levels,
-            DH,
-            scale,
-            BLOCK_D,
-            PRECISION,
-        )
-        slot_offs = kv_base + s.to(tl.int64)[:, None] * DH + cols[None, :]
-        slot_ok = s_ok[:, None] & (cols < DH)[None, :]
-        vt = tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0).to(tl.float32)
-        p = tl.exp(logits - lse_shift[:, None])  # [BLOCK_T, BLOCK_S], 0 where not visible
-        tl.atomic_add(DVALUES + slot_offs, tl.dot(tl.trans(p), do, input_precision=PRECISION), mask=slot_ok)
-        ds = p * (tl.dot(do, tl.trans(vt), input_precision=PRECISION) - delta[:, None])  # d logits
-        dq += tl.dot(ds, kt, input_precision=PRECISION) * scale
-        tl.atomic_add(DKEYS + slot_offs, tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale, mask=slot_ok)
-        tl.atomic_add(DBETA + head * n_levels + level, tl.sum(ds, axis=0), mask=s_ok)
-    tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok)
+    # Tokens that see local index i have d_t in (i - M, i]: t in [(i0 - M + 1) S - r, (i0 + BS) S - r).
+    pos = tl.load(POS + b)
+    r = pos - (pos // span) * span
+    t_lo = tl.maximum((i0 - ring + 1).to(tl.int64) * span - r, 0)
+    t_hi = tl.minimum((i0 + BLOCK_S).to(tl.int64) * span - r, T)
+    t_lo = (t_lo // BLOCK_T) * BLOCK_T
+
+    dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for t0 in range(t_lo.to(tl.int32), t_hi.to(tl.int32), BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        row_ok = t_ok[:, None] & col_ok[None, :]
+        lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
+        for g in range(GROUP):
+            head = kvh * GROUP + g
+            q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
+            q = _operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
+            do = _operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
+            stat_offs = (b * HEADS + head).to(tl.int64) * T + t
+            lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            delta = tl.load(DELTA + stat_offs, mask=t_ok, other=0.0)
+            bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * 1.4426950408889634
+            logits, seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
+            p = tl.where(seen & t_ok[:, None], tl.math.exp2(logits - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(DKEYS + slot_offs, (dk * scale).to(DKEYS.dtype.element_ty), mask=slot_ok)
+    tl.store(DVALUES + slot_offs, dv.to(DVALUES.dtype.element_ty), mask=slot_ok)
 
 
-def _blocks(dim: int, dtype: torch.dtype) -> dict:
+class Levels:
+    """Per-level tables of one call (first candidate index, ring size, span), on the device.
+    Cached per (rings, spans, T, device): a decode loop reuses them without host-to-device copies."""
+
+    _cache: ClassVar[dict] = {}
+
+    def __init__(self, rings: tuple[int, ...], spans: tuple[int, ...], steps: int, device) -> None:
+        counts = [m + -(-steps // s) for m, s in zip(rings, spans, strict=True)]
+        self.counts = counts
+        self.n_slots = sum(counts)
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        self.start = torch.tensor(starts, dtype=torch.int32, device=device)
+        self.ring = torch.tensor(rings, dtype=torch.int32, device=device)
+        self.span = torch.tensor(spans, dtype=torch.int64, device=device)
+        self._tiles: dict[int, tuple[Tensor, Tensor]] = {}
+        self.device = device
+
+    @classmethod
+    def get(cls, rings, spans, steps: int, device) -> Levels:
+        key = (tuple(rings), tuple(spans), steps, str(device))
+        if key not in cls._cache:
+            cls._cache[key] = cls(tuple(rings), tuple(spans), steps, device)
+        return cls._cache[key]
+
+    def tiles(self, block_s: int) -> tuple[Tensor, Tensor]:
+        """(level, first local index) of every slot tile; tiles never straddle two levels."""
+        if block_s not in self._tiles:
+            level = [lvl for lvl, c in enumerate(self.counts) for _ in range(0, c, block_s)]
+            first = [i0 for c in self.counts for i0 in range(0, c, block_s)]
+            self._tiles[block_s] = (
+                torch.tensor(level, dtype=torch.int32, device=self.device),
+                torch.tensor(first, dtype=torch.int32, device=self.device),
+            )
+        return self._tiles[block_s]
+
+
+def _meta(dim: int, dtype: torch.dtype) -> dict:
     # tl.dot needs every tile side >= 16. fp32 inputs get exact fp32 products, not tf32.
     return {
-        "BLOCK_T": 16 if knobs.interpret else 32,
-        "BLOCK_S": 16 if knobs.interpret else 64,
         "BLOCK_D": max(16, triton.next_power_of_2(dim)),
-        "PRECISION": "ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        "PRECISION": "ieee" if dtype in (torch.float32, torch.float64) or knobs.interpret else "tf32",
+        "UPCAST": knobs.interpret,
     }
 
 
-def attend_fwd(q, keys, values, slot, level, span, ring, beta, pos, heads: int) -> tuple[Tensor, Tensor]:
+def _tiles(kind: str, dtype: torch.dtype) -> dict:
+    if knobs.interpret:
+        return {"BLOCK_T": 16, "BLOCK_S": 16, "num_warps": 1}
+    wide = dtype not in (torch.float32, torch.float64)  # fp32 tiles need twice the registers
+    if kind == "fwd":
+        return {"BLOCK_T": 128 if wide else 64, "BLOCK_S": 64 if wide else 32, "num_warps": 8 if wide else 4}
+    return {"BLOCK_T": 64 if wide else 32, "BLOCK_S": 64 if wide else 32, "num_warps": 4}
+
+
+def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Tensor, Tensor]:
     bsz, steps, _ = q.shape
     kv_heads, n_slots, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+    lv = Levels.get(rings, spans, steps, q.device)
+    assert lv.n_slots == n_slots, (lv.n_slots, n_slots)
     out = new_output(q)
     lse = new_output(q, (bsz, heads, steps), torch.float32)
-    blocks = _blocks(dim, q.dtype)
-    grid = (triton.cdiv(steps, blocks["BLOCK_T"]), bsz * heads)
+    tiles = _tiles("fwd", q.dtype)
+    grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _attend_fwd[grid](
-        q,
-        keys,
-        values,
-        slot,
-        level,
-        span,
-        ring,
-        beta,
-        pos,
-        out,
-        lse,
-        steps,
-        n_slots,
-        beta.shape[1],
-        heads,
-        heads // kv_heads,
-        dim,
-        1.0 / math.sqrt(dim),
-        **blocks,
-    )
+        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, out, lse,
+        steps, n_slots, len(rings), heads, heads // kv_heads, dim, LOG2E / math.sqrt(dim),
+        **tiles, **_meta(dim, q.dtype),
+    )  # fmt: skip
     return out, lse
 
 
-def attend_bwd(q, keys, values, slot, level, span, ring, beta, pos, out, lse, dout, heads: int):
+def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: int):
     bsz, steps, _ = q.shape
     kv_heads, n_slots, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+    lv = Levels.get(rings, spans, steps, q.device)
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).unflatten(2, (heads, dim)).sum(-1).transpose(1, 2).contiguous()
     dq = new_output(q)
-    dkeys = torch.zeros(keys.shape, device=q.device, dtype=torch.float32)
-    dvalues = torch.zeros(values.shape, device=q.device, dtype=torch.float32)
+    dkeys = new_output(keys)
+    dvalues = new_output(values)
     dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
-    blocks = _blocks(dim, q.dtype)
-    grid = (triton.cdiv(steps, blocks["BLOCK_T"]), bsz * heads)
-    _attend_bwd[grid](
-        q,
-        keys,
-        values,
-        slot,
-        level,
-        span,
-        ring,
-        beta,
-        pos,
-        out,
-        lse,
-        dout.contiguous(),
-        dq,
-        dkeys,
-        dvalues,
-        dbeta,
-        steps,
-        n_slots,
-        beta.shape[1],
-        heads,
-        heads // kv_heads,
-        dim,
-        1.0 / math.sqrt(dim),
-        **blocks,
+    meta = _meta(dim, q.dtype)
+    common = (steps, n_slots, len(rings), heads, heads // kv_heads, dim, LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
+    tiles = _tiles("bwd", q.dtype)
+    grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
+    _attend_bwd_dq[grid](
+        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, lse, delta, dout, dq, dbeta, *common, **tiles, **meta
     )
-    return dq, dkeys.to(keys.dtype), dvalues.to(values.dtype), dbeta.to(beta.dtype)
+    tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
+    grid = (tile_level.numel(), bsz * kv_heads)
+    _attend_bwd_dkv[grid](
+        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, tile_level, tile_i0, lse, delta, dout,
+        dkeys, dvalues, *common, **tiles, **meta,
+    )  # fmt: skip
+    return dq, dkeys, dvalues, dbeta.to(beta.dtype)
+
+
+@triton.jit
+def _block_sums(
+    X,
+    POS,
+    OUT,  # X [B, T, W]; OUT [B, NS + 1, W] fp32: per local level-0 slot j, the sum of its tokens
+    T,
+    W,
+    n_out,
+    span,
+    BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """Token sums of the segment's level-0 slots: program (row, slot, column block) sums the rows
+    [(n + j) S - pos, (n + j + 1) S - pos) clipped to the segment. Every input read once, no atomics."""
+    pid = tl.program_id(0)
+    b, j = pid // n_out, pid % n_out
+    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    w_ok = w < W
+    pos = tl.load(POS + b)
+    first = (pos // span + j) * span - pos  # the slot's first token, relative to the segment
+    t_lo = tl.maximum(first, 0).to(tl.int32)
+    t_hi = tl.minimum(first + span, T).to(tl.int32)
+    acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_T)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        t = t0 + rows
+        offs = (b * T + t).to(tl.int64)[:, None] * W + w[None, :]
+        acc += tl.load(X + offs, mask=(t < t_hi)[:, None] & w_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(OUT + (b * n_out + j).to(tl.int64) * W + w, tl.sum(acc, axis=0), mask=w_ok)
+
+
+def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
+    """x [B, T, W], pos [B] -> [B, ceil(T / span) + 1, W] fp32 token sums per local level-0 slot."""
+    bsz, steps, width = x.shape
+    n_out = -(-steps // span) + 1
+    out = new_output(x, (bsz, n_out, width), torch.float32)
+    block_t, block_w = (16, 16) if knobs.interpret else (32, 128)
+    _block_sums[(bsz * n_out, triton.cdiv(width, block_w))](
+        x, pos, out, steps, width, n_out, span, BLOCK_T=block_t, BLOCK_W=block_w, num_warps=4
+    )
+    return out

@@ -17,13 +17,17 @@ from . import kernel, reference
 from .reference import Candidates, Memory
 
 
-def _reference_bwd(q, keys, values, slot, level, span, ring, beta, pos, dout, heads):
-    cand = Candidates(keys, values, slot, level, span, ring)
-    return reference.attend_backward(q, cand, beta, pos, heads, dout)
+def _candidates(q: Tensor, keys: Tensor, values: Tensor, pos: Tensor, rings, spans) -> Candidates:
+    slot, level, span, ring = reference.slot_table(pos, tuple(rings), tuple(spans), q.shape[1])
+    return Candidates(keys, values, slot, level, span, ring)
 
 
-def hds_attend_fwd_reference(q, keys, values, slot, level, span, ring, beta, pos, heads):
-    return reference.attend_with_lse(q, Candidates(keys, values, slot, level, span, ring), beta, pos, heads)
+def _fwd_reference(q, keys, values, beta, pos, rings, spans, heads):
+    return reference.attend_with_lse(q, _candidates(q, keys, values, pos, rings, spans), beta, pos, heads)
+
+
+def _bwd_reference(q, keys, values, beta, pos, rings, spans, dout, heads):
+    return reference.attend_backward(q, _candidates(q, keys, values, pos, rings, spans), beta, pos, heads, dout)
 
 
 @torch.library.custom_op("mmrec::hds_attend_fwd", mutates_args=())
@@ -31,26 +35,27 @@ def hds_attend_fwd(
     q: Tensor,
     keys: Tensor,
     values: Tensor,
-    slot: Tensor,
-    level: Tensor,
-    span: Tensor,
-    ring: Tensor,
     beta: Tensor,
     pos: Tensor,
+    rings: list[int],
+    spans: list[int],
     heads: int,
 ) -> tuple[Tensor, Tensor]:
-    return hds_attend_fwd_reference(q, keys, values, slot, level, span, ring, beta, pos, heads)
+    """One softmax per token and query head over its visible candidate slots (levels
+    concatenated, each [ring ; segment]; ring sizes and spans per level) ->
+    (out [B, T, H*Dh], log-sum-exp [B, H, T] fp32)."""
+    return _fwd_reference(q, keys, values, beta, pos, rings, spans, heads)
 
 
 @hds_attend_fwd.register_kernel("cuda")
-def _fwd_cuda(q, keys, values, slot, level, span, ring, beta, pos, heads):
+def _fwd_cuda(q, keys, values, beta, pos, rings, spans, heads):
     if not knobs.use_triton:
-        return hds_attend_fwd_reference(q, keys, values, slot, level, span, ring, beta, pos, heads)
-    return kernel.attend_fwd(q, keys, values, slot, level, span, ring, beta, pos, heads)
+        return _fwd_reference(q, keys, values, beta, pos, rings, spans, heads)
+    return kernel.attend_fwd(q, keys, values, beta, pos, rings, spans, heads)
 
 
 @hds_attend_fwd.register_fake
-def _fwd_fake(q, keys, values, slot, level, span, ring, beta, pos, heads):
+def _fwd_fake(q, keys, values, beta, pos, rings, spans, heads):
     return torch.empty_like(q), q.new_empty(q.shape[0], heads, q.shape[1], dtype=torch.float32)
 
 
@@ -59,44 +64,42 @@ def hds_attend_bwd(
     q: Tensor,
     keys: Tensor,
     values: Tensor,
-    slot: Tensor,
-    level: Tensor,
-    span: Tensor,
-    ring: Tensor,
     beta: Tensor,
     pos: Tensor,
+    rings: list[int],
+    spans: list[int],
     out: Tensor,
     lse: Tensor,
     dout: Tensor,
     heads: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _reference_bwd(q, keys, values, slot, level, span, ring, beta, pos, dout, heads)
+    return _bwd_reference(q, keys, values, beta, pos, rings, spans, dout, heads)
 
 
 @hds_attend_bwd.register_kernel("cuda")
-def _bwd_cuda(q, keys, values, slot, level, span, ring, beta, pos, out, lse, dout, heads):
+def _bwd_cuda(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads):
     if not knobs.use_triton:
-        return _reference_bwd(q, keys, values, slot, level, span, ring, beta, pos, dout, heads)
-    return kernel.attend_bwd(q, keys, values, slot, level, span, ring, beta, pos, out, lse, dout, heads)
+        return _bwd_reference(q, keys, values, beta, pos, rings, spans, dout, heads)
+    return kernel.attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads)
 
 
 @hds_attend_bwd.register_fake
-def _bwd_fake(q, keys, values, slot, level, span, ring, beta, pos, out, lse, dout, heads):
+def _bwd_fake(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads):
     return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values), torch.empty_like(beta)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, keys, values, slot, level, span, ring, beta, pos, heads = inputs
-    ctx.save_for_backward(q, keys, values, slot, level, span, ring, beta, pos, *output)
-    ctx.heads = heads
+    q, keys, values, beta, pos, rings, spans, heads = inputs
+    ctx.save_for_backward(q, keys, values, beta, pos, *output)
+    ctx.rings, ctx.spans, ctx.heads = rings, spans, heads
 
 
 def _backward(ctx, dout: Tensor, _dlse: Tensor):
-    q, keys, values, slot, level, span, ring, beta, pos, out, lse = ctx.saved_tensors
+    q, keys, values, beta, pos, out, lse = ctx.saved_tensors
     dq, dkeys, dvalues, dbeta = torch.ops.mmrec.hds_attend_bwd(
-        q, keys, values, slot, level, span, ring, beta, pos, out, lse, dout.contiguous(), ctx.heads
+        q, keys, values, beta, pos, ctx.rings, ctx.spans, out, lse, dout.contiguous(), ctx.heads
     )
-    return dq, dkeys, dvalues, None, None, None, None, dbeta, None, None
+    return dq, dkeys, dvalues, dbeta, None, None, None, None
 
 
 hds_attend_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -106,19 +109,72 @@ class _Interpreted(torch.autograd.Function):
     """The Triton kernels through the interpreter, with the same autograd as the op."""
 
     @staticmethod
-    def forward(ctx, q, keys, values, slot, level, span, ring, beta, pos, heads):
-        out, lse = kernel.attend_fwd(q, keys, values, slot, level, span, ring, beta, pos, heads)
-        ctx.save_for_backward(q, keys, values, slot, level, span, ring, beta, pos, out, lse)
-        ctx.heads = heads
+    def forward(ctx, q, keys, values, beta, pos, rings, spans, heads):
+        out, lse = kernel.attend_fwd(q, keys, values, beta, pos, rings, spans, heads)
+        ctx.save_for_backward(q, keys, values, beta, pos, out, lse)
+        ctx.rings, ctx.spans, ctx.heads = rings, spans, heads
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, keys, values, slot, level, span, ring, beta, pos, out, lse = ctx.saved_tensors
-        dq, dkeys, dvalues, dbeta = kernel.attend_bwd(
-            q, keys, values, slot, level, span, ring, beta, pos, out, lse, dout.contiguous(), ctx.heads
-        )
-        return dq, dkeys, dvalues, None, None, None, None, dbeta, None, None
+        q, keys, values, beta, pos, out, lse = ctx.saved_tensors
+        grads = kernel.attend_bwd(q, keys, values, beta, pos, ctx.rings, ctx.spans, out, lse, dout, ctx.heads)
+        return *grads, None, None, None, None
+
+
+@torch.library.custom_op("mmrec::block_sums", mutates_args=())
+def block_sums_op(x: Tensor, pos: Tensor, span: int) -> Tensor:
+    """x [B, T, W], pos [B] -> [B, ceil(T / span) + 1, W] fp32: token sums per local slot."""
+    return reference.block_sums(x, pos, span)
+
+
+@block_sums_op.register_kernel("cuda")
+def _block_sums_cuda(x, pos, span):
+    return kernel.block_sums(x, pos, span) if knobs.use_triton else reference.block_sums(x, pos, span)
+
+
+@block_sums_op.register_fake
+def _block_sums_fake(x, pos, span):
+    return x.new_empty(x.shape[0], -(-x.shape[1] // span) + 1, x.shape[2], dtype=torch.float32)
+
+
+def _block_sums_setup(ctx, inputs, output) -> None:
+    x, pos, span = inputs
+    ctx.save_for_backward(pos)
+    ctx.span, ctx.steps, ctx.dtype = span, x.shape[1], x.dtype
+
+
+def _block_sums_backward(ctx, grad: Tensor):
+    (pos,) = ctx.saved_tensors
+    index = reference.token_slot(pos, ctx.steps, ctx.span)[:, :, None].expand(-1, -1, grad.shape[2])
+    return grad.gather(1, index).to(ctx.dtype), None, None
+
+
+block_sums_op.register_autograd(_block_sums_backward, setup_context=_block_sums_setup)
+
+
+class _InterpretedSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pos, span):
+        _block_sums_setup(ctx, (x, pos, span), None)
+        return kernel.block_sums(x, pos, span)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _block_sums_backward(ctx, grad)
+
+
+def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
+    """Level-0 token sums of a segment: the op (Triton on CUDA), or the kernel under the interpreter."""
+    x = x.contiguous()
+    if interpreting(x):
+        return _InterpretedSums.apply(x, pos, span)
+    return torch.ops.mmrec.block_sums(x, pos, span)
+
+
+def memory_write(mem: Memory, k: Tensor, v: Tensor) -> Memory:
+    """SPEC §4 write (see reference.memory_write), with the level-0 sums on the GPU kernel."""
+    return reference.memory_write(mem, k, v, sums0=block_sums)
 
 
 def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:
@@ -129,19 +185,10 @@ def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads:
             f"hds_query: expected q [B, T, {heads * spec.dim}] and beta [{heads}, {len(spec.slots)}] for "
             f"{heads} heads over {spec.heads} memory heads, got q {list(q.shape)} and beta {list(beta.shape)}"
         )
-    cand = reference.candidates(mem, k, v)
-    args = (
-        q.contiguous(),
-        cand.keys.contiguous(),
-        cand.values.contiguous(),
-        cand.slot.contiguous(),
-        cand.level,
-        cand.span,
-        cand.ring,
-        beta.contiguous(),
-        mem.pos.contiguous(),
-        heads,
-    )
+    cand = reference.candidates(mem, k, v, sums0=block_sums)
+    rings = list(spec.slots)
+    spans = [spec.span(level) for level in range(len(rings))]
+    args = (q.contiguous(), cand.keys.contiguous(), cand.values.contiguous(), beta.contiguous(), mem.pos.contiguous())
     if interpreting(q):
-        return _Interpreted.apply(*args)
-    return torch.ops.mmrec.hds_attend_fwd(*args)[0]
+        return _Interpreted.apply(*args, rings, spans, heads)
+    return torch.ops.mmrec.hds_attend_fwd(*args, rings, spans, heads)[0]

@@ -87,48 +87,86 @@ class Memory:
 
 @dataclass
 class _LevelSlots:
-    global_index: Tensor  # [B, M + NS] global slot index of each candidate (ring, then segment)
-    keys: Tensor  # [B, K, M + NS, Dh]
+    keys: Tensor  # [B, K, M + NS, Dh] candidates: the carried ring, then the segment's slots
     values: Tensor  # [B, K, M + NS, Dh]
     completed: Tensor  # [B] slots completed inside the segment (0..NS)
     sums_k: Tensor  # [B, NS + 1, K, Dh] token sums per segment slot (slot 0 includes the carry)
     sums_v: Tensor
 
 
-def _level_slots(mem: Memory, level: int, k: Tensor, v: Tensor) -> _LevelSlots:
-    """Candidate slots of one level for a segment: the carried ring plus the segment's slots."""
+def token_slot(pos: Tensor, steps: int, span: int) -> Tensor:
+    """[B, T]: the local slot (0 = the one in progress at the segment's start) of each token."""
+    return (pos[:, None] + torch.arange(steps, device=pos.device)) // span - (pos // span)[:, None]
+
+
+def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
+    """Token sums [B, ceil(T / span) + 1, W] of x [B, T, W] per local slot of `span` tokens."""
+    bsz, steps, width = x.shape
+    n_out = -(-steps // span) + 1
+    flat = (torch.arange(bsz, device=x.device)[:, None] * n_out + token_slot(pos, steps, span)).flatten()
+    out = torch.zeros(bsz * n_out, width, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    return out.index_add(0, flat, x.flatten(0, 1).to(out.dtype)).view(bsz, n_out, width)
+
+
+def _segment_sums(mem: Memory, x: Tensor, sums0=block_sums) -> list[Tensor]:
+    """Token sums [B, NS_l + 1, K*Dh] of the segment's level-l slots (local slot 0 is the one in
+    progress at the segment's start), every level, without the carried partial sums.
+
+    One pass over the tokens gives level 0 (`sums0`: this reference or the Triton kernel); a
+    level-l slot is a run of R^l level-0 slots (level boundaries are multiples of S_0 in
+    absolute position), so higher levels add up level-0 sums."""
     spec = mem.spec
-    bsz, steps, _ = k.shape
-    span, ring = spec.span(level), spec.slots[level]
-    n_seg = math.ceil(steps / span)  # static bound on slots completed inside the segment
-    t = torch.arange(steps, device=k.device)
-    n_before = mem.pos // span  # [B]
-    slot_of_token = (mem.pos[:, None] + t) // span - n_before[:, None]  # [B, T] in 0..n_seg
-    # One flat index over (row, slot): index_add on [B * (NS + 1), K * Dh] rows.
-    flat_index = (torch.arange(bsz, device=k.device)[:, None] * (n_seg + 1) + slot_of_token).flatten()
+    bsz, steps, width = x.shape
+    rows = torch.arange(bsz, device=x.device)[:, None]
+    level0 = sums0(x, mem.pos, spec.span(0))
+    n0_seg = level0.shape[1] - 1
+    n0 = mem.pos // spec.span(0)
+    level0 = level0.flatten(0, 1)
+    out = [level0.view(bsz, n0_seg + 1, width)]
+    j = torch.arange(n0_seg + 1, device=x.device)
+    for level in range(1, len(spec.slots)):
+        n_seg = -(-steps // spec.span(level))
+        # Level-0 slots past the segment's last token hold zeros; clamping keeps them in range.
+        local = ((n0[:, None] + j) // spec.ratio**level - (mem.pos // spec.span(level))[:, None]).clamp(max=n_seg)
+        sums = torch.zeros(bsz * (n_seg + 1), width, device=x.device, dtype=level0.dtype)
+        sums = sums.index_add(0, (rows * (n_seg + 1) + local).flatten(), level0)
+        out.append(sums.view(bsz, n_seg + 1, width))
+    return out
 
-    def sums(x: Tensor, carry: Tensor) -> Tensor:
-        acc = torch.promote_types(x.dtype, torch.float32)
-        out = torch.zeros(bsz * (n_seg + 1), x.shape[2], device=x.device, dtype=acc)
-        out = out.index_add(0, flat_index, x.flatten(0, 1).to(acc)).view(bsz, n_seg + 1, x.shape[2])
-        first = out[:, :1] + carry.flatten(1)[:, None]
-        return torch.cat([first, out[:, 1:]], dim=1).unflatten(2, (spec.heads, spec.dim))
 
-    sums_k, sums_v = sums(k, mem.sum_k[level]), sums(v, mem.sum_v[level])
+def _with_carry(sums: Tensor, carry: Tensor, spec: MemorySpec) -> Tensor:
+    """Add the carried partial sums to local slot 0 -> [B, NS + 1, K, Dh]."""
+    first = sums[:, :1] + carry.flatten(1)[:, None]
+    return torch.cat([first, sums[:, 1:]], dim=1).unflatten(2, (spec.heads, spec.dim))
 
-    def candidates(ring_t: Tensor, seg: Tensor) -> Tensor:
-        seg_means = (seg[:, :n_seg] / span).to(ring_t.dtype).transpose(1, 2)  # [B, K, NS, Dh]
-        return torch.cat([ring_t, seg_means], dim=2)
 
-    offsets = torch.arange(-ring, n_seg, device=k.device)
-    return _LevelSlots(
-        global_index=n_before[:, None] + offsets,
-        keys=candidates(mem.keys[level], sums_k),
-        values=candidates(mem.values[level], sums_v),
-        completed=(mem.pos + steps) // span - n_before,
-        sums_k=sums_k,
-        sums_v=sums_v,
-    )
+def _with_segment(ring: Tensor, sums: Tensor, n_seg: int, span: int) -> Tensor:
+    """The ring [B, K, M, Dh] followed by the means of the segment's slots [B, K, NS, Dh]."""
+    return torch.cat([ring, (sums[:, :n_seg] / span).to(ring.dtype).transpose(1, 2)], dim=2)
+
+
+def _level_slots(mem: Memory, k: Tensor, v: Tensor, sums0=block_sums) -> list[_LevelSlots]:
+    """Candidate slots of every level for a segment: the carried ring plus the segment's slots."""
+    spec = mem.spec
+    steps = k.shape[1]
+    seg_k, seg_v = _segment_sums(mem, k, sums0), _segment_sums(mem, v, sums0)
+    out = []
+    for level, (sk, sv) in enumerate(zip(seg_k, seg_v, strict=True)):
+        span = spec.span(level)
+        n_seg = sk.shape[1] - 1
+
+        sums_k = _with_carry(sk, mem.sum_k[level], spec)
+        sums_v = _with_carry(sv, mem.sum_v[level], spec)
+        out.append(
+            _LevelSlots(
+                keys=_with_segment(mem.keys[level], sums_k, n_seg, span),
+                values=_with_segment(mem.values[level], sums_v, n_seg, span),
+                completed=(mem.pos + steps) // span - mem.pos // span,
+                sums_k=sums_k,
+                sums_v=sums_v,
+            )
+        )
+    return out
 
 
 @dataclass
@@ -144,23 +182,31 @@ class Candidates:
     ring: Tensor  # [S] int64: ring size M_l of that level
 
 
-def candidates(mem: Memory, k: Tensor, v: Tensor) -> Candidates:
-    spec, device = mem.spec, k.device
-    per_level = [_level_slots(mem, level, k, v) for level in range(len(spec.slots))]
+def slot_table(pos: Tensor, rings: tuple[int, ...], spans: tuple[int, ...], steps: int):
+    """Per candidate slot (levels concatenated, each [ring ; segment]): its global index within
+    its level [B, S] (negative: empty), level [S], span [S] and ring size [S]."""
+    device = pos.device
+    index, level, span, ring = [], [], [], []
+    for lvl, (m, s) in enumerate(zip(rings, spans, strict=True)):
+        count = m + -(-steps // s)
+        index.append((pos // s)[:, None] + torch.arange(-m, count - m, device=device))
+        for out, x in ((level, lvl), (span, s), (ring, m)):
+            out.append(torch.full((count,), x, device=device, dtype=torch.int64))
+    return torch.cat(index, 1), torch.cat(level), torch.cat(span), torch.cat(ring)
 
-    def per_slot(values: list[int]) -> Tensor:
-        sizes = [c.global_index.shape[1] for c in per_level]
-        return torch.cat(
-            [torch.full((n,), x, device=device, dtype=torch.int64) for n, x in zip(sizes, values, strict=True)]
-        )
 
+def candidates(mem: Memory, k: Tensor, v: Tensor, sums0=block_sums) -> Candidates:
+    spec = mem.spec
+    per_level = _level_slots(mem, k, v, sums0)
+    spans = tuple(spec.span(level) for level in range(len(spec.slots)))
+    slot, level, span, ring = slot_table(mem.pos, spec.slots, spans, k.shape[1])
     return Candidates(
         keys=torch.cat([c.keys for c in per_level], dim=2),
         values=torch.cat([c.values for c in per_level], dim=2),
-        slot=torch.cat([c.global_index for c in per_level], dim=1),
-        level=per_slot(list(range(len(spec.slots)))),
-        span=per_slot([spec.span(level) for level in range(len(spec.slots))]),
-        ring=per_slot(list(spec.slots)),
+        slot=slot,
+        level=level,
+        span=span,
+        ring=ring,
     )
 
 
@@ -234,13 +280,12 @@ def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads:
     return attend(q, candidates(mem, k, v), beta, mem.pos, heads)
 
 
-def memory_write(mem: Memory, k: Tensor, v: Tensor) -> Memory:
+def memory_write(mem: Memory, k: Tensor, v: Tensor, sums0=block_sums) -> Memory:
     """Add a segment's keys/values [B, T, K*Dh]: complete slots enter the rings (oldest fall
     out), the running sums keep the incomplete slot, pos advances by T."""
     spec = mem.spec
     new = Memory(spec, [], [], [], [], mem.pos + k.shape[1])
-    for level, ring in enumerate(spec.slots):
-        cand = _level_slots(mem, level, k, v)
+    for ring, cand in zip(spec.slots, _level_slots(mem, k, v, sums0), strict=True):
         # Keep the `ring` newest completed: candidates [completed, completed + ring).
         take = cand.completed[:, None] + torch.arange(ring, device=k.device)  # [B, M]
         take = take[:, None, :, None].expand(-1, spec.heads, -1, spec.dim)

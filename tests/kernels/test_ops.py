@@ -92,8 +92,14 @@ def test_opcheck_hds_attend():
     cand = candidates(mem, k, v)
     keys, values = cand.keys.detach().requires_grad_(), cand.values.detach().requires_grad_()
     beta = torch.randn(HEADS, 3, requires_grad=True)
-    args = (q, keys, values, cand.slot, cand.level, cand.span, cand.ring, beta, mem.pos, HEADS)
+    levels = (list(SPEC.slots), [SPEC.span(lvl) for lvl in range(3)])
+    args = (q, keys, values, beta, mem.pos, *levels, HEADS)
     torch.library.opcheck(torch.ops.mmrec.hds_attend_fwd.default, args)
-    out, lse = torch.ops.mmrec.hds_attend_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(torch.ops.mmrec.hds_attend_bwd.default, (*plain[:9], out, lse, torch.randn_like(out), HEADS))
+    out, lse = torch.ops.mmrec.hds_attend_fwd(*plain)
+    torch.library.opcheck(torch.ops.mmrec.hds_attend_bwd.default, (*plain[:7], out, lse, torch.randn_like(out), HEADS))
+
+
+def test_opcheck_block_sums():
+    x = torch.randn(3, 29, 10, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmrec.block_sums.default, (x, torch.tensor([0, 3, 17]), 4))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.memory import kernel
+from kernels.memory import kernel, op
 from kernels.memory import reference as ref
 from tests.conftest import TRITON_DEVICE, assert_close
 from tests.kernels.test_hds import HEADS, SPEC, build_history, naive_query
@@ -78,10 +78,25 @@ def test_launchers_write_every_element():
     q, k, v = (torch.randn(3, 29, d, device=TRITON_DEVICE) for d in (qd, kd, kd))
     cand = ref.candidates(mem, k, v)
     beta = torch.randn(HEADS, 3, device=TRITON_DEVICE)
-    idx = (cand.slot.contiguous(), cand.level, cand.span, cand.ring)
-    out, lse = kernel.attend_fwd(q, cand.keys.contiguous(), cand.values.contiguous(), *idx, beta, mem.pos, HEADS)
-    grads = kernel.attend_bwd(
-        q, cand.keys.contiguous(), cand.values.contiguous(), *idx, beta, mem.pos, out, lse, torch.randn_like(out), HEADS
-    )
-    for t in (out, *grads):
+    levels = (list(SPEC.slots), [SPEC.span(lvl) for lvl in range(3)])
+    keys, values = cand.keys.contiguous(), cand.values.contiguous()
+    out, lse = kernel.attend_fwd(q, keys, values, beta, mem.pos, *levels, HEADS)
+    grads = kernel.attend_bwd(q, keys, values, beta, mem.pos, *levels, out, lse, torch.randn_like(out), HEADS)
+    for t in (out, lse, *grads):
         assert not torch.isnan(t).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sums_kernel_matches_reference(dtype):
+    # Rows at different positions (slot boundaries fall at different tokens), T not a multiple
+    # of the span, widths not a multiple of the column block.
+    pos = torch.tensor([0, 3, 17], device=TRITON_DEVICE)
+    x = torch.randn(3, 29, 37).to(TRITON_DEVICE, dtype).requires_grad_()
+    got = op.block_sums(x, pos, 4)
+    want = ref.block_sums(x.detach().double(), pos, 4)
+    assert_close(got, want, rtol=1e-5, atol=1e-5, what="sums")
+    grad = torch.randn_like(got)
+    (dx,) = torch.autograd.grad((got * grad).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (want_dx,) = torch.autograd.grad((ref.block_sums(x64, pos, 4) * grad.double()).sum(), x64)
+    assert_close(dx, want_dx, rtol=1e-2, atol=1e-2, what="dx")
