@@ -27,13 +27,48 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def full_memory(spec: kernels.MemorySpec, bsz: int, dtype) -> kernels.Memory:
-    """Rings full of random slots, at a position far into a stream (every level is full)."""
+def full_memory(spec: kernels.MemorySpec, bsz: int, dtype, position: int | None = None) -> kernels.Memory:
+    """Rings of random slots at `position` tokens into a stream (default: far enough that every
+    level is full)."""
     mem = kernels.Memory.empty(spec, bsz, device="cuda", dtype=dtype)
     mem.keys = [torch.randn_like(t) for t in mem.keys]
     mem.values = [torch.randn_like(t) for t in mem.values]
-    mem.pos = torch.full((bsz,), spec.span(len(spec.slots) - 1) * 4096, device="cuda", dtype=torch.int64)
+    position = spec.span(len(spec.slots) - 1) * 4096 if position is None else position
+    mem.pos = torch.full((bsz,), position, device="cuda", dtype=torch.int64)
     return mem
+
+
+def decode_section(spec: kernels.MemorySpec, heads: int, dtype) -> list[tuple]:
+    """Per-token memory query (T = 1) at growing context lengths, eager and as a CUDA graph
+    replay: the rings have a fixed size, so the time must not grow with the context."""
+    rows = []
+    print("decode: one token per call, memory query over the rings (+1 segment slot per level)")
+    for bsz in (1, 64, 256):
+        for context in (1_000, 16_000, 262_000, 1_000_000):
+            mem = full_memory(spec, bsz, dtype, context)
+            q = torch.randn(bsz, 1, heads * spec.dim, device="cuda", dtype=dtype)
+            k = torch.randn(bsz, 1, spec.heads * spec.dim, device="cuda", dtype=dtype)
+            beta = torch.zeros(heads, len(spec.slots), device="cuda", dtype=dtype)
+            with torch.no_grad():
+
+                def step(q=q, k=k, beta=beta, mem=mem):
+                    return kernels.hds_query(q, k, k, beta, mem, heads)
+
+                eager = bench(step)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    step()  # warm-up outside the capture (compiles, fills caches)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                replay = bench(graph.replay)
+            rows.append((bsz, context, eager, replay))
+            print(
+                f"  B{bsz:<4} context {context:>9,} tokens: eager {eager * 1e3:7.1f} us   CUDA graph {replay * 1e3:6.1f} us"
+            )
+    return rows
 
 
 def main() -> None:
@@ -90,9 +125,23 @@ def main() -> None:
 
     sdpa_fb = bench(sdpa_step)
 
+    # The same call under torch.compile: the small PyTorch ops that build the candidates fuse
+    # (our ops stay opaque); in eager mode they are ~100 launches, CPU-bound.
+    compiled = torch.compile(lambda q, k, v, beta: kernels.hds_query(q, k, v, beta, mem, heads), fullgraph=True)
+    with torch.no_grad():
+        compiled(q, k, v, beta)
+        comp_f = bench(lambda: compiled(q, k, v, beta))
+
+    def compiled_step():
+        for t in (q, k, v, beta):
+            t.grad = None
+        compiled(q, k, v, beta).backward(grad)
+
+    comp_fb = bench(compiled_step)
+
     # Where our time goes: building the candidates (PyTorch) vs the attention kernels alone.
     with torch.no_grad():
-        cand_f = bench(lambda: reference.candidates(mem, k, v))
+        cand_f = bench(lambda: reference.candidate_kv(mem, k, v, sums0=kernels.memory.op.block_sums))
     cand = reference.candidates(mem, k.detach(), v.detach())
     keys = cand.keys.contiguous().requires_grad_()
     values = cand.values.contiguous().requires_grad_()
@@ -112,15 +161,20 @@ def main() -> None:
     attend_fb = bench(attend_step)
     rows = [
         ("mmrec hds_query (Triton + candidates)", ours_f, ours_fb),
+        ("mmrec hds_query under torch.compile", comp_f, comp_fb),
         ("  of which: attention kernels", attend_f, attend_fb),
-        ("  of which: candidates (PyTorch), fwd", cand_f, None),
+        ("  of which: candidates (eager PyTorch + block sums)", cand_f, None),
         ("SDPA, same key count", sdpa_f, sdpa_fb),
     ]
     for name, f, fb in rows:
         print(f"  {name:<40} fwd {f:8.3f} ms   fwd+bwd {'-' if fb is None else f'{fb:8.3f}'} ms")
     print(f"  ours / SDPA: fwd {ours_f / sdpa_f:.2f}x, fwd+bwd {ours_fb / sdpa_fb:.2f}x (rel err {err:.1e})")
+    print(f"  compiled / SDPA: fwd {comp_f / sdpa_f:.2f}x, fwd+bwd {comp_fb / sdpa_fb:.2f}x")
+    print(f"  attention kernels / SDPA: fwd {attend_f / sdpa_f:.2f}x, fwd+bwd {attend_fb / sdpa_fb:.2f}x")
+    decode = decode_section(spec, heads, dtype)
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "rel_err": err}, indent=1))
+        payload = {"info": info, "rows": rows, "rel_err": err, "decode": decode}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

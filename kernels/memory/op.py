@@ -185,10 +185,10 @@ def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads:
             f"hds_query: expected q [B, T, {heads * spec.dim}] and beta [{heads}, {len(spec.slots)}] for "
             f"{heads} heads over {spec.heads} memory heads, got q {list(q.shape)} and beta {list(beta.shape)}"
         )
-    cand = reference.candidates(mem, k, v, sums0=block_sums)
+    keys, values = reference.candidate_kv(mem, k, v, sums0=block_sums)
     rings = list(spec.slots)
     spans = [spec.span(level) for level in range(len(rings))]
-    args = (q.contiguous(), cand.keys.contiguous(), cand.values.contiguous(), beta.contiguous(), mem.pos.contiguous())
+    args = (q.contiguous(), keys.contiguous(), values.contiguous(), beta.contiguous(), mem.pos.contiguous())
     if interpreting(q):
         return _Interpreted.apply(*args, rings, spans, heads)
     return torch.ops.mmrec.hds_attend_fwd(*args, rings, spans, heads)[0]

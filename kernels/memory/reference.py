@@ -195,14 +195,20 @@ def slot_table(pos: Tensor, rings: tuple[int, ...], spans: tuple[int, ...], step
     return torch.cat(index, 1), torch.cat(level), torch.cat(span), torch.cat(ring)
 
 
+def candidate_kv(mem: Memory, k: Tensor, v: Tensor, sums0=block_sums) -> tuple[Tensor, Tensor]:
+    """The candidate keys and values [B, K, S, Dh] (levels concatenated, each [ring ; segment])."""
+    per_level = _level_slots(mem, k, v, sums0)
+    return torch.cat([c.keys for c in per_level], dim=2), torch.cat([c.values for c in per_level], dim=2)
+
+
 def candidates(mem: Memory, k: Tensor, v: Tensor, sums0=block_sums) -> Candidates:
     spec = mem.spec
-    per_level = _level_slots(mem, k, v, sums0)
+    keys, values = candidate_kv(mem, k, v, sums0)
     spans = tuple(spec.span(level) for level in range(len(spec.slots)))
     slot, level, span, ring = slot_table(mem.pos, spec.slots, spans, k.shape[1])
     return Candidates(
-        keys=torch.cat([c.keys for c in per_level], dim=2),
-        values=torch.cat([c.values for c in per_level], dim=2),
+        keys=keys,
+        values=values,
         slot=slot,
         level=level,
         span=span,
