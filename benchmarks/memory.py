@@ -65,9 +65,8 @@ def decode_section(spec: kernels.MemorySpec, heads: int, dtype) -> list[tuple]:
                     step()
                 replay = bench(graph.replay)
             rows.append((bsz, context, eager, replay))
-            print(
-                f"  B{bsz:<4} context {context:>9,} tokens: eager {eager * 1e3:7.1f} us   CUDA graph {replay * 1e3:6.1f} us"
-            )
+            us = f"eager {eager * 1e3:7.1f} us, CUDA graph {replay * 1e3:6.1f} us"
+            print(f"  B{bsz:<4} context {context:>9,} tokens: {us}")
     return rows
 
 
