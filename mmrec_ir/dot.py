@@ -18,7 +18,7 @@ def _quote(text: str) -> str:
     return json.dumps(text)
 
 
-def _cluster(node: Node, inherited: str) -> str:
+def layer_of(node: Node, inherited: str) -> str:
     """`layerN` for nodes named `layerN.*`; numbered (unnamed) nodes join their first operand's
     cluster; other named nodes (embedding, final norm, head) stay outside every cluster."""
     name = node.outputs[0].name if node.outputs else ""
@@ -41,7 +41,7 @@ def to_dot(graph: Graph, title: str | None = None) -> str:
     for i, node in enumerate(graph.nodes):
         ident = f"n{i}"
         first = producer.get(node.inputs[0], "") if node.inputs else ""
-        cluster_of[ident] = _cluster(node, cluster_of.get(first, ""))
+        cluster_of[ident] = layer_of(node, cluster_of.get(first, ""))
         for out in node.outputs:
             producer[out.ref] = ident
         fused = node.op == "add_rmsnorm" or (node.op == "linear" and len(node.outputs) > 1)

@@ -24,6 +24,10 @@ class DType(enum.Enum):
     def is_float(self) -> bool:
         return self is not DType.i64
 
+    @property
+    def bytes(self) -> int:
+        return {"f32": 4, "bf16": 2, "f16": 2, "i64": 8}[self.value]
+
 
 @dataclass(frozen=True)
 class TensorType:

@@ -8,6 +8,7 @@ from .infer_shapes import InferShapes
 from .inspect import RenderError, dump_stages, render_pipeline, render_svg
 from .lower_linear_recurrence import LowerLinearRecurrence
 from .manager import PassError, PipelineResult, Stage, default_pipeline, lookup, print_after, run_pipeline
+from .report import block_costs, fusion_report
 
 __all__ = [
     "CSE",
@@ -21,8 +22,10 @@ __all__ = [
     "PipelineResult",
     "RenderError",
     "Stage",
+    "block_costs",
     "default_pipeline",
     "dump_stages",
+    "fusion_report",
     "lookup",
     "print_after",
     "render_pipeline",

@@ -110,6 +110,8 @@ def _cmd_inspect(args) -> int:
     if args.svg:
         for path in passlib.render_pipeline(result, args.svg):
             print(f"// wrote {path}")
+    if args.report:
+        print(passlib.fusion_report(graph, result.graph), end="")
     g = result.graph
     timings = ", ".join(f"{s.pass_name} {s.seconds * 1e3:.1f} ms" for s in result.stages[1:]) or "none"
     memories = [v.type for v in g.inputs if isinstance(v.type, MemoryType)]
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", action="store_true", help="print the generated Python forward instead of IR")
     p.add_argument("--dump", default=None, metavar="DIR", help="write every stage's IR, the forward and timings here")
     p.add_argument("--svg", default=None, metavar="FILE", help="draw the graph after the passes (and FILE.before.svg)")
+    p.add_argument("--report", action="store_true", help="fusion report: ops and activation bytes per token, per block")
     p.set_defaults(fn=_cmd_inspect)
 
     p = sub.add_parser("export", help="export an inference engine (not implemented yet)")

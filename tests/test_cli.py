@@ -134,6 +134,12 @@ def test_nan_loss_exits_nonzero_with_one_line(capsys, small, monkeypatch):
     one_line_error(code, err, "step 1: loss is nan; training stopped, no checkpoint had been written yet")
 
 
+def test_inspect_fusion_report(capsys):
+    code, out, _ = run(capsys, "inspect", "--config", "tiny", "--report")
+    assert code == 0
+    assert "// fusion report" in out and "// layer1" in out and "// total" in out
+
+
 def test_inspect_dump_and_svg(capsys, tmp_path):
     import xml.etree.ElementTree as ET
 
