@@ -34,6 +34,7 @@ from torch import Tensor
 from ..config import knobs, new_output
 
 LOG2E = 1.4426950408889634
+LOG2E_TL = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -65,6 +66,42 @@ def _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a (token tile, batch row x query head) program addresses: its batch row and head, its
+    tokens, columns and their masks, the offsets of its q/out rows, its memory head's slot base,
+    and its last valid token."""
+    pid_bh = tl.program_id(1)
+    b, head = pid_bh // HEADS, pid_bh % HEADS
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
+    kv_base = (b * (HEADS // GROUP) + head // GROUP).to(tl.int64) * n_slots * DH
+    t_last = tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, T) - 1
+    return b, head, t, cols, t < T, cols < DH, q_offs, kv_base, t_last
+
+
+@triton.jit
+def _level_walk(POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T: tl.constexpr):
+    """For one level: the tokens' bands [lo, hi), the slot range the tile walks
+    [lo of its first token, hi of its last), the level's first candidate, and the base-2 bias."""
+    lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
+    lo_first, _hi_first = _level_band(POS, RING, SPAN, b, lvl, tl.program_id(0) * BLOCK_T)
+    _lo_last, hi_last = _level_band(POS, RING, SPAN, b, lvl, t_last)
+    bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * LOG2E_TL
+    return lo, hi, lo_first, hi_last, tl.load(START + lvl), bias2
+
+
+@triton.jit
+def _slot_tile(KEYS, VALUES, kv_base, start, i, hi_last, cols, col_ok, DH, UPCAST: tl.constexpr):
+    """Keys and values [BLOCK_S, BLOCK_D] of level-local slots i (those at or past hi_last are 0)."""
+    slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
+    slot_ok = (i < hi_last)[:, None] & col_ok[None, :]
+    kt = _operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+    vt = _operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+    return kt, vt
+
+
+@triton.jit
 def _attend_fwd(
     Q,
     KEYS,
@@ -89,32 +126,21 @@ def _attend_fwd(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
 ):
-    pid_bh = tl.program_id(1)
-    b, head = pid_bh // HEADS, pid_bh % HEADS
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    t_ok = t < T
-    col_ok = cols < DH
-    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
+    b, head, t, cols, t_ok, col_ok, q_offs, kv_base, t_last = _token_tile(
+        T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
+    )
     q = _operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
-    kv_base = (b * (HEADS // GROUP) + head // GROUP).to(tl.int64) * n_slots * DH
-    t_last = tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, T) - 1
 
     m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for lvl in range(n_levels):
-        lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
-        lo_first, _hi_first = _level_band(POS, RING, SPAN, b, lvl, tl.program_id(0) * BLOCK_T)
-        _lo_last, hi_last = _level_band(POS, RING, SPAN, b, lvl, t_last)
-        start = tl.load(START + lvl)
-        bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * 1.4426950408889634
+        lo, hi, lo_first, hi_last, start, bias2 = _level_walk(
+            POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
+        )
         for i0 in range(lo_first, hi_last, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
-            slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
-            slot_ok = (i < hi_last)[:, None] & col_ok[None, :]
-            kt = _operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
-            vt = _operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+            kt, vt = _slot_tile(KEYS, VALUES, kv_base, start, i, hi_last, cols, col_ok, DH, UPCAST)
             logits, _seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
@@ -160,37 +186,26 @@ def _attend_bwd_dq(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
 ):
-    pid_bh = tl.program_id(1)
-    b, head = pid_bh // HEADS, pid_bh % HEADS
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    t_ok = t < T
-    col_ok = cols < DH
+    b, head, t, cols, t_ok, col_ok, q_offs, kv_base, t_last = _token_tile(
+        T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
+    )
     row_ok = t_ok[:, None] & col_ok[None, :]
-    q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
     q = _operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
     do = _operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
     stat_offs = (b * HEADS + head).to(tl.int64) * T + t
     lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
     delta = tl.load(DELTA + stat_offs, mask=t_ok, other=0.0)
-    kv_base = (b * (HEADS // GROUP) + head // GROUP).to(tl.int64) * n_slots * DH
-    t_last = tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, T) - 1
 
     dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for lvl in range(n_levels):
-        lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
-        lo_first, _hi_first = _level_band(POS, RING, SPAN, b, lvl, tl.program_id(0) * BLOCK_T)
-        _lo_last, hi_last = _level_band(POS, RING, SPAN, b, lvl, t_last)
-        start = tl.load(START + lvl)
-        bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * 1.4426950408889634
+        lo, hi, lo_first, hi_last, start, bias2 = _level_walk(
+            POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
+        )
         dbeta = tl.zeros([BLOCK_T], dtype=tl.float32)
         for i0 in range(lo_first, hi_last, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
-            slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
-            slot_ok = (i < hi_last)[:, None] & col_ok[None, :]
-            kt = _operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
-            vt = _operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+            kt, vt = _slot_tile(KEYS, VALUES, kv_base, start, i, hi_last, cols, col_ok, DH, UPCAST)
             logits, seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
             p = tl.where(seen, tl.math.exp2(logits - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
@@ -272,9 +287,9 @@ def _attend_bwd_dkv(
             do = _operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
             stat_offs = (b * HEADS + head).to(tl.int64) * T + t
             lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
             delta = tl.load(DELTA + stat_offs, mask=t_ok, other=0.0)
-            bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * 1.4426950408889634
+            bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * LOG2E_TL
             logits, seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
             p = tl.where(seen & t_ok[:, None], tl.math.exp2(logits - lse2[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
