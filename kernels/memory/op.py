@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, interpreting
 from ..config import knobs
-from . import kernel, reference
+from . import decode, kernel, reference
 from .reference import Candidates, Memory
 
 
@@ -172,6 +172,43 @@ def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
     return torch.ops.mmrec.block_sums(x, pos, span)
 
 
+@torch.library.custom_op("mmrec::hds_decode", mutates_args=())
+def hds_decode_op(
+    q: Tensor, keys: list[Tensor], values: list[Tensor], beta: Tensor, pos: Tensor, spans: list[int], heads: int
+) -> Tensor:
+    """One token per row: q [B, 1, H*Dh] over the filled part of each level's ring
+    keys/values[l] [B, K, M_l, Dh], read in place -> [B, 1, H*Dh]. Inference only (no autograd)."""
+    return reference.decode_query(q, keys, values, beta, pos, spans, heads)
+
+
+@hds_decode_op.register_kernel("cuda")
+def _decode_cuda(q, keys, values, beta, pos, spans, heads):
+    if not knobs.use_triton or len(keys) > decode.MAX_LEVELS:
+        return reference.decode_query(q, keys, values, beta, pos, spans, heads)
+    return decode.decode(q, keys, values, beta, pos, spans, heads)
+
+
+@hds_decode_op.register_fake
+def _decode_fake(q, keys, values, beta, pos, spans, heads):
+    return torch.empty_like(q)
+
+
+def _wants_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def hds_decode(q: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:
+    """The memory read of one token per row (q [B, 1, H*Dh]) from the rings, no copies."""
+    spec = mem.spec
+    spans = [spec.span(level) for level in range(len(spec.slots))]
+    keys = [t.contiguous() for t in mem.keys]
+    values = [t.contiguous() for t in mem.values]
+    args = (q.contiguous(), keys, values, beta.contiguous(), mem.pos.contiguous(), spans, heads)
+    if interpreting(q) and len(keys) <= decode.MAX_LEVELS:
+        return decode.decode(*args)
+    return torch.ops.mmrec.hds_decode(*args)
+
+
 def memory_write(mem: Memory, k: Tensor, v: Tensor) -> Memory:
     """SPEC §4 write (see reference.memory_write), with the level-0 sums on the GPU kernel."""
     return reference.memory_write(mem, k, v, sums0=block_sums)
@@ -185,6 +222,8 @@ def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads:
             f"hds_query: expected q [B, T, {heads * spec.dim}] and beta [{heads}, {len(spec.slots)}] for "
             f"{heads} heads over {spec.heads} memory heads, got q {list(q.shape)} and beta {list(beta.shape)}"
         )
+    if q.shape[1] == 1 and not _wants_grad(q, k, v, beta, *mem.keys, *mem.values):
+        return hds_decode(q, beta, mem, heads)  # decoding: the rings alone, read in place
     keys, values = reference.candidate_kv(mem, k, v, sums0=block_sums)
     rings = list(spec.slots)
     spans = [spec.span(level) for level in range(len(rings))]

@@ -286,6 +286,17 @@ def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads:
     return attend(q, candidates(mem, k, v), beta, mem.pos, heads)
 
 
+def decode_query(
+    q: Tensor, keys: list[Tensor], values: list[Tensor], beta: Tensor, pos: Tensor, spans: list[int], heads: int
+) -> Tensor:
+    """The query of one token per row (q [B, 1, H*Dh]) over the rings alone: at t = 0 no slot of
+    the token's own segment is visible, so this equals hds_query with T = 1."""
+    rings = tuple(k.shape[2] for k in keys)
+    slot, level, span, ring = slot_table(pos, rings, tuple(spans), 0)
+    cand = Candidates(torch.cat(keys, dim=2), torch.cat(values, dim=2), slot, level, span, ring)
+    return attend(q, cand, beta, pos, heads)
+
+
 def memory_write(mem: Memory, k: Tensor, v: Tensor, sums0=block_sums) -> Memory:
     """Add a segment's keys/values [B, T, K*Dh]: complete slots enter the rings (oldest fall
     out), the running sums keep the incomplete slot, pos advances by T."""

@@ -103,3 +103,12 @@ def test_opcheck_hds_attend():
 def test_opcheck_block_sums():
     x = torch.randn(3, 29, 10, requires_grad=True)
     torch.library.opcheck(torch.ops.mmrec.block_sums.default, (x, torch.tensor([0, 3, 17]), 4))
+
+
+def test_opcheck_hds_decode():
+    from tests.kernels.test_hds import HEADS, SPEC, build_history
+
+    mem, _, _ = build_history([13, 6], {0: [1]}, dtype=torch.float32)
+    spans = [SPEC.span(lvl) for lvl in range(3)]
+    args = (torch.randn(3, 1, HEADS * SPEC.dim), mem.keys, mem.values, torch.randn(HEADS, 3), mem.pos, spans, HEADS)
+    torch.library.opcheck(torch.ops.mmrec.hds_decode.default, args)

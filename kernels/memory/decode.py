@@ -1,0 +1,227 @@
+"""Triton decode step of the memory query (SPEC §4, one token per row): the rings read in place.
+
+For a single token at position `pos`, the segment's own slots are all invisible (the band of
+kernel.py with t = 0 is `max(0, M_l - n_l) <= i < M_l`), so the query is one softmax over the
+filled part of every level's ring, with the level bias. Nothing is concatenated or copied:
+
+- `_decode_split`: one program per (batch row, memory head, split). Split s owns the s-th
+  contiguous share of every level's ring; the program walks its shares level by level with an
+  online softmax (base 2) for all G query heads of the memory head's group at once, and writes
+  either the finished output (one split) or its partial output and log-sum-exp;
+- `_decode_combine`: per (row, memory head), the flash-decoding merge of the splits.
+
+The number of splits is chosen so that small batches still fill the GPU (B = 1 with 16 memory
+heads runs 16 x splits programs); from B*K >= 2 x SMs on, one split and one launch. Levels are
+passed as separate ring tensors (up to MAX_LEVELS), so the state's rings are read where they lie.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..config import knobs, new_output
+
+MAX_LEVELS = 4
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _level(
+    q2,  # [G, D] fp32, pre-scaled by log2(e) / sqrt(Dh)
+    KEYS,
+    VALUES,
+    BETA,
+    row,  # (pos, b * K + kv_head, kv_head, split)
+    state,  # (running max [G], running sum [G], output [G, D])
+    LEVEL: tl.constexpr,
+    RING: tl.constexpr,
+    SPAN: tl.constexpr,
+    tiles: tl.constexpr,  # (N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D)
+):
+    """Fold this split's share of level LEVEL's ring into the running (max, sum, output)."""
+    pos, kv_row, kv_head, split = row
+    m_i, l_i, acc = state
+    N_LEVELS: tl.constexpr = tiles[0]
+    N_SPLITS: tl.constexpr = tiles[1]
+    GROUP: tl.constexpr = tiles[2]
+    DH: tl.constexpr = tiles[3]
+    BLOCK_G: tl.constexpr = tiles[4]
+    BLOCK_S: tl.constexpr = tiles[5]
+    BLOCK_D: tl.constexpr = tiles[6]
+    share: tl.constexpr = (RING + N_SPLITS - 1) // N_SPLITS
+    lo = tl.maximum(RING - tl.minimum(pos // SPAN, RING).to(tl.int32), split * share)
+    hi = tl.minimum(RING, (split + 1) * share)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    bias2 = tl.load(BETA + (kv_head * GROUP + g) * N_LEVELS + LEVEL, mask=g < GROUP, other=0.0).to(tl.float32)
+    bias2 = bias2 * _LOG2E
+    base = kv_row * RING * DH
+    for s0 in range(lo, hi, BLOCK_S):
+        i = s0 + tl.arange(0, BLOCK_S)
+        ok = i < hi
+        offs = base + i[:, None] * DH + d[None, :]
+        kmask = ok[:, None] & (d < DH)[None, :]
+        k = tl.load(KEYS + offs, mask=kmask, other=0.0).to(tl.float32)  # [S, D]
+        v = tl.load(VALUES + offs, mask=kmask, other=0.0).to(tl.float32)
+        logits = tl.sum(q2[:, None, :] * k[None, :, :], axis=2) + bias2[:, None]  # [G, S]
+        logits = tl.where(ok[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(logits - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_split(
+    Q,  # [B, H * Dh]
+    K0,
+    V0,
+    K1,
+    V1,
+    K2,
+    V2,
+    K3,
+    V3,  # rings [B, K, M_l, Dh], levels past N_LEVELS unused
+    BETA,  # [H, L]
+    POS,  # [B]
+    OUT,  # [B, H * Dh] (one split) or partial outputs [N_SPLITS, B * K, G, Dh] fp32
+    LSE,  # [N_SPLITS, B * K, G] fp32 (unused with one split)
+    KV_HEADS,
+    M0: tl.constexpr,
+    M1: tl.constexpr,
+    M2: tl.constexpr,
+    M3: tl.constexpr,
+    S0: tl.constexpr,
+    S1: tl.constexpr,
+    S2: tl.constexpr,
+    S3: tl.constexpr,
+    N_LEVELS: tl.constexpr,
+    N_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    DH: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    kv_row = tl.program_id(0)  # b * K + kv_head
+    split = tl.program_id(1)
+    b = kv_row // KV_HEADS
+    kv_head = kv_row - b * KV_HEADS
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gd_ok = (g < GROUP)[:, None] & (d < DH)[None, :]
+    heads = KV_HEADS * GROUP
+    q_offs = b.to(tl.int64) * heads * DH + (kv_head * GROUP + g)[:, None] * DH + d[None, :]
+    q2 = tl.load(Q + q_offs, mask=gd_ok, other=0.0).to(tl.float32) * (_LOG2E / math.sqrt(DH))
+    pos = tl.load(POS + b)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    kv_row = kv_row.to(tl.int64)
+    row = (pos, kv_row, kv_head, split)
+    state = (m_i, l_i, acc)
+    tiles = (N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D)
+    state = _level(q2, K0, V0, BETA, row, state, 0, M0, S0, tiles)
+    if N_LEVELS > 1:
+        state = _level(q2, K1, V1, BETA, row, state, 1, M1, S1, tiles)
+    if N_LEVELS > 2:
+        state = _level(q2, K2, V2, BETA, row, state, 2, M2, S2, tiles)
+    if N_LEVELS > 3:
+        state = _level(q2, K3, V3, BETA, row, state, 3, M3, S3, tiles)
+    m_i, l_i, acc = state
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that see nothing give 0
+    if N_SPLITS == 1:
+        tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=gd_ok)
+    else:
+        part = (split * tl.num_programs(0) + kv_row) * GROUP + g
+        tl.store(OUT + part[:, None] * DH + d[None, :], out, mask=gd_ok)
+        lse2 = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + part, lse2, mask=g < GROUP)
+
+
+@triton.jit
+def _decode_combine(
+    PART,  # [N_SPLITS, B * K, G, Dh] fp32
+    LSE,  # [N_SPLITS, B * K, G] fp32, base 2
+    OUT,  # [B, H * Dh] == [B * K, G, Dh]
+    N_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    DH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * GROUP + tl.program_id(1)  # (b * K + kv_head) * G + g
+    rows_total = tl.num_programs(0) * GROUP
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    n_ok = n < N_SPLITS
+    lse = tl.load(LSE + n * rows_total + row, mask=n_ok, other=float("-inf"))
+    peak = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(peak == float("-inf"), 0.0, peak))  # splits that saw nothing weigh 0
+    part_offs = (n * rows_total + row)[:, None] * DH + d[None, :]
+    part = tl.load(PART + part_offs, mask=n_ok[:, None] & (d < DH)[None, :], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * part, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(OUT + row * DH + d, out.to(OUT.dtype.element_ty), mask=d < DH)
+
+
+def _splits(rows: int, longest_ring: int, block_s: int, device: torch.device) -> int:
+    """Splits per (row, memory head): enough programs for two per SM, no split under a tile."""
+    if knobs.interpret:
+        return min(3, triton.cdiv(longest_ring, block_s))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, rows), triton.cdiv(longest_ring, block_s), 32))
+
+
+def decode(
+    q: Tensor,
+    keys: list[Tensor],
+    values: list[Tensor],
+    beta: Tensor,
+    pos: Tensor,
+    spans: list[int],
+    heads: int,
+    n_splits: int | None = None,
+) -> Tensor:
+    """q [B, 1, H*Dh], rings keys/values[l] [B, K, M_l, Dh] (contiguous), beta [H, L], pos [B]
+    -> the memory read [B, 1, H*Dh] in q's dtype."""
+    bsz, kv_heads, _, dim = keys[0].shape
+    levels = len(keys)
+    if not 1 <= levels <= MAX_LEVELS:
+        raise ValueError(f"hds_decode: 1 to {MAX_LEVELS} memory levels supported, got {levels}")
+    group = heads // kv_heads
+    rings = [k.shape[2] for k in keys]
+    block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(dim)
+    # The [G, S, D] broadcast product stays around 8K elements per program.
+    block_s = 16 if knobs.interpret else max(16, min(64, 8192 // (block_g * block_d)))
+    splits = n_splits or _splits(bsz * kv_heads, max(rings), block_s, q.device)
+    pad = MAX_LEVELS - levels
+    ring_args = [t for pair in zip(keys, values, strict=True) for t in pair] + [keys[0], values[0]] * pad
+    sizes = dict(zip(("M0", "M1", "M2", "M3"), rings + [1] * pad, strict=True))
+    sizes.update(zip(("S0", "S1", "S2", "S3"), list(spans) + [1] * pad, strict=True))
+    meta = dict(N_LEVELS=levels, GROUP=group, DH=dim, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d)
+    out = new_output(q)
+    warps = 1 if knobs.interpret else 4
+    if splits == 1:
+        args = (q, *ring_args, beta, pos, out, out, kv_heads)
+        _decode_split[(bsz * kv_heads, 1)](*args, **sizes, **meta, N_SPLITS=1, num_warps=warps)
+        return out
+    part = new_output(q, (splits, bsz * kv_heads, group, dim), torch.float32)
+    lse = new_output(q, (splits, bsz * kv_heads, group), torch.float32)
+    args = (q, *ring_args, beta, pos, part, lse, kv_heads)
+    _decode_split[(bsz * kv_heads, splits)](*args, **sizes, **meta, N_SPLITS=splits, num_warps=warps)
+    block_n = triton.next_power_of_2(splits)
+    _decode_combine[(bsz * kv_heads, group)](
+        part, lse, out, N_SPLITS=splits, GROUP=group, DH=dim, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=1
+    )
+    return out
