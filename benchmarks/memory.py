@@ -38,11 +38,25 @@ def full_memory(spec: kernels.MemorySpec, bsz: int, dtype, position: int | None 
     return mem
 
 
+def _graph_time(fn) -> float:
+    """Median ms of one CUDA-graph replay of fn (warmed up outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compiles, fills caches
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
 def decode_section(spec: kernels.MemorySpec, heads: int, dtype) -> list[tuple]:
-    """Per-token memory query (T = 1) at growing context lengths, eager and as a CUDA graph
-    replay: the rings have a fixed size, so the time must not grow with the context."""
+    """Per-token memory query (T = 1: the decode kernel reading the rings in place) and memory
+    write at growing context lengths, eager and as CUDA-graph replays: the rings have a fixed
+    size, so the time must not grow with the context."""
     rows = []
-    print("decode: one token per call, memory query over the rings (+1 segment slot per level)")
+    print("decode: one token per call; query = decode kernel over the rings, write = memory_write (T = 1)")
     for bsz in (1, 64, 256):
         for context in (1_000, 16_000, 262_000, 1_000_000):
             mem = full_memory(spec, bsz, dtype, context)
@@ -51,21 +65,18 @@ def decode_section(spec: kernels.MemorySpec, heads: int, dtype) -> list[tuple]:
             beta = torch.zeros(heads, len(spec.slots), device="cuda", dtype=dtype)
             with torch.no_grad():
 
-                def step(q=q, k=k, beta=beta, mem=mem):
+                def query(q=q, k=k, beta=beta, mem=mem):
                     return kernels.hds_query(q, k, k, beta, mem, heads)
 
-                eager = bench(step)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    step()  # warm-up outside the capture (compiles, fills caches)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                replay = bench(graph.replay)
-            rows.append((bsz, context, eager, replay))
-            us = f"eager {eager * 1e3:7.1f} us, CUDA graph {replay * 1e3:6.1f} us"
+                def write(k=k, mem=mem):
+                    return kernels.memory_write(mem, k, k)
+
+                eager = bench(query)
+                replay = _graph_time(query)
+                write_replay = _graph_time(write)
+            rows.append((bsz, context, eager, replay, write_replay))
+            us = f"query eager {eager * 1e3:7.1f} us, CUDA graph {replay * 1e3:6.1f} us"
+            us += f"; write {write_replay * 1e3:6.1f} us"
             print(f"  B{bsz:<4} context {context:>9,} tokens: {us}")
     return rows
 

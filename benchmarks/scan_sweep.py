@@ -18,9 +18,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton
+import triton.language as tl
 
 from benchmarks.common import run_info
 from kernels.scan import kernel, reference
+
+
+@triton.jit
+def _scan_fwd_staged(
+    LA, X, H0, H, HLAST, T, C, HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr
+):
+    """The forward with plain loads inside a `tl.range(num_stages=STAGES)` loop, so Triton's
+    pipeliner keeps STAGES chunks in flight through shared memory instead of one in registers."""
+    pid_b = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rows = tl.arange(0, BLOCK_T)
+    row_base = pid_b.to(tl.int64) * T * C
+    carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_H0:
+        carry = tl.load(H0 + pid_b.to(tl.int64) * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for t0 in tl.range(0, T, BLOCK_T, num_stages=STAGES):
+        ok = ((t0 + rows) < T)[:, None] & col_ok[None, :]
+        offs = row_base + (t0 + rows).to(tl.int64)[:, None] * C + cols[None, :]
+        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        a = tl.exp(tl.minimum(tl.maximum(la, -50.0), 0.0))
+        a_cum, b_cum = tl.associative_scan((a, x), 0, kernel._compose)
+        h = a_cum * carry[None, :] + b_cum
+        tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
+        carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
+    tl.store(HLAST + pid_b.to(tl.int64) * C + cols, carry.to(HLAST.dtype.element_ty), mask=col_ok)
 
 
 def bench(fn) -> float:
@@ -37,6 +65,17 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--C", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="only tiles of <= 2048 elements and <= 4 warps")
+    parser.add_argument(
+        "--scalar",
+        action="store_true",
+        help="compile with T and C unspecialised (no 16-byte vectors), so a warp's lanes lie along C "
+        "and each thread owns whole columns of the tile: the scan along T stays in registers",
+    )
+    parser.add_argument(
+        "--staged",
+        action="store_true",
+        help="forward only: loads pipelined by tl.range(num_stages=2..4) instead of the one-chunk register prefetch",
+    )
     args = parser.parse_args()
     run_info("benchmarks/scan_sweep.py")
     bsz, steps, width = args.B, args.T, args.C
@@ -58,28 +97,43 @@ def main() -> None:
     floor_f, floor_b = copy * 3 / 2, copy * 5 / 2
     print(f"B{bsz} T{steps} C{width} bf16: copy {copy:.3f} ms -> floor fwd {floor_f:.3f}, bwd {floor_b:.3f}")
 
-    def launcher(direction: str, bt: int, bc: int, w: int):
+    fwd_kernel, bwd_kernel = kernel._scan_fwd, kernel._scan_bwd
+    if args.scalar:
+        fwd_kernel = triton.jit(kernel._scan_fwd.fn, do_not_specialize=["T", "C"])
+        bwd_kernel = triton.jit(kernel._scan_bwd.fn, do_not_specialize=["T", "C"])
+
+    def launcher(direction: str, bt: int, bc: int, w: int, stages: int = 0):
         grid = (bsz, triton.cdiv(width, bc))
         meta = dict(HAS_H0=True, BLOCK_T=bt, BLOCK_C=bc, num_warps=w)
+        if stages:
+            h, h_last = torch.empty_like(x), torch.empty_like(h0)
+            args = (log_a, x, h0, h, h_last, steps, width)
+            return (lambda: _scan_fwd_staged[grid](*args, **meta, STAGES=stages)), h, ref_h
         if direction == "fwd":
             h, h_last = torch.empty_like(x), torch.empty_like(h0)
             args = (log_a, x, h0, h, h_last, steps, width)
-            return (lambda: kernel._scan_fwd[grid](*args, **meta)), h, ref_h
+            return (lambda: fwd_kernel[grid](*args, **meta)), h, ref_h
         dla, db, dh0 = torch.empty_like(log_a), torch.empty_like(x), torch.empty_like(h0)
         args = (log_a, h_bf, h0, dh, dh_last, dla, db, dh0, steps, width)
-        return (lambda: kernel._scan_bwd[grid](*args, **meta)), db, ref_g[1]
+        return (lambda: bwd_kernel[grid](*args, **meta)), db, ref_g[1]
 
     sizes = [(bt, bc) for bt in (16, 32, 64, 128) for bc in (16, 32, 64, 128)]
     configs = [(bt, bc, w) for bt, bc in sizes for w in (1, 2, 4, 8) if bt * bc <= 8192 and bt * bc // (32 * w) >= 4]
-    if args.quick:
+    if args.scalar:  # one or two columns per thread, the whole tile height in registers
+        configs = [(bt, bc, w) for bt in (16, 32, 64, 128) for bc, w in ((32, 1), (64, 1), (64, 2), (128, 4))]
+    elif args.quick:
         configs = [(bt, bc, w) for bt, bc, w in configs if bt * bc <= 2048 and w <= 4]
+    stage_counts = (2, 3, 4) if args.staged else (0,)
+    configs = [(bt, bc, w, s) for bt, bc, w in configs for s in stage_counts]
+    if args.staged:
+        configs = [c for c in configs if c[0] <= 32 and c[1] >= 32 and c[0] * c[1] <= 2048 and c[2] <= 4]
     best = {}
-    for direction in ("fwd", "bwd"):
+    for direction in ("fwd",) if args.staged else ("fwd", "bwd"):
         floor = floor_f if direction == "fwd" else floor_b
-        for bt, bc, w in configs:
-            name = f"{direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w}"
+        for bt, bc, w, stages in configs:
+            name = f"{direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w}" + (f" stages {stages}" if stages else "")
             try:
-                run, got, want = launcher(direction, bt, bc, w)
+                run, got, want = launcher(direction, bt, bc, w, stages)
                 run()
                 err = rel_err(got, want)
                 if not err < 2e-2:

@@ -79,6 +79,28 @@ def block(b: Builder, cfg: Config, i: int, x: str, h_prev: str, mem: str) -> tup
     return x, h_last, b.memory_write(mem, k, v, name=p + "mem_next"), aux
 
 
+def build_block(cfg: Config) -> Graph:
+    """One block alone (layer 0 of `cfg`), for benchmarks and tests: inputs %x_in [B, T, D], %h.0,
+    %mem.0; outputs x, h.0, mem.0 (and aux when an auxiliary loss is on)."""
+    b = Builder("mmrec_block", config=cfg.name)
+    x = b.input("x_in", f32("B", "T", cfg.d_model))
+    h_prev, mem = b.input("h.0", f32("B", cfg.d_model)), b.input("mem.0", memory_type(cfg))
+    x, h_last, mem_next, aux = block(b, cfg, 0, x, h_prev, mem)
+    for name, ref in (("x", x), ("h.0", h_last), ("mem.0", mem_next)):
+        b.output(name, ref)
+    _output_aux(b, aux)
+    return b.build()
+
+
+def _output_aux(b: Builder, aux: list[str]) -> None:
+    """Output "aux", the sum of the auxiliary loss terms, when there are any."""
+    if aux:
+        total = aux[0]
+        for term in aux[1:]:
+            total = b.add(total, term)
+        b.output("aux", total)
+
+
 def build(cfg: Config) -> Graph:
     """The whole language model as one verified graph.
 
@@ -101,9 +123,5 @@ def build(cfg: Config) -> Graph:
     b.output("logits", b.lm_head(x, embed, name="logits"))  # tied to the embedding
     for name, ref in next_state:
         b.output(name, ref)
-    if aux:
-        total = aux[0]
-        for term in aux[1:]:
-            total = b.add(total, term)
-        b.output("aux", total)
+    _output_aux(b, aux)
     return b.build()

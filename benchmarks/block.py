@@ -1,0 +1,181 @@
+"""Block benchmark: one MM-Rec block (B8 T4096 D1024, fp32 training, as the trainer runs it),
+forward and forward+backward, for each way of running the same graph, in one run:
+
+- unfused, eager: `infer-shapes` only, every IR op its own call (our Triton ops on CUDA);
+- torch.compile, no mmrec passes: the unfused graph under torch.compile(fullgraph=True);
+- fused, eager: the default pipeline (`mmrec inspect --report` shows what it changes);
+- fused + torch.compile: the default pipeline under torch.compile(fullgraph=True).
+
+Also printed: the activation bytes per token the fusion report counts for the block before and
+after the pipeline (passes/report.py's cost model: each op one kernel reading its per-token
+inputs and writing its outputs once). With --model 125m, the same four variants time the whole
+125M model's training step (forward, cross-entropy, backward) at its config's batch and length.
+
+    python benchmarks/block.py [--model 125m] [--json out.json]
+
+The recurrence and memory ops are our custom ops in every variant: their plain-PyTorch
+references are Python loops over T (SPEC's definition, the oracle), which torch.compile would
+unroll 4096 times, so "torch.compile of the reference model" means torch.compile around the same
+op calls without our graph passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton
+
+import models
+import passes as passlib
+from benchmarks.common import run_info
+from models.config import Config, MemoryConfig, load_config
+from passes.report import block_costs
+from runtime.module import CompiledModel
+
+UNFUSED = ["infer-shapes"]
+DEVICE = "cuda"
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=100, return_mode="median")
+
+
+def block_config() -> Config:
+    return Config(
+        name="block-d1024",
+        d_model=1024,
+        n_heads=16,
+        n_layers=1,
+        ffn_hidden=2816,
+        memory=MemoryConfig(heads=4, block=64, ratio=4, slots=(64, 64, 128)),
+    )
+
+
+def build_model(graph, pipeline) -> CompiledModel:
+    result = passlib.run_pipeline(graph, passlib.lookup(pipeline) if pipeline else passlib.default_pipeline())
+    return CompiledModel(result.graph, result.stages).to(DEVICE)
+
+
+def full_state(model: CompiledModel, bsz: int):
+    """A state far into a stream: every memory ring full of random slots."""
+
+    def fill(t):
+        return torch.randn_like(t) if t.is_floating_point() else torch.full_like(t, 1 << 20)
+
+    return model.initial_state(bsz, device=DEVICE).map(fill)
+
+
+def block_variants(cfg: Config, bsz: int, steps: int) -> dict:
+    graph = models.build_block(cfg)
+    x = torch.randn(bsz, steps, cfg.d_model, device=DEVICE, requires_grad=True)
+    gx = torch.randn_like(x)
+    results = {}
+    for name, pipeline, compiled in (
+        ("unfused, eager", UNFUSED, False),
+        ("torch.compile, no mmrec passes", UNFUSED, True),
+        ("fused, eager", None, False),
+        ("fused + torch.compile", None, True),
+    ):
+        model = build_model(graph, pipeline)
+        state = full_state(model, bsz)
+        params = dict(model.named_parameters())
+        fn, ops = model._forward_fn, model._ops[True]
+
+        def forward(x, state, fn=fn, params=params, ops=ops):
+            out = fn(x, state["h.0"], state["mem.0"], params=params, ops=ops)
+            return out["x"]
+
+        step = torch.compile(forward, fullgraph=True) if compiled else forward
+
+        def fwd_bwd(step=step, state=state, params=params):
+            for p in (*params.values(), x):
+                p.grad = None
+            torch.autograd.backward([step(x, state)], [gx])
+
+        with torch.no_grad():
+            f = bench(lambda step=step, state=state: step(x, state))
+        fb = bench(fwd_bwd)
+        costs = block_costs(model.graph)["layer0"]
+        results[name] = {"fwd": f, "fwd_bwd": fb, "ops": costs.ops, "bytes_per_token": costs.bytes_per_token}
+        print(
+            f"  {name:<32} fwd {f:8.3f} ms  fwd+bwd {fb:8.3f} ms  "
+            f"({costs.ops} IR ops, {costs.bytes_per_token:,} activation bytes/token counted)",
+            flush=True,
+        )
+        del model, state, params
+        torch.cuda.empty_cache()
+    return results
+
+
+def model_variants(cfg: Config) -> dict:
+    graph = models.build(cfg)
+    bsz, steps = cfg.train.batch_size, cfg.train.seq_len
+    tokens = torch.randint(0, cfg.vocab_size, (bsz, steps + 1), device=DEVICE)
+    results = {}
+    for name, pipeline, compiled in (
+        ("unfused, eager", UNFUSED, False),
+        ("torch.compile, no mmrec passes", UNFUSED, True),
+        ("fused, eager", None, False),
+        ("fused + torch.compile", None, True),
+    ):
+        model = build_model(graph, pipeline).train()
+
+        def loss_fn(inp, target, model=model):
+            logits, _ = model(inp)
+            return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+        step_fn = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+
+        def train_step(step_fn=step_fn, model=model):
+            model.zero_grad(set_to_none=True)
+            step_fn(tokens[:, :-1], tokens[:, 1:]).backward()
+
+        ms = bench(train_step)
+        results[name] = {"train_step": ms}
+        print(f"  {name:<32} train step {ms:8.2f} ms ({bsz * steps / ms / 1e3:,.0f}k tokens/s)", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return results
+
+
+def ratios(results: dict, key: str) -> None:
+    base = results["torch.compile, no mmrec passes"][key]
+    for name, r in results.items():
+        print(f"  {name:<32} {key}: {base / r[key]:.2f}x the speed of torch.compile without mmrec passes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="also time this model's training step (e.g. 125m)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    info = run_info("benchmarks/block.py")
+    torch.manual_seed(0)
+    cfg = block_config()
+    bsz, steps = 8, 4096
+    shape = f"B{bsz} T{steps} D{cfg.d_model} H{cfg.n_heads} ffn {cfg.ffn_hidden}"
+    print(f"one block: {shape} fp32 ({cfg.recurrence} recurrence)")
+    payload = {"info": info, "block": block_variants(cfg, bsz, steps)}
+    ratios(payload["block"], "fwd_bwd")
+    unfused, fused = payload["block"]["unfused, eager"], payload["block"]["fused, eager"]
+    saved = unfused["bytes_per_token"] / fused["bytes_per_token"]
+    print(f"  counted activation bytes/token: unfused / fused = {saved:.2f}x")
+    if args.model:
+        model_cfg = load_config(args.model)
+        print(f"{model_cfg.name}: training step B{model_cfg.train.batch_size} T{model_cfg.train.seq_len} fp32")
+        payload["model"] = model_variants(model_cfg)
+        ratios(payload["model"], "train_step")
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+    main()

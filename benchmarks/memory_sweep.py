@@ -1,0 +1,94 @@
+"""Tile sweep for the memory-query kernels at the benchmark shape: the forward, the dq kernel
+and the dk/dv kernel timed apart for every tile config, each checked against the default
+config's result before it is timed. This is how kernels/memory/kernel.py's tiles are chosen.
+
+    python benchmarks/memory_sweep.py
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton
+
+from benchmarks.common import run_info
+from benchmarks.memory import bench, full_memory
+from kernels import MemorySpec
+from kernels.memory import kernel, reference
+
+
+def main() -> None:
+    run_info("benchmarks/memory_sweep.py")
+    bsz, heads, steps, dim, dtype = 8, 16, 4096, 64, torch.bfloat16
+    spec = MemorySpec(heads=heads, dim=dim, block=64, ratio=4, slots=(240, 240, 460))
+    torch.manual_seed(0)
+    mem = full_memory(spec, bsz, dtype)
+    q, k, v, dout = (torch.randn(bsz, steps, heads * dim, device="cuda", dtype=dtype) for _ in range(4))
+    beta = torch.randn(heads, 3, device="cuda", dtype=dtype)
+    cand = reference.candidates(mem, k, v)
+    keys, values = cand.keys.contiguous(), cand.values.contiguous()
+    rings, spans = list(spec.slots), [spec.span(lvl) for lvl in range(3)]
+    out, lse = kernel.attend_fwd(q, keys, values, beta, mem.pos, rings, spans, heads)
+    want = kernel.attend_bwd(q, keys, values, beta, mem.pos, rings, spans, out, lse, dout, heads)
+    lv = kernel.Levels.get(rings, spans, steps, q.device)
+    delta = (dout.float() * out.float()).unflatten(2, (heads, dim)).sum(-1).transpose(1, 2).contiguous()
+    meta = kernel._meta(dim, dtype)
+    n_slots = keys.shape[2]
+    common = (steps, n_slots, 3, heads, 1, dim, kernel.LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
+    print(f"B{bsz} H{heads} T{steps} Dh{dim} {n_slots} slots bf16; defaults fwd {kernel._tiles('fwd', dtype)}")
+
+    def err(a, b) -> float:
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    def run_fwd(bt, bs, w, st):
+        o, ls = torch.empty_like(out), torch.empty_like(lse)
+        grid = (triton.cdiv(steps, bt), bsz * heads)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, o, ls, *common[:-1])
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
+        return (lambda: kernel._attend_fwd[grid](*args, **tiles, **meta)), o, out
+
+    def run_dq(bt, bs, w, st):
+        dq, db = torch.empty_like(q), torch.zeros(heads, 3, device="cuda")
+        grid = (triton.cdiv(steps, bt), bsz * heads)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, lse, delta, dout, dq, db, *common)
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
+        return (lambda: kernel._attend_bwd_dq[grid](*args, **tiles, **meta)), dq, want[0]
+
+    def run_dkv(bt, bs, w, st):
+        dk, dv = torch.empty_like(keys), torch.empty_like(values)
+        level, i0 = lv.tiles(bs)
+        grid = (level.numel(), bsz * heads)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, level, i0, lse, delta, dout, dk, dv)
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
+        return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta)), dk, want[1]
+
+    sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 8192]
+    configs = [(bt, bs, w, st) for bt, bs in sizes for w in (4, 8) for st in (3,)]
+    for name, launcher in (("fwd", run_fwd), ("dq", run_dq), ("dkv", run_dkv)):
+        best = None
+        for bt, bs, w, st in configs:
+            label = f"{name:3} BLOCK_T {bt:3} BLOCK_S {bs:3} warps {w} stages {st}"
+            try:
+                fn, got, ref = launcher(bt, bs, w, st)
+                fn()
+                e = err(got, ref)
+                if not e < 1e-2:
+                    print(f"  {label}: WRONG (rel err {e:.1e})", flush=True)
+                    continue
+                ms = bench(fn)
+            except Exception as ex:  # a config that does not compile (shared memory) is reported
+                print(f"  {label}: failed ({type(ex).__name__}: {str(ex).splitlines()[0][:80]})", flush=True)
+                continue
+            print(f"  {label}: {ms:.3f} ms", flush=True)
+            best = min(best or (ms, label), (ms, label))
+        print(f"best {best[1]}: {best[0]:.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
