@@ -1,4 +1,4 @@
-"""Block benchmark: one MM-Rec block (B8 T4096 D1024, fp32 training, as the trainer runs it),
+"""Block benchmark: one MM-Rec block (B8 T4096 D1024, fp32 weights and activations, TF32 GEMMs),
 forward and forward+backward, for each way of running the same graph, in one run:
 
 - unfused, eager: `infer-shapes` only, every IR op its own call (our Triton ops on CUDA);
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     info = run_info("benchmarks/block.py")
+    torch.set_float32_matmul_precision("high")  # TF32 GEMMs, as fp32 training on Hopper runs them
     torch.manual_seed(0)
     cfg = block_config()
     bsz, steps = 8, 4096

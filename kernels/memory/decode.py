@@ -36,24 +36,26 @@ def _level(
     KEYS,
     VALUES,
     BETA,
-    row,  # (pos, b * K + kv_head, kv_head, split)
-    state,  # (running max [G], running sum [G], output [G, D])
+    pos,
+    kv_row,  # b * K + kv_head (int64)
+    kv_head,
+    split,
+    m_i,  # running max [G] (base 2)
+    l_i,  # running sum [G]
+    acc,  # running output [G, D]
     LEVEL: tl.constexpr,
     RING: tl.constexpr,
     SPAN: tl.constexpr,
-    tiles: tl.constexpr,  # (N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D)
+    N_LEVELS: tl.constexpr,
+    N_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    DH: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Fold this split's share of level LEVEL's ring into the running (max, sum, output)."""
-    pos, kv_row, kv_head, split = row
-    m_i, l_i, acc = state
-    N_LEVELS: tl.constexpr = tiles[0]
-    N_SPLITS: tl.constexpr = tiles[1]
-    GROUP: tl.constexpr = tiles[2]
-    DH: tl.constexpr = tiles[3]
-    BLOCK_G: tl.constexpr = tiles[4]
-    BLOCK_S: tl.constexpr = tiles[5]
-    BLOCK_D: tl.constexpr = tiles[6]
-    share: tl.constexpr = (RING + N_SPLITS - 1) // N_SPLITS
+    share = (RING + N_SPLITS - 1) // N_SPLITS
     lo = tl.maximum(RING - tl.minimum(pos // SPAN, RING).to(tl.int32), split * share)
     hi = tl.minimum(RING, (split + 1) * share)
     g = tl.arange(0, BLOCK_G)
@@ -127,17 +129,25 @@ def _decode_split(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     kv_row = kv_row.to(tl.int64)
-    row = (pos, kv_row, kv_head, split)
-    state = (m_i, l_i, acc)
-    tiles = (N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D)
-    state = _level(q2, K0, V0, BETA, row, state, 0, M0, S0, tiles)
+    m_i, l_i, acc = _level(
+        q2, K0, V0, BETA, pos, kv_row, kv_head, split, m_i, l_i, acc, 0, M0, S0,
+        N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D,
+    )  # fmt: skip
     if N_LEVELS > 1:
-        state = _level(q2, K1, V1, BETA, row, state, 1, M1, S1, tiles)
+        m_i, l_i, acc = _level(
+            q2, K1, V1, BETA, pos, kv_row, kv_head, split, m_i, l_i, acc, 1, M1, S1,
+            N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D,
+        )  # fmt: skip
     if N_LEVELS > 2:
-        state = _level(q2, K2, V2, BETA, row, state, 2, M2, S2, tiles)
+        m_i, l_i, acc = _level(
+            q2, K2, V2, BETA, pos, kv_row, kv_head, split, m_i, l_i, acc, 2, M2, S2,
+            N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D,
+        )  # fmt: skip
     if N_LEVELS > 3:
-        state = _level(q2, K3, V3, BETA, row, state, 3, M3, S3, tiles)
-    m_i, l_i, acc = state
+        m_i, l_i, acc = _level(
+            q2, K3, V3, BETA, pos, kv_row, kv_head, split, m_i, l_i, acc, 3, M3, S3,
+            N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D,
+        )  # fmt: skip
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that see nothing give 0
     if N_SPLITS == 1:
