@@ -18,37 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton
-import triton.language as tl
 
 from benchmarks.common import run_info
 from kernels.scan import kernel, reference
-
-
-@triton.jit
-def _scan_fwd_staged(
-    LA, X, H0, H, HLAST, T, C, HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr
-):
-    """The forward with plain loads inside a `tl.range(num_stages=STAGES)` loop, so Triton's
-    pipeliner keeps STAGES chunks in flight through shared memory instead of one in registers."""
-    pid_b = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    rows = tl.arange(0, BLOCK_T)
-    row_base = pid_b.to(tl.int64) * T * C
-    carry = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_H0:
-        carry = tl.load(H0 + pid_b.to(tl.int64) * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-    for t0 in tl.range(0, T, BLOCK_T, num_stages=STAGES):
-        ok = ((t0 + rows) < T)[:, None] & col_ok[None, :]
-        offs = row_base + (t0 + rows).to(tl.int64)[:, None] * C + cols[None, :]
-        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-        a = tl.exp(tl.minimum(tl.maximum(la, -50.0), 0.0))
-        a_cum, b_cum = tl.associative_scan((a, x), 0, kernel._compose)
-        h = a_cum * carry[None, :] + b_cum
-        tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
-        carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
-    tl.store(HLAST + pid_b.to(tl.int64) * C + cols, carry.to(HLAST.dtype.element_ty), mask=col_ok)
 
 
 def bench(fn) -> float:
@@ -64,17 +36,12 @@ def main() -> None:
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--C", type=int, default=2048)
-    parser.add_argument("--quick", action="store_true", help="only tiles of <= 2048 elements and <= 4 warps")
+    parser.add_argument("--quick", action="store_true", help="only tiles of <= 2048 elements and <= 2 warps")
     parser.add_argument(
         "--scalar",
         action="store_true",
         help="compile with T and C unspecialised (no 16-byte vectors), so a warp's lanes lie along C "
         "and each thread owns whole columns of the tile: the scan along T stays in registers",
-    )
-    parser.add_argument(
-        "--staged",
-        action="store_true",
-        help="forward only: loads pipelined by tl.range(num_stages=2..4) instead of the one-chunk register prefetch",
     )
     args = parser.parse_args()
     run_info("benchmarks/scan_sweep.py")
@@ -102,13 +69,9 @@ def main() -> None:
         fwd_kernel = triton.jit(kernel._scan_fwd.fn, do_not_specialize=["T", "C"])
         bwd_kernel = triton.jit(kernel._scan_bwd.fn, do_not_specialize=["T", "C"])
 
-    def launcher(direction: str, bt: int, bc: int, w: int, stages: int = 0):
+    def launcher(direction: str, bt: int, bc: int, w: int, stages: int):
         grid = (bsz, triton.cdiv(width, bc))
-        meta = dict(HAS_H0=True, BLOCK_T=bt, BLOCK_C=bc, num_warps=w)
-        if stages:
-            h, h_last = torch.empty_like(x), torch.empty_like(h0)
-            args = (log_a, x, h0, h, h_last, steps, width)
-            return (lambda: _scan_fwd_staged[grid](*args, **meta, STAGES=stages)), h, ref_h
+        meta = dict(HAS_H0=True, BLOCK_T=bt, BLOCK_C=bc, STAGES=stages, num_warps=w)
         if direction == "fwd":
             h, h_last = torch.empty_like(x), torch.empty_like(h0)
             args = (log_a, x, h0, h, h_last, steps, width)
@@ -122,16 +85,13 @@ def main() -> None:
     if args.scalar:  # one or two columns per thread, the whole tile height in registers
         configs = [(bt, bc, w) for bt in (16, 32, 64, 128) for bc, w in ((32, 1), (64, 1), (64, 2), (128, 4))]
     elif args.quick:
-        configs = [(bt, bc, w) for bt, bc, w in configs if bt * bc <= 2048 and w <= 4]
-    stage_counts = (2, 3, 4) if args.staged else (0,)
-    configs = [(bt, bc, w, s) for bt, bc, w in configs for s in stage_counts]
-    if args.staged:
-        configs = [c for c in configs if c[0] <= 32 and c[1] >= 32 and c[0] * c[1] <= 2048 and c[2] <= 4]
+        configs = [(bt, bc, w) for bt, bc, w in configs if bt * bc <= 2048 and bc >= 32 and w <= 2]
+    configs = [(bt, bc, w, st) for bt, bc, w in configs for st in ((3,) if args.scalar else (3, 4, 6))]
     best = {}
-    for direction in ("fwd",) if args.staged else ("fwd", "bwd"):
+    for direction in ("fwd", "bwd"):
         floor = floor_f if direction == "fwd" else floor_b
         for bt, bc, w, stages in configs:
-            name = f"{direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w}" + (f" stages {stages}" if stages else "")
+            name = f"{direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w} stages {stages}"
             try:
                 run, got, want = launcher(direction, bt, bc, w, stages)
                 run()

@@ -4,14 +4,16 @@ For a single token at position `pos`, the segment's own slots are all invisible 
 kernel.py with t = 0 is `max(0, M_l - n_l) <= i < M_l`), so the query is one softmax over the
 filled part of every level's ring, with the level bias. Nothing is concatenated or copied:
 
-- `_decode_split`: one program per (batch row, memory head, split). Split s owns the s-th
+- `_decode_split`: one program per (batch row, query head, split). Split s owns the s-th
   contiguous share of every level's ring; the program walks its shares level by level with an
-  online softmax (base 2) for all G query heads of the memory head's group at once, and writes
-  either the finished output (one split) or its partial output and log-sum-exp;
-- `_decode_combine`: per (row, memory head), the flash-decoding merge of the splits.
+  online softmax (base 2) over [slots, Dh] tiles (q broadcast along the slots, so both
+  reductions stay in one register layout), and writes either the finished output (one split)
+  or its partial output and log-sum-exp. The G query heads of a memory head read the same
+  ring tiles, mostly from L2;
+- `_decode_combine`: per (row, query head), the flash-decoding merge of the splits.
 
-The number of splits is chosen so that small batches still fill the GPU (B = 1 with 16 memory
-heads runs 16 x splits programs); from B*K >= 2 x SMs on, one split and one launch. Levels are
+The number of splits is chosen so that small batches still fill the GPU (B = 1 with 16 heads
+runs 16 x splits programs); from B*H >= 2 x SMs on, one split and one launch. Levels are
 passed as separate ring tensors (up to MAX_LEVELS), so the state's rings are read where they lie.
 """
 
@@ -32,36 +34,30 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _level(
-    q2,  # [G, D] fp32, pre-scaled by log2(e) / sqrt(Dh)
+    q2,  # [D] fp32, pre-scaled by log2(e) / sqrt(Dh)
     KEYS,
     VALUES,
-    BETA,
+    bias2,  # this head's level bias, times log2(e)
     pos,
     kv_row,  # b * K + kv_head (int64)
-    kv_head,
     split,
-    m_i,  # running max [G] (base 2)
-    l_i,  # running sum [G]
-    acc,  # running output [G, D]
-    LEVEL: tl.constexpr,
+    m_i,  # running max (base 2)
+    l_i,  # running sum
+    acc,  # running output [D]
     RING: tl.constexpr,
     SPAN: tl.constexpr,
-    N_LEVELS: tl.constexpr,
     N_SPLITS: tl.constexpr,
-    GROUP: tl.constexpr,
     DH: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Fold this split's share of level LEVEL's ring into the running (max, sum, output)."""
+    """Fold this split's share of one level's ring into the running (max, sum, output). The
+    [S, D] tiles of keys and values share one layout with q broadcast along S, so the two
+    reductions need no layout change."""
     share = (RING + N_SPLITS - 1) // N_SPLITS
     lo = tl.maximum(RING - tl.minimum(pos // SPAN, RING).to(tl.int32), split * share)
     hi = tl.minimum(RING, (split + 1) * share)
-    g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    bias2 = tl.load(BETA + (kv_head * GROUP + g) * N_LEVELS + LEVEL, mask=g < GROUP, other=0.0).to(tl.float32)
-    bias2 = bias2 * _LOG2E
     base = kv_row * RING * DH
     for s0 in range(lo, hi, BLOCK_S):
         i = s0 + tl.arange(0, BLOCK_S)
@@ -70,14 +66,13 @@ def _level(
         kmask = ok[:, None] & (d < DH)[None, :]
         k = tl.load(KEYS + offs, mask=kmask, other=0.0).to(tl.float32)  # [S, D]
         v = tl.load(VALUES + offs, mask=kmask, other=0.0).to(tl.float32)
-        logits = tl.sum(q2[:, None, :] * k[None, :, :], axis=2) + bias2[:, None]  # [G, S]
-        logits = tl.where(ok[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        logits = tl.where(ok, tl.sum(k * q2[None, :], axis=1) + bias2, float("-inf"))  # [S]
+        m_new = tl.maximum(m_i, tl.max(logits, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(logits - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        p = tl.exp2(logits - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -95,9 +90,9 @@ def _decode_split(
     V3,  # rings [B, K, M_l, Dh], levels past N_LEVELS unused
     BETA,  # [H, L]
     POS,  # [B]
-    OUT,  # [B, H * Dh] (one split) or partial outputs [N_SPLITS, B * K, G, Dh] fp32
-    LSE,  # [N_SPLITS, B * K, G] fp32 (unused with one split)
-    KV_HEADS,
+    OUT,  # [B, H * Dh] (one split) or partial outputs [N_SPLITS, B * H, Dh] fp32
+    LSE,  # [N_SPLITS, B * H] fp32, base 2 (unused with one split)
+    HEADS,
     M0: tl.constexpr,
     M1: tl.constexpr,
     M2: tl.constexpr,
@@ -110,68 +105,62 @@ def _decode_split(
     N_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,
     DH: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    kv_row = tl.program_id(0)  # b * K + kv_head
+    row = tl.program_id(0).to(tl.int64)  # b * H + head
     split = tl.program_id(1)
-    b = kv_row // KV_HEADS
-    kv_head = kv_row - b * KV_HEADS
-    g = tl.arange(0, BLOCK_G)
+    b = row // HEADS
+    head = row - b * HEADS
+    kv_row = b * (HEADS // GROUP) + head // GROUP
     d = tl.arange(0, BLOCK_D)
-    gd_ok = (g < GROUP)[:, None] & (d < DH)[None, :]
-    heads = KV_HEADS * GROUP
-    q_offs = b.to(tl.int64) * heads * DH + (kv_head * GROUP + g)[:, None] * DH + d[None, :]
-    q2 = tl.load(Q + q_offs, mask=gd_ok, other=0.0).to(tl.float32) * (_LOG2E / math.sqrt(DH))
+    q2 = tl.load(Q + row * DH + d, mask=d < DH, other=0.0).to(tl.float32) * (_LOG2E / math.sqrt(DH))
     pos = tl.load(POS + b)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    kv_row = kv_row.to(tl.int64)
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    bias = BETA + head * N_LEVELS
     m_i, l_i, acc = _level(
-        q2, K0, V0, BETA, pos, kv_row, kv_head, split, m_i, l_i, acc, 0, M0, S0,
-        N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D,
+        q2, K0, V0, tl.load(bias).to(tl.float32) * _LOG2E, pos, kv_row, split, m_i, l_i, acc,
+        M0, S0, N_SPLITS, DH, BLOCK_S, BLOCK_D,
     )  # fmt: skip
     if N_LEVELS > 1:
         m_i, l_i, acc = _level(
-            q2, K1, V1, BETA, pos, kv_row, kv_head, split, m_i, l_i, acc, 1, M1, S1,
-            N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D,
+            q2, K1, V1, tl.load(bias + 1).to(tl.float32) * _LOG2E, pos, kv_row, split, m_i, l_i, acc,
+            M1, S1, N_SPLITS, DH, BLOCK_S, BLOCK_D,
         )  # fmt: skip
     if N_LEVELS > 2:
         m_i, l_i, acc = _level(
-            q2, K2, V2, BETA, pos, kv_row, kv_head, split, m_i, l_i, acc, 2, M2, S2,
-            N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D,
+            q2, K2, V2, tl.load(bias + 2).to(tl.float32) * _LOG2E, pos, kv_row, split, m_i, l_i, acc,
+            M2, S2, N_SPLITS, DH, BLOCK_S, BLOCK_D,
         )  # fmt: skip
     if N_LEVELS > 3:
         m_i, l_i, acc = _level(
-            q2, K3, V3, BETA, pos, kv_row, kv_head, split, m_i, l_i, acc, 3, M3, S3,
-            N_LEVELS, N_SPLITS, GROUP, DH, BLOCK_G, BLOCK_S, BLOCK_D,
+            q2, K3, V3, tl.load(bias + 3).to(tl.float32) * _LOG2E, pos, kv_row, split, m_i, l_i, acc,
+            M3, S3, N_SPLITS, DH, BLOCK_S, BLOCK_D,
         )  # fmt: skip
     seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that see nothing give 0
+    out = acc / tl.where(seen, l_i, 1.0)  # a row that sees nothing gives 0
     if N_SPLITS == 1:
-        tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=gd_ok)
+        tl.store(OUT + row * DH + d, out.to(OUT.dtype.element_ty), mask=d < DH)
     else:
-        part = (split * tl.num_programs(0) + kv_row) * GROUP + g
-        tl.store(OUT + part[:, None] * DH + d[None, :], out, mask=gd_ok)
-        lse2 = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(LSE + part, lse2, mask=g < GROUP)
+        part = split * tl.num_programs(0) + row
+        tl.store(OUT + part * DH + d, out, mask=d < DH)
+        tl.store(LSE + part, tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")))
 
 
 @triton.jit
 def _decode_combine(
-    PART,  # [N_SPLITS, B * K, G, Dh] fp32
-    LSE,  # [N_SPLITS, B * K, G] fp32, base 2
-    OUT,  # [B, H * Dh] == [B * K, G, Dh]
+    PART,  # [N_SPLITS, B * H, Dh] fp32
+    LSE,  # [N_SPLITS, B * H] fp32, base 2
+    OUT,  # [B, H * Dh] == [B * H, Dh]
     N_SPLITS: tl.constexpr,
-    GROUP: tl.constexpr,
     DH: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) * GROUP + tl.program_id(1)  # (b * K + kv_head) * G + g
-    rows_total = tl.num_programs(0) * GROUP
+    row = tl.program_id(0).to(tl.int64)  # b * H + head
+    rows_total = tl.num_programs(0)
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     n_ok = n < N_SPLITS
@@ -209,29 +198,26 @@ def decode(
     levels = len(keys)
     if not 1 <= levels <= MAX_LEVELS:
         raise ValueError(f"hds_decode: 1 to {MAX_LEVELS} memory levels supported, got {levels}")
-    group = heads // kv_heads
     rings = [k.shape[2] for k in keys]
-    block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(dim)
-    # The [G, S, D] broadcast product stays around 8K elements per program.
-    block_s = 16 if knobs.interpret else max(16, min(64, 8192 // (block_g * block_d)))
-    splits = n_splits or _splits(bsz * kv_heads, max(rings), block_s, q.device)
+    block_d = triton.next_power_of_2(dim)
+    block_s = 16 if knobs.interpret else max(16, min(128, 8192 // block_d))
+    splits = n_splits or _splits(bsz * heads, max(rings), block_s, q.device)
     pad = MAX_LEVELS - levels
     ring_args = [t for pair in zip(keys, values, strict=True) for t in pair] + [keys[0], values[0]] * pad
     sizes = dict(zip(("M0", "M1", "M2", "M3"), rings + [1] * pad, strict=True))
     sizes.update(zip(("S0", "S1", "S2", "S3"), list(spans) + [1] * pad, strict=True))
-    meta = dict(N_LEVELS=levels, GROUP=group, DH=dim, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d)
+    meta = dict(N_LEVELS=levels, GROUP=heads // kv_heads, DH=dim, BLOCK_S=block_s, BLOCK_D=block_d)
     out = new_output(q)
     warps = 1 if knobs.interpret else 4
     if splits == 1:
-        args = (q, *ring_args, beta, pos, out, out, kv_heads)
-        _decode_split[(bsz * kv_heads, 1)](*args, **sizes, **meta, N_SPLITS=1, num_warps=warps)
+        args = (q, *ring_args, beta, pos, out, out, heads)
+        _decode_split[(bsz * heads, 1)](*args, **sizes, **meta, N_SPLITS=1, num_warps=warps)
         return out
-    part = new_output(q, (splits, bsz * kv_heads, group, dim), torch.float32)
-    lse = new_output(q, (splits, bsz * kv_heads, group), torch.float32)
-    args = (q, *ring_args, beta, pos, part, lse, kv_heads)
-    _decode_split[(bsz * kv_heads, splits)](*args, **sizes, **meta, N_SPLITS=splits, num_warps=warps)
-    block_n = triton.next_power_of_2(splits)
-    _decode_combine[(bsz * kv_heads, group)](
-        part, lse, out, N_SPLITS=splits, GROUP=group, DH=dim, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=1
+    part = new_output(q, (splits, bsz * heads, dim), torch.float32)
+    lse = new_output(q, (splits, bsz * heads), torch.float32)
+    args = (q, *ring_args, beta, pos, part, lse, heads)
+    _decode_split[(bsz * heads, splits)](*args, **sizes, **meta, N_SPLITS=splits, num_warps=warps)
+    _decode_combine[(bsz * heads,)](
+        part, lse, out, N_SPLITS=splits, DH=dim, BLOCK_N=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=1
     )
     return out

@@ -168,7 +168,8 @@ def _attend_bwd_dq(
     RING,
     SPAN,
     LSE,
-    DELTA,  # [B, H, T] fp32: rowsum(dout * out)
+    OUT,
+    DELTA,  # [B, H, T] fp32, written here: rowsum(dout * out), read by the dk/dv kernel
     DOUT,
     DQ,
     DBETA,  # [H, L] fp32, zeroed
@@ -195,7 +196,9 @@ def _attend_bwd_dq(
     stat_offs = (b * HEADS + head).to(tl.int64) * T + t
     lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
-    delta = tl.load(DELTA + stat_offs, mask=t_ok, other=0.0)
+    out = tl.load(OUT + q_offs, mask=row_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), axis=1)
+    tl.store(DELTA + stat_offs, delta, mask=t_ok)
 
     dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for lvl in range(n_levels):
@@ -351,9 +354,12 @@ def _tiles(kind: str, dtype: torch.dtype) -> dict:
     if knobs.interpret:
         return {"BLOCK_T": 16, "BLOCK_S": 16, "num_warps": 1}
     wide = dtype not in (torch.float32, torch.float64)  # fp32 tiles need twice the registers
+    # bf16/fp16: the best of benchmarks/memory_sweep.py on the H100 (B8 H16 T4096 Dh64, 1024 slots).
     if kind == "fwd":
         return {"BLOCK_T": 128 if wide else 64, "BLOCK_S": 64 if wide else 32, "num_warps": 8 if wide else 4}
-    return {"BLOCK_T": 64 if wide else 32, "BLOCK_S": 64 if wide else 32, "num_warps": 4}
+    if kind == "dq":
+        return {"BLOCK_T": 64 if wide else 32, "BLOCK_S": 32, "num_warps": 4}
+    return {"BLOCK_T": 128 if wide else 32, "BLOCK_S": 32, "num_warps": 4}  # dkv
 
 
 def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Tensor, Tensor]:
@@ -378,18 +384,20 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     kv_heads, n_slots, dim = keys.shape[1], keys.shape[2], keys.shape[3]
     lv = Levels.get(rings, spans, steps, q.device)
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).unflatten(2, (heads, dim)).sum(-1).transpose(1, 2).contiguous()
+    delta = new_output(q, (bsz, heads, steps), torch.float32)
     dq = new_output(q)
     dkeys = new_output(keys)
     dvalues = new_output(values)
     dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
     meta = _meta(dim, q.dtype)
     common = (steps, n_slots, len(rings), heads, heads // kv_heads, dim, LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
-    tiles = _tiles("bwd", q.dtype)
+    tiles = _tiles("dq", q.dtype)
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _attend_bwd_dq[grid](
-        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, lse, delta, dout, dq, dbeta, *common, **tiles, **meta
-    )
+        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, lse, out, delta, dout, dq, dbeta, *common,
+        **tiles, **meta,
+    )  # fmt: skip
+    tiles = _tiles("dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
     grid = (tile_level.numel(), bsz * kv_heads)
     _attend_bwd_dkv[grid](

@@ -3,7 +3,10 @@
 One program owns a tile of BLOCK_C channels of one batch row and walks time in chunks of
 BLOCK_T rows: it loads a [BLOCK_T, BLOCK_C] tile of log_a and b (contiguous along C, so
 coalesced), scans it with `tl.associative_scan`, applies the carry from the previous chunk,
-stores h, and carries the chunk's last row on. Every input element is read once and every
+stores h, and carries the chunk's last row on. The loads are plain loads inside a
+`tl.range(num_stages=STAGES)` loop, so Triton's software pipeliner keeps several chunks in
+flight through shared memory: with small tiles (16 x 32, one warp) that, not the scan, is what
+gets close to the bandwidth floor (docs/kernels.md). Every input element is read once and every
 output written once: the forward moves 3 x B*T*C elements, the backward 5 (it reads log_a,
 h, dh; writes dlog_a, db; the shifted re-reads of log_a and h hit in cache).
 """
@@ -38,6 +41,7 @@ def _scan_fwd(
     HAS_H0: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    STAGES: tl.constexpr,  # chunks in flight (the loop's software-pipeline depth)
 ):
     pid_b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -49,23 +53,18 @@ def _scan_fwd(
         carry = tl.load(H0 + pid_b.to(tl.int64) * C + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros([BLOCK_C], dtype=tl.float32)
-    # The next chunk is loaded before this one is scanned, so its latency hides behind the scan.
-    ok = (rows < T)[:, None] & col_ok[None, :]
-    offs = row_base + rows.to(tl.int64)[:, None] * C + cols[None, :]
-    la_next = tl.load(LA + offs, mask=ok, other=0.0)
-    x_next = tl.load(X + offs, mask=ok, other=0.0)
-    for t0 in range(0, T, BLOCK_T):
+    # Plain loads in the loop: the software pipeliner (num_stages) keeps the next chunks in
+    # flight through shared memory while this one is scanned.
+    for t0 in tl.range(0, T, BLOCK_T, num_stages=STAGES):
         # Rows past T load a = exp(0) = 1, b = 0: they copy the carry and change nothing.
-        la, x = la_next.to(tl.float32), x_next.to(tl.float32)
-        cur_ok, cur_offs = ok, offs
-        ok = ((t0 + BLOCK_T + rows) < T)[:, None] & col_ok[None, :]
-        offs = cur_offs + BLOCK_T * C
-        la_next = tl.load(LA + offs, mask=ok, other=0.0)
-        x_next = tl.load(X + offs, mask=ok, other=0.0)
+        ok = ((t0 + rows) < T)[:, None] & col_ok[None, :]
+        offs = row_base + (t0 + rows).to(tl.int64)[:, None] * C + cols[None, :]
+        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
         a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
         a_cum, b_cum = tl.associative_scan((a, x), 0, _compose)
         h = a_cum * carry[None, :] + b_cum
-        tl.store(H + cur_offs, h.to(H.dtype.element_ty), mask=cur_ok)
+        tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
         carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
     tl.store(HLAST + pid_b.to(tl.int64) * C + cols, carry.to(HLAST.dtype.element_ty), mask=col_ok)
 
@@ -97,6 +96,7 @@ def _scan_bwd(
     HAS_H0: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    STAGES: tl.constexpr,  # chunks in flight (the loop's software-pipeline depth)
 ):
     pid_b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -109,16 +109,13 @@ def _scan_bwd(
     else:
         h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
     carry = tl.load(DHLAST + state_offs, mask=col_ok, other=0.0).to(tl.float32)  # g_{T} seed
-    # Chunks run from the end; each chunk's inputs are loaded one chunk ahead.
-    t = (tl.cdiv(T, BLOCK_T) - 1) * BLOCK_T + rows
-    la_n, la_next_n, dh_n, h_prev_n = _bwd_loads(LA, DH, H, row_base, t, cols, col_ok, T, C)
-    for _ in range(tl.cdiv(T, BLOCK_T)):
-        la, la_next = la_n.to(tl.float32), la_next_n.to(tl.float32)
-        dh, h_prev = dh_n.to(tl.float32), h_prev_n.to(tl.float32)
-        cur = t
-        t = cur - BLOCK_T
-        la_n, la_next_n, dh_n, h_prev_n = _bwd_loads(LA, DH, H, row_base, t, cols, col_ok, T, C)
-
+    # Chunks run from the end, loads pipelined as in the forward.
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    for c in tl.range(0, n_chunks, num_stages=STAGES):
+        cur = (n_chunks - 1 - c) * BLOCK_T + rows
+        la, la_next, dh, h_prev = _bwd_loads(LA, DH, H, row_base, cur, cols, col_ok, T, C)
+        la, la_next = la.to(tl.float32), la_next.to(tl.float32)
+        dh, h_prev = dh.to(tl.float32), h_prev.to(tl.float32)
         ok = (cur < T)[:, None] & col_ok[None, :]
         offs = row_base + cur.to(tl.int64)[:, None] * C + cols[None, :]
         a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
@@ -139,12 +136,14 @@ def _scan_bwd(
 
 
 _CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
-    for bt in (16, 32, 64)
+    triton.Config({"BLOCK_T": bt, "BLOCK_C": bc, "STAGES": st}, num_warps=w)
+    for bt in (16, 32)
     for bc in (32, 64, 128)
-    for w in (1, 2, 4, 8)
-    # Few warps per tile keep the scan along T inside a warp (no shared-memory round trip).
-    if bt * bc <= 4096 and bt * bc // (32 * w) >= 4
+    for w in (1, 2)
+    for st in (3, 4, 6)
+    # Small tiles and few warps: many programs, the scan along T inside a warp, and the
+    # pipeliner's stages (not registers) holding the loads in flight.
+    if bt * bc <= 2048 and bt * bc // (32 * w) >= 4
 ]
 
 
@@ -155,8 +154,9 @@ _scan_bwd_tuned = triton.autotune(_CONFIGS, key=["C", "HAS_H0"])(_scan_bwd)
 def _launch(tuned, plain, grid_b: int, width: int, *args, **meta):
     """Autotuned on a GPU; a fixed tile under the interpreter or with autotuning off."""
     if knobs.interpret or not knobs.autotune:
-        block_t, block_c, warps = (8, 16, 1) if knobs.interpret else (32, 64, 4)
-        plain[(grid_b, triton.cdiv(width, block_c))](*args, **meta, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+        block_t, block_c, warps, stages = (8, 16, 1, 1) if knobs.interpret else (16, 32, 1, 4)
+        grid = (grid_b, triton.cdiv(width, block_c))
+        plain[grid](*args, **meta, BLOCK_T=block_t, BLOCK_C=block_c, STAGES=stages, num_warps=warps)
     else:
         tuned[lambda m: (grid_b, triton.cdiv(width, m["BLOCK_C"]))](*args, **meta)
 
