@@ -52,3 +52,23 @@ def test_unknown_config_name():
         ConfigError, match=r"config 'huge': no such file, and not a bundled config \(1\.3b, 125m, 7b, tiny\)"
     ):
         models.load_config("huge")
+
+
+def test_block_graph_runs_and_the_pipeline_keeps_its_numerics():
+    import torch
+
+    import passes
+    from models import Config, build_block
+    from runtime.module import CompiledModel
+
+    graph = build_block(Config(d_model=32, n_heads=4, ffn_hidden=64, n_layers=1))
+    assert [v.name for v in graph.inputs] == ["x_in", "h.0", "mem.0"]
+    outs = []
+    for pipeline in (passes.lookup(["infer-shapes"]), passes.default_pipeline()):
+        model = CompiledModel(passes.run_pipeline(graph, pipeline).graph, seed=3)
+        state = model.initial_state(2)
+        x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0))
+        params = dict(model.named_parameters())
+        outs.append(model._forward_fn(x, state["h.0"], state["mem.0"], params=params, ops=model._ops[True]))
+    for name in ("x", "h.0"):
+        torch.testing.assert_close(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-6)
