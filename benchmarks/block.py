@@ -41,6 +41,13 @@ from passes.report import block_costs
 from runtime.module import CompiledModel
 
 UNFUSED = ["infer-shapes"]
+# (name, pipeline (None: the default one), under torch.compile)
+VARIANTS = (
+    ("unfused, eager", UNFUSED, False),
+    ("torch.compile, no mmrec passes", UNFUSED, True),
+    ("fused, eager", None, False),
+    ("fused + torch.compile", None, True),
+)
 DEVICE = "cuda"
 
 
@@ -78,12 +85,7 @@ def block_variants(cfg: Config, bsz: int, steps: int) -> dict:
     x = torch.randn(bsz, steps, cfg.d_model, device=DEVICE, requires_grad=True)
     gx = torch.randn_like(x)
     results = {}
-    for name, pipeline, compiled in (
-        ("unfused, eager", UNFUSED, False),
-        ("torch.compile, no mmrec passes", UNFUSED, True),
-        ("fused, eager", None, False),
-        ("fused + torch.compile", None, True),
-    ):
+    for name, pipeline, compiled in VARIANTS:
         model = build_model(graph, pipeline)
         state = full_state(model, bsz)
         params = dict(model.named_parameters())
@@ -120,12 +122,7 @@ def model_variants(cfg: Config) -> dict:
     bsz, steps = cfg.train.batch_size, cfg.train.seq_len
     tokens = torch.randint(0, cfg.vocab_size, (bsz, steps + 1), device=DEVICE)
     results = {}
-    for name, pipeline, compiled in (
-        ("unfused, eager", UNFUSED, False),
-        ("torch.compile, no mmrec passes", UNFUSED, True),
-        ("fused, eager", None, False),
-        ("fused + torch.compile", None, True),
-    ):
+    for name, pipeline, compiled in VARIANTS:
         model = build_model(graph, pipeline).train()
 
         def loss_fn(inp, target, model=model):

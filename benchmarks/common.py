@@ -24,3 +24,20 @@ def run_info(script: str) -> dict[str, str]:
     }
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     return info
+
+
+def checked_time(label: str, make, bench, tol: float) -> float | None:
+    """Time one sweep config: `make()` -> (run, got, want). The config runs once and is checked
+    against `want` (relative error < tol) before it is timed; a wrong or failing config is
+    printed and gives None, so one bad tile does not end a sweep."""
+    try:
+        run, got, want = make()
+        run()
+        err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+        if not err < tol:
+            print(f"  {label}: WRONG (rel err {err:.1e})", flush=True)
+            return None
+        return bench(run)
+    except Exception as e:  # a config that does not compile (registers, shared memory) is reported
+        print(f"  {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
+        return None

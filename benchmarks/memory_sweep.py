@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton
 
-from benchmarks.common import run_info
+from benchmarks.common import checked_time, run_info
 from benchmarks.memory import bench, full_memory
 from kernels import MemorySpec
 from kernels.memory import kernel, reference
@@ -42,9 +42,6 @@ def main() -> None:
     n_slots = keys.shape[2]
     common = (steps, n_slots, 3, heads, 1, dim, kernel.LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
     print(f"B{bsz} H{heads} T{steps} Dh{dim} {n_slots} slots bf16; defaults fwd {kernel._tiles('fwd', dtype)}")
-
-    def err(a, b) -> float:
-        return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
     def run_fwd(bt, bs, w, st):
         o, ls = torch.empty_like(out), torch.empty_like(lse)
@@ -75,16 +72,8 @@ def main() -> None:
         best = None
         for bt, bs, w, st in configs:
             label = f"{name:3} BLOCK_T {bt:3} BLOCK_S {bs:3} warps {w} stages {st}"
-            try:
-                fn, got, ref = launcher(bt, bs, w, st)
-                fn()
-                e = err(got, ref)
-                if not e < 1e-2:
-                    print(f"  {label}: WRONG (rel err {e:.1e})", flush=True)
-                    continue
-                ms = bench(fn)
-            except Exception as ex:  # a config that does not compile (shared memory) is reported
-                print(f"  {label}: failed ({type(ex).__name__}: {str(ex).splitlines()[0][:80]})", flush=True)
+            ms = checked_time(label, lambda launcher=launcher, c=(bt, bs, w, st): launcher(*c), bench, 1e-2)
+            if ms is None:
                 continue
             print(f"  {label}: {ms:.3f} ms", flush=True)
             best = min(best or (ms, label), (ms, label))

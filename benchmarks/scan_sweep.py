@@ -19,16 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton
 
-from benchmarks.common import run_info
+from benchmarks.common import checked_time, run_info
 from kernels.scan import kernel, reference
 
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def main() -> None:
@@ -92,16 +88,8 @@ def main() -> None:
         floor = floor_f if direction == "fwd" else floor_b
         for bt, bc, w, stages in configs:
             name = f"{direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w} stages {stages}"
-            try:
-                run, got, want = launcher(direction, bt, bc, w, stages)
-                run()
-                err = rel_err(got, want)
-                if not err < 2e-2:
-                    print(f"  {name}: WRONG (rel err {err:.2e})", flush=True)
-                    continue
-                ms = bench(run)
-            except Exception as e:  # a config that fails to compile is reported, not fatal
-                print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
+            ms = checked_time(name, lambda c=(direction, bt, bc, w, stages): launcher(*c), bench, 2e-2)
+            if ms is None:
                 continue
             print(f"  {name}: {ms:.3f} ms = {ms / floor:.2f}x floor", flush=True)
             if direction not in best or ms < best[direction][0]:

@@ -37,7 +37,7 @@ def _level(
     q2,  # [D] fp32, pre-scaled by log2(e) / sqrt(Dh)
     KEYS,
     VALUES,
-    bias2,  # this head's level bias, times log2(e)
+    BIAS,  # &beta[head, level]
     pos,
     kv_row,  # b * K + kv_head (int64)
     split,
@@ -54,6 +54,7 @@ def _level(
     """Fold this split's share of one level's ring into the running (max, sum, output). The
     [S, D] tiles of keys and values share one layout with q broadcast along S, so the two
     reductions need no layout change."""
+    bias2 = tl.load(BIAS).to(tl.float32) * _LOG2E
     share = (RING + N_SPLITS - 1) // N_SPLITS
     lo = tl.maximum(RING - tl.minimum(pos // SPAN, RING).to(tl.int32), split * share)
     hi = tl.minimum(RING, (split + 1) * share)
@@ -121,22 +122,22 @@ def _decode_split(
     acc = tl.zeros([BLOCK_D], tl.float32)
     bias = BETA + head * N_LEVELS
     m_i, l_i, acc = _level(
-        q2, K0, V0, tl.load(bias).to(tl.float32) * _LOG2E, pos, kv_row, split, m_i, l_i, acc,
+        q2, K0, V0, bias, pos, kv_row, split, m_i, l_i, acc,
         M0, S0, N_SPLITS, DH, BLOCK_S, BLOCK_D,
     )  # fmt: skip
     if N_LEVELS > 1:
         m_i, l_i, acc = _level(
-            q2, K1, V1, tl.load(bias + 1).to(tl.float32) * _LOG2E, pos, kv_row, split, m_i, l_i, acc,
+            q2, K1, V1, bias + 1, pos, kv_row, split, m_i, l_i, acc,
             M1, S1, N_SPLITS, DH, BLOCK_S, BLOCK_D,
         )  # fmt: skip
     if N_LEVELS > 2:
         m_i, l_i, acc = _level(
-            q2, K2, V2, tl.load(bias + 2).to(tl.float32) * _LOG2E, pos, kv_row, split, m_i, l_i, acc,
+            q2, K2, V2, bias + 2, pos, kv_row, split, m_i, l_i, acc,
             M2, S2, N_SPLITS, DH, BLOCK_S, BLOCK_D,
         )  # fmt: skip
     if N_LEVELS > 3:
         m_i, l_i, acc = _level(
-            q2, K3, V3, tl.load(bias + 3).to(tl.float32) * _LOG2E, pos, kv_row, split, m_i, l_i, acc,
+            q2, K3, V3, bias + 3, pos, kv_row, split, m_i, l_i, acc,
             M3, S3, N_SPLITS, DH, BLOCK_S, BLOCK_D,
         )  # fmt: skip
     seen = l_i > 0
