@@ -8,7 +8,7 @@ stores h, and carries the chunk's last row on. The loads are plain loads inside 
 flight through shared memory: with small tiles (16 x 32, one warp) that, not the scan, is what
 gets close to the bandwidth floor (docs/kernels.md). Every input element is read once and every
 output written once: the forward moves 3 x B*T*C elements, the backward 5 (it reads log_a,
-h, dh; writes dlog_a, db; the shifted re-reads of log_a and h hit in cache).
+h, dh; writes dlog_a, db), each with one load per element (`_scan_bwd` says how).
 """
 
 from __future__ import annotations
@@ -70,18 +70,6 @@ def _scan_fwd(
 
 
 @triton.jit
-def _bwd_loads(LA, DH, H, row_base, t, cols, col_ok, T, C):
-    """log_a_t, log_a_{t+1}, dh_t, h_{t-1} for one chunk of rows t (0 where out of range)."""
-    ok = ((t >= 0) & (t < T))[:, None] & col_ok[None, :]
-    offs = row_base + t.to(tl.int64)[:, None] * C + cols[None, :]
-    la = tl.load(LA + offs, mask=ok, other=0.0)
-    la_next = tl.load(LA + offs + C, mask=ok & ((t + 1) < T)[:, None], other=0.0)
-    dh = tl.load(DH + offs, mask=ok, other=0.0)
-    h_prev = tl.load(H + offs - C, mask=ok & (t >= 1)[:, None], other=0.0)
-    return la, la_next, dh, h_prev
-
-
-@triton.jit
 def _scan_bwd(
     LA,
     H,
@@ -94,10 +82,17 @@ def _scan_bwd(
     T,
     C,
     HAS_H0: tl.constexpr,
+    HAS_DHLAST: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
     STAGES: tl.constexpr,  # chunks in flight (the loop's software-pipeline depth)
 ):
+    """The adjoint g_t = dh_t + a_{t+1} g_{t+1} needs a_{t+1} at row t: a shifted second read
+    of log_a. Scanning v_t = a_t g_t instead (v_t = a_t dh_t + a_t v_{t+1}) needs a_t only, and
+    gives dlog_a_t = v_t h_{t-1}, db_t = g_t = v_t / a_t, dh0 = v_0. So each chunk reads log_a,
+    dh and h (shifted one row back, since only h_{t-1} is used) once: 3 loads, 2 stores.
+    a_t >= exp(-50) (the clamp), so the division is exact to rounding unless a_t dh_t would
+    underflow fp32 (|dh_t| < 1e-16 where a_t = exp(-50)), where g_t loses a negligible term."""
     pid_b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -108,31 +103,31 @@ def _scan_bwd(
         h0 = tl.load(H0 + state_offs, mask=col_ok, other=0.0).to(tl.float32)
     else:
         h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    carry = tl.load(DHLAST + state_offs, mask=col_ok, other=0.0).to(tl.float32)  # g_{T} seed
+    if HAS_DHLAST:  # v_T = a_T g_T with a_T = 1 past the end
+        carry = tl.load(DHLAST + state_offs, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
     # Chunks run from the end, loads pipelined as in the forward.
     n_chunks = tl.cdiv(T, BLOCK_T)
     for c in tl.range(0, n_chunks, num_stages=STAGES):
-        cur = (n_chunks - 1 - c) * BLOCK_T + rows
-        la, la_next, dh, h_prev = _bwd_loads(LA, DH, H, row_base, cur, cols, col_ok, T, C)
-        la, la_next = la.to(tl.float32), la_next.to(tl.float32)
-        dh, h_prev = dh.to(tl.float32), h_prev.to(tl.float32)
-        ok = (cur < T)[:, None] & col_ok[None, :]
-        offs = row_base + cur.to(tl.int64)[:, None] * C + cols[None, :]
-        a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
-        # alpha_t = a_{t+1} (1 past the end, where la_next loaded 0), so g_t = dh_t + alpha_t g_{t+1}.
-        alpha = tl.exp(tl.minimum(tl.maximum(la_next, LOG_A_MIN), LOG_A_MAX))
-        a_cum, b_cum = tl.associative_scan((alpha, dh), 0, _compose, reverse=True)
-        g = a_cum * carry[None, :] + b_cum
-        h_prev += tl.where((cur == 0)[:, None], h0[None, :], 0.0)
+        t = (n_chunks - 1 - c) * BLOCK_T + rows
+        ok = (t < T)[:, None] & col_ok[None, :]
+        offs = row_base + t.to(tl.int64)[:, None] * C + cols[None, :]
+        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+        dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
+        h_prev = tl.load(H + offs - C, mask=ok & (t >= 1)[:, None], other=0.0).to(tl.float32)
+        la_c = tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX)
+        a = tl.exp(la_c)
+        # Rows past T: a = 1, dh = 0, so v passes the carry through unchanged.
+        a_cum, b_cum = tl.associative_scan((a, a * dh), 0, _compose, reverse=True)
+        v = a_cum * carry[None, :] + b_cum
+        h_prev += tl.where((t == 0)[:, None], h0[None, :], 0.0)
         in_range = (la >= LOG_A_MIN) & (la <= LOG_A_MAX)
-        dla = tl.where(in_range, g * a * h_prev, 0.0)
-        tl.store(DLA + offs, dla.to(DLA.dtype.element_ty), mask=ok)
-        tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=ok)
-        carry = tl.sum(tl.where(rows[:, None] == 0, g, 0.0), axis=0)  # g at the chunk's first row
+        tl.store(DLA + offs, tl.where(in_range, v * h_prev, 0.0).to(DLA.dtype.element_ty), mask=ok)
+        tl.store(DX + offs, (v * tl.exp(-la_c)).to(DX.dtype.element_ty), mask=ok)
+        carry = tl.sum(tl.where(rows[:, None] == 0, v, 0.0), axis=0)  # v at the chunk's first row
     if HAS_H0:
-        la0 = tl.load(LA + row_base + cols, mask=col_ok, other=0.0).to(tl.float32)
-        a0 = tl.exp(tl.minimum(tl.maximum(la0, LOG_A_MIN), LOG_A_MAX))
-        tl.store(DH0 + state_offs, (a0 * carry).to(DH0.dtype.element_ty), mask=col_ok)
+        tl.store(DH0 + state_offs, carry.to(DH0.dtype.element_ty), mask=col_ok)
 
 
 def _configs(tiles) -> list[triton.Config]:
@@ -147,9 +142,9 @@ def _configs(tiles) -> list[triton.Config]:
 _scan_fwd_tuned = triton.autotune(_configs([(16, 32, 1, 4), (64, 32, 2, 3), (32, 32, 1, 6)]), key=["C", "HAS_H0"])(
     _scan_fwd
 )
-_scan_bwd_tuned = triton.autotune(_configs([(16, 32, 1, 3), (64, 32, 2, 3), (32, 32, 2, 4)]), key=["C", "HAS_H0"])(
-    _scan_bwd
-)
+_scan_bwd_tuned = triton.autotune(
+    _configs([(16, 32, 1, 3), (64, 32, 2, 3), (32, 32, 2, 4)]), key=["C", "HAS_H0", "HAS_DHLAST"]
+)(_scan_bwd)
 
 
 def _launch(tuned, plain, grid_b: int, width: int, *args, **meta):
@@ -185,9 +180,9 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
 
 
 def scan_bwd(
-    log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor
+    log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """-> (dlog_a, db, dh0 or None)."""
+    """-> (dlog_a, db, dh0 or None). dh_last None means zero (h_last unused)."""
     bsz, steps, width = h.shape
     dlog_a = new_output(log_a)
     db = new_output(h)
@@ -201,12 +196,13 @@ def scan_bwd(
         h,
         h0 if h0 is not None else h,
         dh,
-        dh_last,
+        dh_last if dh_last is not None else dh,
         dlog_a,
         db,
         dh0 if dh0 is not None else db,
         steps,
         width,
         HAS_H0=h0 is not None,
+        HAS_DHLAST=dh_last is not None,
     )
     return dlog_a, db, dh0

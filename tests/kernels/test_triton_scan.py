@@ -70,3 +70,22 @@ def test_non_contiguous_inputs_are_made_contiguous():
     h, _ = kernels.linear_scan(log_a, b, h0)
     h2, _ = kernels.linear_scan(log_a, strided, h0)
     assert torch.equal(h, h2)
+
+
+@pytest.mark.parametrize("use", ["h", "h_last"])
+def test_triton_scan_gradients_when_one_output_is_unused(use):
+    # Autograd passes None (not zeros) for the unused output's gradient: the kernels take that path.
+    log_a, b, h0 = make(2, 21, 5, torch.float32)
+    leaves = [t.requires_grad_() for t in (log_a, b, h0)]
+    h, h_last = kernels.linear_scan(log_a, b, h0)
+    out = h if use == "h" else h_last
+    seed = torch.randn_like(out)
+    grads = torch.autograd.grad((out * seed).sum(), leaves)
+    cpu = [t.detach().cpu().double() for t in (log_a, b, h0)]
+    ref_h, ref_last = reference.forward(*cpu)
+    dh = seed.cpu().double() if use == "h" else torch.zeros_like(ref_h)
+    dlast = seed.cpu().double() if use == "h_last" else torch.zeros_like(ref_last)
+    for name, g, r in zip(
+        ["log_a", "b", "h0"], grads, reference.backward(cpu[0], ref_h, cpu[2], dh, dlast), strict=True
+    ):
+        assert_close(g.cpu(), r, what=f"d{name}", rtol=1e-5, atol=1e-5)
