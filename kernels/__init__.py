@@ -10,7 +10,7 @@ interpreter.
 from .checks import KernelInputError
 from .config import knobs
 from .decay.reference import mdi_decay
-from .memory.op import hds_query, memory_write
+from .memory.op import hds_query, memory_write, memory_write_
 from .memory.reference import Memory, MemorySpec, reset_rows
 from .nn.reference import moe, rmsnorm, swiglu, uboo_loss
 from .recurrence.op import gated_recurrence
@@ -26,6 +26,7 @@ __all__ = [
     "linear_scan",
     "mdi_decay",
     "memory_write",
+    "memory_write_",
     "moe",
     "reset_rows",
     "rmsnorm",

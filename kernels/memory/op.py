@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, interpreting
 from ..config import knobs
-from . import decode, kernel, reference
+from . import decode, kernel, reference, write
 from .reference import Candidates, Memory
 
 
@@ -212,6 +212,60 @@ def hds_decode(q: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:
 def memory_write(mem: Memory, k: Tensor, v: Tensor) -> Memory:
     """SPEC §4 write (see reference.memory_write), with the level-0 sums on the GPU kernel."""
     return reference.memory_write(mem, k, v, sums0=block_sums)
+
+
+@torch.library.custom_op("mmrec::memory_write_step", mutates_args=("pos", "keys", "values", "sum_k", "sum_v"))
+def memory_write_step_op(
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    keys: list[Tensor],
+    values: list[Tensor],
+    sum_k: list[Tensor],
+    sum_v: list[Tensor],
+    spans: list[int],
+) -> None:
+    """One token per row (k, v [B, 1, K*Dh]) into the rings and sums, in place; pos += 1."""
+    reference.write_step_(k, v, pos, keys, values, sum_k, sum_v, spans)
+
+
+@memory_write_step_op.register_kernel("cuda")
+def _write_step_cuda(k, v, pos, keys, values, sum_k, sum_v, spans):
+    if not knobs.use_triton or len(keys) > decode.MAX_LEVELS:
+        return reference.write_step_(k, v, pos, keys, values, sum_k, sum_v, spans)
+    write.write_step(k, v, pos, keys, values, sum_k, sum_v, spans)
+    pos.add_(1)
+
+
+@memory_write_step_op.register_fake
+def _write_step_fake(k, v, pos, keys, values, sum_k, sum_v, spans):
+    return None
+
+
+def memory_write_(mem: Memory, k: Tensor, v: Tensor) -> Memory:
+    """The decode write: one token per row (k, v [B, 1, K*Dh]) into `mem` in place (rings,
+    sums, pos; no allocation, a fixed number of launches, so it can live in a CUDA graph).
+    Returns `mem`. The state's tensors must be contiguous; nothing here may need gradients."""
+    spec = mem.spec
+    width = spec.heads * spec.dim
+    if k.dim() != 3 or k.shape[1] != 1 or k.shape[2] != width or tuple(v.shape) != tuple(k.shape):
+        raise KernelInputError(
+            f"memory_write_: expected k and v [B, 1, {width}] (one token per row), "
+            f"got k {list(k.shape)} and v {list(v.shape)}"
+        )
+    tensors = [mem.pos, *mem.keys, *mem.values, *mem.sum_k, *mem.sum_v]
+    if not all(t.is_contiguous() for t in tensors):
+        raise KernelInputError("memory_write_: the memory's tensors must be contiguous to be written in place")
+    if _wants_grad(k, v, *tensors):
+        raise KernelInputError("memory_write_: in-place decode write under autograd; use memory_write")
+    spans = [spec.span(level) for level in range(len(spec.slots))]
+    args = (k.contiguous(), v.contiguous(), mem.pos, mem.keys, mem.values, mem.sum_k, mem.sum_v, spans)
+    if interpreting(k) and len(spans) <= decode.MAX_LEVELS:
+        write.write_step(*args)
+        mem.pos.add_(1)
+    else:
+        torch.ops.mmrec.memory_write_step(*args)
+    return mem
 
 
 def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:

@@ -314,6 +314,30 @@ def memory_write(mem: Memory, k: Tensor, v: Tensor, sums0=block_sums) -> Memory:
     return new
 
 
+def write_step_(
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    keys: list[Tensor],
+    values: list[Tensor],
+    sum_k: list[Tensor],
+    sum_v: list[Tensor],
+    spans: list[int],
+) -> None:
+    """memory_write of one token per row (k, v [B, 1, K*Dh]) in place: add to every level's
+    sum; where the token completes a level's slot, shift that ring one entry forward, store the
+    mean as its newest entry and zero the sum; then advance pos. Equals `memory_write` with
+    T = 1 bit for bit (the oracle of the Triton write kernel)."""
+    for ring_k, ring_v, sk, sv, span in zip(keys, values, sum_k, sum_v, spans, strict=True):
+        done = ((pos + 1) % span == 0)[:, None, None]  # [B, 1, 1]
+        for ring, acc, x in ((ring_k, sk, k), (ring_v, sv, v)):
+            total = acc + x.reshape(acc.shape).to(acc.dtype)
+            newest = (total / span).to(ring.dtype)[:, :, None]
+            ring.copy_(torch.where(done[..., None], torch.cat([ring[:, :, 1:], newest], dim=2), ring))
+            acc.copy_(torch.where(done, torch.zeros_like(total), total))
+    pos.add_(1)
+
+
 def reset_rows(mem: Memory, rows: Tensor) -> Memory:
     """Zero the memory of the batch rows where `rows` [B] is True."""
 

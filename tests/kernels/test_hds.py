@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kernels import Memory, MemorySpec, hds_query, memory_write, reset_rows
+from kernels import Memory, MemorySpec, hds_query, memory_write, memory_write_, reset_rows
 from tests.conftest import assert_close
 
 SPEC = MemorySpec(heads=2, dim=3, block=4, ratio=2, slots=(3, 2, 2))  # spans 4, 8, 16 tokens
@@ -150,3 +150,13 @@ def test_reset_rows_clears_only_those_rows():
     assert cleared.pos.tolist() == [21, 0, 21]
     assert torch.equal(cleared.keys[0][1], torch.zeros_like(cleared.keys[0][1]))
     assert torch.equal(cleared.keys[0][0], mem.keys[0][0])
+
+
+def test_in_place_write_rejects_a_segment_and_autograd():
+    mem = Memory.empty(SPEC, 2)
+    width = SPEC.heads * SPEC.dim
+    with pytest.raises(ValueError, match=r"memory_write_: expected k and v \[B, 1, 6\]"):
+        memory_write_(mem, torch.zeros(2, 3, width), torch.zeros(2, 3, width))
+    k = torch.zeros(2, 1, width, requires_grad=True)
+    with pytest.raises(ValueError, match="under autograd"):
+        memory_write_(mem, k, k)

@@ -30,6 +30,10 @@ def test_opcheck_linear_scan(with_h0):
         torch.ops.mmrec.linear_scan_bwd.default,
         (log_a.detach(), h, h0.detach() if with_h0 else None, torch.randn_like(h), torch.randn_like(h_last)),
     )
+    torch.library.opcheck(  # h_last unused: autograd passes None
+        torch.ops.mmrec.linear_scan_bwd.default,
+        (log_a.detach(), h, h0.detach() if with_h0 else None, torch.randn_like(h), None),
+    )
 
 
 @pytest.mark.parametrize("with_h0", [True, False])
@@ -112,3 +116,13 @@ def test_opcheck_hds_decode():
     spans = [SPEC.span(lvl) for lvl in range(3)]
     args = (torch.randn(3, 1, HEADS * SPEC.dim), mem.keys, mem.values, torch.randn(HEADS, 3), mem.pos, spans, HEADS)
     torch.library.opcheck(torch.ops.mmrec.hds_decode.default, args)
+
+
+def test_opcheck_memory_write_step():
+    from tests.kernels.test_hds import SPEC, build_history
+
+    mem, _, _ = build_history([13, 6], {0: [1]}, dtype=torch.float32)
+    spans = [SPEC.span(lvl) for lvl in range(3)]
+    k, v = torch.randn(3, 1, SPEC.heads * SPEC.dim), torch.randn(3, 1, SPEC.heads * SPEC.dim)
+    args = (k, v, mem.pos, mem.keys, mem.values, mem.sum_k, mem.sum_v, spans)
+    torch.library.opcheck(torch.ops.mmrec.memory_write_step.default, args)

@@ -120,3 +120,26 @@ def test_decode_kernel_reads_the_rings_like_the_segment_query(chunks, resets, dt
         assert_close(got.cpu(), want, what=f"m with {splits} splits", **tol)
     with torch.no_grad():  # the entry point takes the decode path for T = 1 without gradients
         assert_close(kernels.hds_query(q, k, k, beta, mem, HEADS).cpu(), want, what="hds_query T=1", **tol)
+
+
+@pytest.mark.parametrize(("chunks", "resets"), [([], {}), ([13, 6], {0: [1]}), ([200], {})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_decode_write_equals_the_functional_write(chunks, resets, dtype):
+    # 37 tokens one per call, rows at different positions: slots of every level complete
+    # (spans 4, 8, 16) into empty, partly filled and full rings; every tensor bit for bit (on
+    # CUDA; Triton's interpreter rounds fp32 -> bf16 differently from torch, so there 1 ulp).
+    mem, _, _ = build_history(chunks, resets, dtype=torch.float32)
+    mem = to_device(mem)
+    mem.keys, mem.values = [t.to(dtype) for t in mem.keys], [t.to(dtype) for t in mem.values]  # sums stay fp32
+    want = mem.map(lambda t: t.clone())
+    width = SPEC.heads * SPEC.dim
+    for _ in range(37):
+        k, v = (torch.randn(3, 1, width).to(TRITON_DEVICE, dtype) for _ in range(2))
+        want = ref.memory_write(want, k, v)
+        with torch.no_grad():
+            assert kernels.memory_write_(mem, k, v) is mem
+    for name, got in mem.tensors().items():
+        if dtype == torch.float32 or TRITON_DEVICE == "cuda" or not got.is_floating_point():
+            assert torch.equal(got, want.tensors()[name]), name
+        else:
+            assert_close(got, want.tensors()[name], rtol=8e-3, atol=0, what=name)
