@@ -1,7 +1,8 @@
 """Generation with the recurrent state: one prefill over the prompt, then one token per call.
 
 Nothing is recomputed: each step feeds a single token and the state carries everything
-(SPEC §6 guarantees this equals a forward over the whole text).
+(SPEC §6 guarantees this equals a forward over the whole text). The steps run in a
+`DecodeSession`: the state is updated in place and, on CUDA, each step is one CUDA-graph replay.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .module import CompiledModel, InputError
+from .session import DecodeSession
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
@@ -45,13 +47,14 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    logits, state = model(prompt)
+    session = DecodeSession(model, prompt.shape[0], device=prompt.device)
+    logits = session.prefill(prompt)[:, -1]
     out = [prompt]
     for i in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_k, generator)
+        token = sample_next(logits, temperature, top_k, generator)
         out.append(token[:, None])
         if on_token is not None:
             on_token(token)
         if i + 1 < max_new_tokens:
-            logits, state = model(token[:, None], state)
+            logits = session.step(token, check=False)
     return torch.cat(out, dim=1)

@@ -9,5 +9,5 @@ bash scripts/setup.sh
 # The Triton kernels themselves, on CPU tensors through Triton's interpreter (on a GPU machine
 # the run above already ran them on CUDA).
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m triton tests/kernels
+  TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m triton tests
 fi
