@@ -11,7 +11,7 @@ after the pipeline (passes/report.py's cost model: each op one kernel reading it
 inputs and writing its outputs once). With --model 125m, the same four variants time the whole
 125M model's training step (forward, cross-entropy, backward) at its config's batch and length.
 
-    python benchmarks/block.py [--model 125m] [--json out.json]
+    python benchmarks/block.py [--model 125m] [--profile] [--json out.json]
 
 The recurrence and memory ops are our custom ops in every variant: their plain-PyTorch
 references are Python loops over T (SPEC's definition, the oracle), which torch.compile would
@@ -80,7 +80,23 @@ def full_state(model: CompiledModel, bsz: int):
     return model.initial_state(bsz, device=DEVICE).map(fill)
 
 
-def block_variants(cfg: Config, bsz: int, steps: int) -> dict:
+def profile(fwd_bwd, label: str, rows: int = 25) -> None:
+    """Where one variant's forward+backward time goes: the top GPU kernels over 3 steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fwd_bwd()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    print(f"  profile of {label} (3 forward+backward steps, self GPU time):")
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+    print("\n".join("    " + line for line in table.splitlines()), flush=True)
+
+
+def block_variants(cfg: Config, bsz: int, steps: int, profiled: tuple[str, ...] = ()) -> dict:
     graph = models.build_block(cfg)
     x = torch.randn(bsz, steps, cfg.d_model, device=DEVICE, requires_grad=True)
     gx = torch.randn_like(x)
@@ -105,6 +121,8 @@ def block_variants(cfg: Config, bsz: int, steps: int) -> dict:
         with torch.no_grad():
             f = bench(lambda step=step, state=state: step(x, state))
         fb = bench(fwd_bwd)
+        if name in profiled:
+            profile(fwd_bwd, name)
         costs = block_costs(model.graph)["layer0"]
         results[name] = {"fwd": f, "fwd_bwd": fb, "ops": costs.ops, "bytes_per_token": costs.bytes_per_token}
         print(
@@ -152,6 +170,7 @@ def ratios(results: dict, key: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="also time this model's training step (e.g. 125m)")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the fused variants")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     info = run_info("benchmarks/block.py")
@@ -161,7 +180,8 @@ def main() -> None:
     bsz, steps = 8, 4096
     shape = f"B{bsz} T{steps} D{cfg.d_model} H{cfg.n_heads} ffn {cfg.ffn_hidden}"
     print(f"one block: {shape} fp32 ({cfg.recurrence} recurrence)")
-    payload = {"info": info, "block": block_variants(cfg, bsz, steps)}
+    profiled = ("fused, eager", "fused + torch.compile") if args.profile else ()
+    payload = {"info": info, "block": block_variants(cfg, bsz, steps, profiled)}
     ratios(payload["block"], "fwd_bwd")
     unfused, fused = payload["block"]["unfused, eager"], payload["block"]["fused, eager"]
     saved = unfused["bytes_per_token"] / fused["bytes_per_token"]
