@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--C", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="only tiles of <= 2048 elements and <= 2 warps")
+    parser.add_argument("--only", choices=["fwd", "bwd"], default=None, help="sweep one direction")
     parser.add_argument(
         "--scalar",
         action="store_true",
@@ -74,7 +75,7 @@ def main() -> None:
             return (lambda: fwd_kernel[grid](*args, **meta)), h, ref_h
         dla, db, dh0 = torch.empty_like(log_a), torch.empty_like(x), torch.empty_like(h0)
         args = (log_a, h_bf, h0, dh, dh_last, dla, db, dh0, steps, width)
-        return (lambda: bwd_kernel[grid](*args, **meta)), db, ref_g[1]
+        return (lambda: bwd_kernel[grid](*args, **meta, HAS_DHLAST=True)), db, ref_g[1]
 
     sizes = [(bt, bc) for bt in (16, 32, 64, 128) for bc in (16, 32, 64, 128)]
     configs = [(bt, bc, w) for bt, bc in sizes for w in (1, 2, 4, 8) if bt * bc <= 8192 and bt * bc // (32 * w) >= 4]
@@ -84,7 +85,7 @@ def main() -> None:
         configs = [(bt, bc, w) for bt, bc, w in configs if bt * bc <= 2048 and bc >= 32 and w <= 2]
     configs = [(bt, bc, w, st) for bt, bc, w in configs for st in ((3,) if args.scalar else (3, 4, 6))]
     best = {}
-    for direction in ("fwd", "bwd"):
+    for direction in ("fwd", "bwd") if args.only is None else (args.only,):
         floor = floor_f if direction == "fwd" else floor_b
         for bt, bc, w, stages in configs:
             name = f"{direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w} stages {stages}"
