@@ -32,3 +32,17 @@ def new_output(like, shape=None, dtype=None):
 
 
 knobs = Knobs()
+
+
+def fp32_dot_precision(dtype) -> str:
+    """`tl.dot` precision for operands of `dtype` in a kernel that computes in fp32.
+
+    fp32 follows torch's own switch, as torch.matmul and SDPA do: exact fp32 products ("ieee")
+    under the default `torch.get_float32_matmul_precision() == "highest"`, TF32 tensor cores
+    once a user opts in with "high" or "medium" (the usual setting for fp32 training on
+    Ampere/Hopper). fp64 is always exact; bf16/fp16 operands are exact in either mode."""
+    import torch
+
+    if dtype == torch.float64 or (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"):
+        return "ieee"
+    return "tf32"

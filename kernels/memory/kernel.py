@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import knobs, new_output
+from ..config import fp32_dot_precision, knobs, new_output
 
 LOG2E = 1.4426950408889634
 LOG2E_TL = tl.constexpr(LOG2E)
@@ -342,10 +342,10 @@ class Levels:
 
 
 def _meta(dim: int, dtype: torch.dtype) -> dict:
-    # tl.dot needs every tile side >= 16. fp32 inputs get exact fp32 products, not tf32.
+    # tl.dot needs every tile side >= 16. fp32 products: exact, or TF32 where torch allows it.
     return {
         "BLOCK_D": max(16, triton.next_power_of_2(dim)),
-        "PRECISION": "ieee" if dtype in (torch.float32, torch.float64) or knobs.interpret else "tf32",
+        "PRECISION": "ieee" if knobs.interpret else fp32_dot_precision(dtype),
         "UPCAST": knobs.interpret,
     }
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import knobs, new_output
+from ..config import fp32_dot_precision, knobs, new_output
 
 
 @triton.jit
@@ -176,8 +176,12 @@ def _fixed_block_b(bsz: int) -> int:
 
 
 def precision_for(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products; bf16/fp16 inputs may use tf32 (within their own error)."""
-    return "ieee" if dtype in (torch.float32, torch.float64) or not knobs.recurrence_tf32 else "tf32"
+    """fp32 inputs: exact products unless torch's float32 matmul precision allows TF32
+    (`config.fp32_dot_precision`); bf16/fp16 inputs (upcast to fp32 on chip) may use TF32,
+    within their own error, unless MMREC_RECURRENCE_TF32=0."""
+    if dtype in (torch.float32, torch.float64):
+        return fp32_dot_precision(dtype)
+    return "tf32" if knobs.recurrence_tf32 else "ieee"
 
 
 def gated_fwd(z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:

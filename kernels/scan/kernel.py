@@ -147,10 +147,10 @@ _scan_bwd_tuned = triton.autotune(
 )(_scan_bwd)
 
 
-def _launch(tuned, plain, grid_b: int, width: int, *args, **meta):
-    """Autotuned on a GPU; a fixed tile under the interpreter or with autotuning off."""
+def _launch(tuned, plain, grid_b: int, width: int, *args, tile=(16, 32, 1, 4), **meta):
+    """Autotuned on a GPU; a fixed tile (`tile`) under the interpreter or with autotuning off."""
     if knobs.interpret or not knobs.autotune:
-        block_t, block_c, warps, stages = (8, 16, 1, 1) if knobs.interpret else (16, 32, 1, 4)
+        block_t, block_c, warps, stages = (8, 16, 1, 1) if knobs.interpret else tile
         grid = (grid_b, triton.cdiv(width, block_c))
         plain[grid](*args, **meta, BLOCK_T=block_t, BLOCK_C=block_c, STAGES=stages, num_warps=warps)
     else:
@@ -204,5 +204,6 @@ def scan_bwd(
         width,
         HAS_H0=h0 is not None,
         HAS_DHLAST=dh_last is not None,
+        tile=(64, 32, 2, 3),
     )
     return dlog_a, db, dh0

@@ -74,3 +74,30 @@ def test_model_on_cuda_decodes_like_forward_and_trains():
     loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
     assert torch.isfinite(loss) and model.get_parameter("layer0.w_g").grad.abs().sum() > 0
+
+
+def test_fp32_memory_query_with_tf32_allowed():
+    # torch.set_float32_matmul_precision("high") switches our fp32 dots to TF32, as it does
+    # torch.matmul's: the query and its gradients stay within TF32's error of the fp64 reference.
+    from kernels.memory import reference as mem_ref
+
+    spec = kernels.MemorySpec(heads=4, dim=64, block=64, ratio=4, slots=(64, 64, 128))
+    mem = kernels.Memory.empty(spec, 2, device="cuda")
+    mem.keys = [torch.randn_like(t) for t in mem.keys]
+    mem.values = [torch.randn_like(t) for t in mem.values]
+    mem.pos = torch.full((2,), 1 << 20, device="cuda")
+    q, k, v = (torch.randn(2, 300, 16 * 64 if i == 0 else 4 * 64, device="cuda", requires_grad=True) for i in range(3))
+    beta = torch.randn(16, 3, device="cuda", requires_grad=True)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        out = kernels.hds_query(q, k, v, beta, mem, 16)
+        grads = torch.autograd.grad(out.sum(), (q, k, v, beta))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    cpu = [t.detach().double().requires_grad_() for t in (q, k, v, beta)]
+    want = mem_ref.hds_query(*cpu, mem.map(lambda t: t.double() if t.is_floating_point() else t), 16)
+    want_grads = torch.autograd.grad(want.sum(), cpu)
+    assert rel(out, want) < 5e-3
+    for name, g, w in zip("qkvb", grads, want_grads, strict=True):
+        assert rel(g, w) < 1e-2, name

@@ -126,3 +126,17 @@ def test_opcheck_memory_write_step():
     k, v = torch.randn(3, 1, SPEC.heads * SPEC.dim), torch.randn(3, 1, SPEC.heads * SPEC.dim)
     args = (k, v, mem.pos, mem.keys, mem.values, mem.sum_k, mem.sum_v, spans)
     torch.library.opcheck(torch.ops.mmrec.memory_write_step.default, args)
+
+
+def test_fp32_dots_follow_torchs_matmul_precision():
+    from kernels.config import fp32_dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert fp32_dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert fp32_dot_precision(torch.float32) == "tf32"
+        assert fp32_dot_precision(torch.float64) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
