@@ -36,6 +36,17 @@ def seq_arg(op: str, name: str, x: Tensor) -> Tensor:
     return tensor_arg(op, name, x, tuple(x.shape))
 
 
+def launches_directly(x: Tensor) -> bool:
+    """Run an op's Triton launchers under a plain torch.autograd.Function instead of through
+    its custom op: on CPU tensors under the interpreter, and for eager CUDA calls, where the
+    custom op's Python dispatch and autograd wrapper cost more CPU time than a whole linear-scan
+    forward+backward on the GPU (measured: docs/kernels.md). Under torch.compile the custom op
+    is always what gets traced."""
+    if torch.compiler.is_compiling():
+        return False
+    return (knobs.interpret and x.device.type == "cpu") or (x.is_cuda and knobs.use_triton)
+
+
 def interpreting(x: Tensor) -> bool:
     """Run the Triton kernels through the interpreter (CPU tensors, TRITON_INTERPRET=1)."""
     return knobs.interpret and x.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -1,7 +1,8 @@
 """`torch.ops.mmrec.gated_recurrence_fwd/_bwd`: one registration bundle for the gated recurrence.
 
 CUDA runs the Triton kernels; other devices and fake tensors run the reference or its shape
-rule. Under TRITON_INTERPRET=1, `gated_recurrence` on CPU tensors calls the Triton launchers.
+rule. Outside torch.compile, `gated_recurrence` calls the Triton launchers directly under an
+autograd.Function (eager CUDA; CPU tensors under TRITON_INTERPRET=1): `checks.launches_directly`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import KernelInputError, interpreting, seq_arg, tensor_arg
+from ..checks import KernelInputError, launches_directly, seq_arg, tensor_arg
 from ..config import knobs
 from . import kernel, reference
 
@@ -74,8 +75,9 @@ def _backward(ctx, dh: Tensor, dh_last: Tensor):
 gated_recurrence_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _Interpreted(torch.autograd.Function):
-    """The Triton kernels through the interpreter, with the same autograd as the op."""
+class _Direct(torch.autograd.Function):
+    """The Triton launchers with the same autograd as the op, without its dispatch: eager CUDA
+    calls and the interpreter (`checks.launches_directly`)."""
 
     @staticmethod
     def forward(ctx, z, gz, gamma, w_g, h0):
@@ -103,6 +105,6 @@ def gated_recurrence(
     w_g = tensor_arg(op, "w_g", w_g, (w_g.shape[0], w_g.shape[1], w_g.shape[1]), like=z)
     if h0 is not None:
         h0 = tensor_arg(op, "h0", h0, (z.shape[0], z.shape[2]), like=z)
-    if interpreting(z):
-        return _Interpreted.apply(z, gz, gamma, w_g, h0)
+    if launches_directly(z):
+        return _Direct.apply(z, gz, gamma, w_g, h0)
     return torch.ops.mmrec.gated_recurrence_fwd(z, gz, gamma, w_g, h0)

@@ -1,8 +1,10 @@
 """`torch.ops.mmrec.linear_scan_fwd/_bwd`: one registration bundle for the linear scan.
 
 CUDA runs the Triton kernels; every other device (and fake tensors under torch.compile) runs
-the reference or its shape rule, so tracing never enters the Triton interpreter. Under
-TRITON_INTERPRET=1, `linear_scan` on CPU tensors calls the Triton launchers directly.
+the reference or its shape rule, so tracing never enters the Triton interpreter. Outside
+torch.compile, `linear_scan` calls the Triton launchers directly under an autograd.Function
+(eager CUDA, where the op's dispatch costs more than the kernels; CPU tensors under
+TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import interpreting, seq_arg, tensor_arg
+from ..checks import launches_directly, seq_arg, tensor_arg
 from ..config import knobs
 from . import kernel, reference
 
@@ -83,8 +85,9 @@ def _backward(ctx, dh: Tensor | None, dh_last: Tensor | None):
 linear_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _Interpreted(torch.autograd.Function):
-    """The Triton kernels through the interpreter, with the same autograd as the op."""
+class _Direct(torch.autograd.Function):
+    """The Triton launchers with the same autograd as the op, without its dispatch: eager CUDA
+    calls and the interpreter (`checks.launches_directly`)."""
 
     @staticmethod
     def forward(ctx, log_a: Tensor, b: Tensor, h0: Tensor | None):
@@ -106,6 +109,6 @@ def linear_scan(log_a: Tensor, b: Tensor, h0: Tensor | None = None) -> tuple[Ten
     log_a = tensor_arg("linear_scan", "log_a", log_a, tuple(b.shape), like=b)
     if h0 is not None:
         h0 = tensor_arg("linear_scan", "h0", h0, (b.shape[0], b.shape[2]), like=b)
-    if interpreting(b):
-        return _Interpreted.apply(log_a, b, h0)
+    if launches_directly(b):
+        return _Direct.apply(log_a, b, h0)
     return torch.ops.mmrec.linear_scan_fwd(log_a, b, h0)
