@@ -105,26 +105,9 @@ def linear_scan_section(quick: bool) -> None:
     floor_f, floor_fb = copy * 3 / 2, copy * 8 / 2
     row("scan", "copy-bandwidth floor", shape, dtype, floor_f, floor_fb, f"copy {gbps / 1e3:.2f} TB/s")
 
-    # The single-pass look-back scan (opt-in, MMREC_SCAN=lookback), beside the default.
-    kernels.knobs.scan_lookback = True
-    with torch.no_grad():
-        h2, _ = kernels.linear_scan(log_a, b)
-        assert rel_err(h2[:1, :512], ref) < 1e-2, "look-back linear_scan disagrees with the reference"
-        lookback_f = bench(lambda: kernels.linear_scan(log_a, b))
-    lookback_fb = bench(fwd_bwd_timer(lambda: kernels.linear_scan(log_a, b)[0], [log_a, b], [dh]))
-    kernels.knobs.scan_lookback = False
     with torch.no_grad():
         ours_f = bench(lambda: kernels.linear_scan(log_a, b))
     ours_fb = bench(fwd_bwd_timer(lambda: kernels.linear_scan(log_a, b)[0], [log_a, b], [dh]))
-    row(
-        "scan",
-        "mmrec linear_scan look-back (opt-in)",
-        shape,
-        dtype,
-        lookback_f,
-        lookback_fb,
-        f"{lookback_f / floor_f:.2f}x / {lookback_fb / floor_fb:.2f}x floor",
-    )
     row(
         "scan",
         "mmrec linear_scan (Triton)",

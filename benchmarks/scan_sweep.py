@@ -1,7 +1,7 @@
 """Tile sweep for the linear-scan kernels: every launch config, forward and backward timed
 separately against the copy floor (3 and 5 passes over B*T*C elements).
 
-    python benchmarks/scan_sweep.py [--B 8 --T 4096 --C 2048] [--quick | --scalar | --lookback]
+    python benchmarks/scan_sweep.py [--B 8 --T 4096 --C 2048]
 
 Each config is checked against the reference before it is timed (a wrong config is reported,
 not timed). This is how the configs in kernels/scan/kernel.py were chosen.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton
 
 from benchmarks.common import checked_time, run_info
-from kernels.scan import kernel, lookback, reference
+from kernels.scan import kernel, reference
 
 
 def bench(fn) -> float:
@@ -34,7 +34,6 @@ def main() -> None:
     parser.add_argument("--C", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="only tiles of <= 2048 elements and <= 2 warps")
     parser.add_argument("--only", choices=["fwd", "bwd"], default=None, help="sweep one direction")
-    parser.add_argument("--lookback", action="store_true", help="sweep the single-pass look-back scan's parts")
     parser.add_argument(
         "--scalar",
         action="store_true",
@@ -68,21 +67,15 @@ def main() -> None:
         bwd_kernel = triton.jit(kernel._scan_bwd.fn, do_not_specialize=["T", "C"])
 
     def launcher(direction: str, bt: int, bc: int, w: int, stages: int):
-        if args.lookback:  # the whole launch, scratch allocation included
-            if direction == "fwd":
-                out = lookback.scan_fwd(log_a, x, h0, tile=(bt, bc, w))[0]
-                return (lambda: lookback.scan_fwd(log_a, x, h0, tile=(bt, bc, w))), out, ref_h
-            out = lookback.scan_bwd(log_a, h_bf, h0, dh, dh_last, tile=(bt, bc, w))[1]
-            return (lambda: lookback.scan_bwd(log_a, h_bf, h0, dh, dh_last, tile=(bt, bc, w))), out, ref_g[1]
         grid = (bsz, triton.cdiv(width, bc))
         meta = dict(HAS_H0=True, BLOCK_T=bt, BLOCK_C=bc, STAGES=stages, num_warps=w)
         if direction == "fwd":
             h, h_last = torch.empty_like(x), torch.empty_like(h0)
-            kargs = (log_a, x, h0, h, h_last, steps, width)
-            return (lambda: fwd_kernel[grid](*kargs, **meta)), h, ref_h
+            args = (log_a, x, h0, h, h_last, steps, width)
+            return (lambda: fwd_kernel[grid](*args, **meta)), h, ref_h
         dla, db, dh0 = torch.empty_like(log_a), torch.empty_like(x), torch.empty_like(h0)
-        kargs = (log_a, h_bf, h0, dh, dh_last, dla, db, dh0, steps, width)
-        return (lambda: bwd_kernel[grid](*kargs, **meta, HAS_DHLAST=True)), db, ref_g[1]
+        args = (log_a, h_bf, h0, dh, dh_last, dla, db, dh0, steps, width)
+        return (lambda: bwd_kernel[grid](*args, **meta, HAS_DHLAST=True)), db, ref_g[1]
 
     sizes = [(bt, bc) for bt in (16, 32, 64, 128) for bc in (16, 32, 64, 128)]
     configs = [(bt, bc, w) for bt, bc in sizes for w in (1, 2, 4, 8) if bt * bc <= 8192 and bt * bc // (32 * w) >= 4]
@@ -90,11 +83,7 @@ def main() -> None:
         configs = [(bt, bc, w) for bt in (16, 32, 64, 128) for bc, w in ((32, 1), (64, 1), (64, 2), (128, 4))]
     elif args.quick:
         configs = [(bt, bc, w) for bt, bc, w in configs if bt * bc <= 2048 and bc >= 32 and w <= 2]
-    if args.lookback:  # one part per program: no loop to pipeline
-        sizes = [(bt, bc) for bt in (16, 32, 64, 128, 256) for bc in (16, 32, 64, 128)]
-        configs = [(bt, bc, w) for bt, bc in sizes for w in (1, 2, 4, 8) if 512 <= bt * bc <= 8192]
-        configs = [(bt, bc, w) for bt, bc, w in configs if 4 <= bt * bc // (32 * w) <= 64]
-    configs = [(bt, bc, w, st) for bt, bc, w in configs for st in ((3,) if args.scalar or args.lookback else (3, 4, 6))]
+    configs = [(bt, bc, w, st) for bt, bc, w in configs for st in ((3,) if args.scalar else (3, 4, 6))]
     best = {}
     for direction in ("fwd", "bwd") if args.only is None else (args.only,):
         floor = floor_f if direction == "fwd" else floor_b

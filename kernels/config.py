@@ -16,9 +16,6 @@ class Knobs:
     # MMREC_AUTOTUNE=0: one fixed launch config per kernel instead of tuning per shape
     # (tests use it: tuning every odd test shape costs minutes of compilation).
     autotune: bool = os.environ.get("MMREC_AUTOTUNE", "1") == "1"
-    # MMREC_SCAN=lookback: the single-pass look-back linear scan (kernels/scan/lookback.py)
-    # instead of the chunked one (kernel.py), which measured faster on the H100 (docs/kernels.md).
-    scan_lookback: bool = os.environ.get("MMREC_SCAN", "chunked") == "lookback"
     # MMREC_RECURRENCE_TF32=0: exact fp32 W_g products for bf16/fp16 inputs too.
     recurrence_tf32: bool = os.environ.get("MMREC_RECURRENCE_TF32", "1") == "1"
     # Fill every kernel output with NaN before launch, so elements a kernel fails to write

@@ -14,12 +14,7 @@ from torch import Tensor
 
 from ..checks import launches_directly, seq_arg, tensor_arg
 from ..config import knobs
-from . import kernel, lookback, reference
-
-
-def _kernels():
-    """The Triton launchers in use: the single-pass look-back scan, or the chunked one."""
-    return lookback if knobs.scan_lookback else kernel
+from . import kernel, reference
 
 
 @torch.library.custom_op("mmrec::linear_scan_fwd", mutates_args=())
@@ -29,7 +24,7 @@ def linear_scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor
 
 @linear_scan_fwd.register_kernel("cuda")
 def _fwd_cuda(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
-    return _kernels().scan_fwd(log_a, b, h0) if knobs.use_triton else reference.forward(log_a, b, h0)
+    return kernel.scan_fwd(log_a, b, h0) if knobs.use_triton else reference.forward(log_a, b, h0)
 
 
 @linear_scan_fwd.register_fake
@@ -57,7 +52,7 @@ def linear_scan_bwd(
 def _bwd_cuda(log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor | None):
     if not knobs.use_triton:
         return _bwd_reference(log_a, h, h0, dh, dh_last)
-    dlog_a, db, dh0 = _kernels().scan_bwd(log_a, h, h0, dh.contiguous(), _contiguous(dh_last))
+    dlog_a, db, dh0 = kernel.scan_bwd(log_a, h, h0, dh.contiguous(), _contiguous(dh_last))
     return dlog_a, db, dh0 if dh0 is not None else h.new_zeros(h.shape[0], h.shape[2])
 
 
@@ -96,7 +91,7 @@ class _Direct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_a: Tensor, b: Tensor, h0: Tensor | None):
-        h, h_last = _kernels().scan_fwd(log_a, b, h0)
+        h, h_last = kernel.scan_fwd(log_a, b, h0)
         ctx.save_for_backward(log_a, h, h0)
         ctx.set_materialize_grads(False)
         return h, h_last
@@ -105,7 +100,7 @@ class _Direct(torch.autograd.Function):
     def backward(ctx, dh: Tensor | None, dh_last: Tensor | None):
         log_a, h, h0 = ctx.saved_tensors
         dh = torch.zeros_like(h) if dh is None else dh.contiguous()
-        return _kernels().scan_bwd(log_a, h, h0, dh, _contiguous(dh_last))
+        return kernel.scan_bwd(log_a, h, h0, dh, _contiguous(dh_last))
 
 
 def linear_scan(log_a: Tensor, b: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -5,19 +5,17 @@ import pytest
 import torch
 
 import kernels
-from kernels.scan import kernel, lookback, reference
+from kernels.scan import kernel, reference
 from tests.conftest import TRITON_DEVICE, assert_close
 from tests.kernels.test_linear_scan import naive
 
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture(autouse=True, params=["lookback", "chunked"])
-def _poison(monkeypatch, request):
-    # Every test runs on both scan implementations (kernels/scan/lookback.py, kernel.py).
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
     monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
     monkeypatch.setattr(kernels.knobs, "autotune", False)  # tuning every odd shape costs minutes
-    monkeypatch.setattr(kernels.knobs, "scan_lookback", request.param == "lookback")
 
 
 def make(bsz, steps, width, dtype, with_h0=True):
@@ -58,9 +56,8 @@ def test_triton_scan_matches_the_naive_loop():
 
 def test_triton_scan_launchers_write_every_element():
     log_a, b, h0 = make(3, 45, 33, torch.float32)
-    launchers = lookback if kernels.knobs.scan_lookback else kernel
-    h, h_last = launchers.scan_fwd(log_a, b, h0)
-    grads = launchers.scan_bwd(log_a, h, h0, torch.randn_like(h), torch.randn_like(h_last))
+    h, h_last = kernel.scan_fwd(log_a, b, h0)
+    grads = kernel.scan_bwd(log_a, h, h0, torch.randn_like(h), torch.randn_like(h_last))
     for t in (h, h_last, *grads):
         assert not torch.isnan(t).any()
 
