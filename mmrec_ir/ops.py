@@ -13,6 +13,9 @@ from .errors import ShapeError
 from .types import DType, MemoryType, Shape, TensorType, Type
 
 REQUIRED = object()
+# Attributes any node may carry and its op ignores: annotations passes leave for later stages
+# and for people reading the IR (select-kernels records which kernel claims the node).
+ANNOTATIONS = ("kernel",)
 
 
 @dataclass(frozen=True)

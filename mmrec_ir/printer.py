@@ -14,7 +14,7 @@ import json
 import re
 
 from .graph import AttrValue, Graph, Node
-from .ops import OPS, REQUIRED
+from .ops import ANNOTATIONS, OPS, REQUIRED
 
 
 def format_attr(value: AttrValue) -> str:
@@ -73,6 +73,7 @@ def print_python(graph: Graph) -> str:
         outs = ", ".join(py(o.ref) for o in node.outputs) + ("," if len(node.outputs) == 1 else "")
         # Defaults are spelled out, so the implementation sees every attribute.
         attrs = {k: v for k, v in OPS[node.op].attrs.items() if v is not REQUIRED} | node.attr
+        attrs = {k: v for k, v in attrs.items() if k not in ANNOTATIONS}  # not the op's to see
         args = [py(r) for r in node.inputs] + [f"{k}={v!r}" for k, v in sorted(attrs.items())]
         lines.append(f"    {outs} = ops.{node.op}({', '.join(args)})")
     result = ", ".join(f"{name!r}: {py(ref)}" for name, ref in graph.outputs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .errors import ShapeError, VerifyError
 from .graph import Graph, Node
-from .ops import OPS, REQUIRED
+from .ops import ANNOTATIONS, OPS, REQUIRED
 from .types import Type
 
 
@@ -21,7 +21,7 @@ def infer_node(node: Node, types: dict[str, Type]) -> list[Type]:
             raise VerifyError(f"node {node.label}: operand {ref} is not defined before use")
     attrs = node.attr
     for key in attrs:
-        if key not in opdef.attrs:
+        if key not in opdef.attrs and key not in ANNOTATIONS:
             known = ", ".join(opdef.attrs) or "none"
             raise VerifyError(f"node {node.label}: unknown attribute '{key}' (known: {known})")
     for key, default in opdef.attrs.items():

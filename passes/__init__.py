@@ -9,6 +9,7 @@ from .inspect import RenderError, dump_stages, render_pipeline, render_svg
 from .lower_linear_recurrence import LowerLinearRecurrence
 from .manager import PassError, PipelineResult, Stage, default_pipeline, lookup, print_after, run_pipeline
 from .report import block_costs, fusion_report
+from .select_kernels import SelectKernels
 
 __all__ = [
     "CSE",
@@ -21,6 +22,7 @@ __all__ = [
     "PassError",
     "PipelineResult",
     "RenderError",
+    "SelectKernels",
     "Stage",
     "block_costs",
     "default_pipeline",

@@ -77,8 +77,9 @@ def default_pipeline() -> list[Pass]:
     - infer-shapes first, so every later pass sees exact types;
     - lower-linear-recurrence before the fusions, which may then fuse the ops it creates;
     - fuse-residual-norm;
-    - cse, then dce, because CSE leaves the duplicates' producers dead."""
-    return lookup(["infer-shapes", "lower-linear-recurrence", "fuse-residual-norm", "cse", "dce"])
+    - cse, then dce, because CSE leaves the duplicates' producers dead;
+    - select-kernels last, to record what claims each node that is left."""
+    return lookup(["infer-shapes", "lower-linear-recurrence", "fuse-residual-norm", "cse", "dce", "select-kernels"])
 
 
 def print_after(stage: Stage) -> str:

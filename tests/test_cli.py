@@ -146,7 +146,7 @@ def test_inspect_dump_and_svg(capsys, tmp_path):
     code, out, _ = run(
         capsys, "inspect", "--config", "tiny", "--dump", str(tmp_path / "stages"), "--svg", str(tmp_path / "g.svg")
     )
-    assert code == 0 and "wrote 8 files" in out
+    assert code == 0 and "wrote 9 files" in out
     names = sorted(p.name for p in (tmp_path / "stages").iterdir())
     assert names == [
         "00-input.mlir",
@@ -155,10 +155,11 @@ def test_inspect_dump_and_svg(capsys, tmp_path):
         "03-fuse-residual-norm.mlir",
         "04-cse.mlir",
         "05-dce.mlir",
+        "06-select-kernels.mlir",
         "forward.py",
         "passes.txt",
     ]
-    for stage in names[:6]:
+    for stage in names[:7]:
         verify(parse((tmp_path / "stages" / stage).read_text()))
     for svg in ("g.svg", "g.before.svg"):
         root = ET.parse(tmp_path / svg).getroot()

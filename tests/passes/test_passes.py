@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -218,3 +220,44 @@ def test_fusion_cse_and_dce_preserve_values_and_gradients(graph):
 def test_verify_error_is_raised_for_bad_input_graph():
     with pytest.raises(VerifyError):
         passes.run_pipeline(parse("graph @g(%x: f32[B]) {\n  return y = %q\n}\n"), [])
+
+
+def test_select_kernels_golden():
+    before = """graph @g(%la: f32[B, T, 8], %x: f32[B, T, 8], %h0: f32[B, 8]) {
+  param @w: f32[8, 8] = normal(0.02)
+  %b: f32[B, T, 8] = linear(%x, @w)
+  %h: f32[B, T, 8], %last: f32[B, 8] = linear_scan(%la, %b, %h0)
+  %y: f32[B, T, 8] = sigmoid(%h)
+  return y = %y, last = %last
+}
+"""
+    after = """graph @g(%la: f32[B, T, 8], %x: f32[B, T, 8], %h0: f32[B, 8]) {
+  param @w: f32[8, 8] = normal(0.02)
+  %b: f32[B, T, 8] = linear(%x, @w) {kernel = "cuda: cublas; cpu: reference"}
+  %h: f32[B, T, 8], %last: f32[B, 8] = linear_scan(%la, %b, %h0) {kernel = "cuda: triton:mmrec::linear_scan_fwd/_bwd; cpu: reference"}
+  %y: f32[B, T, 8] = sigmoid(%h) {kernel = "cuda: torch; cpu: reference"}
+  return y = %y, last = %last
+}
+"""  # noqa: E501
+    assert run(before, "select-kernels") == after
+    assert print_graph(parse(after)) == after  # the annotated IR parses back and verifies
+
+
+def test_select_kernels_names_registered_ops_for_every_op():
+    import kernels  # noqa: F401 (registers torch.ops.mmrec.*)
+    from mmrec_ir import OPS
+    from passes.select_kernels import CUDA_KERNELS
+
+    assert set(CUDA_KERNELS) <= set(OPS)
+    for op, claim in CUDA_KERNELS.items():
+        for name, pair in re.findall(r"triton:mmrec::(\w+?)(_fwd/_bwd)?\b", claim):
+            for target in (name + "_fwd", name + "_bwd") if pair else (name,):
+                assert hasattr(torch.ops.mmrec, target), f"{op}: torch.ops.mmrec.{target} is not registered"
+
+
+def test_annotations_do_not_reach_the_ops():
+    # The generated forward must not pass `kernel` to an op implementation.
+    graph = passes.run_pipeline(models.build(models.load_config("tiny")), passes.default_pipeline()).graph
+    from mmrec_ir import print_python
+
+    assert "kernel=" not in print_python(graph)

@@ -1,0 +1,56 @@
+"""select-kernels: record on every node which implementation claims it, per device.
+
+Assumes: the runtime's op set (runtime/opset.py) dispatches as the table below says; the test
+tests/passes/test_passes.py checks that every op has an entry and that every custom op named
+here is registered. The pass changes no numerics: it only sets the `kernel` annotation, which
+`mmrec inspect` prints and the generated forward ignores.
+
+On CUDA an op is claimed by one of our Triton kernels (`triton:mmrec::<op>`), by a cuBLAS GEMM
+(`cublas`), or by PyTorch's own kernels (`torch`; under torch.compile, Inductor fuses these).
+On CPU everything is the plain-PyTorch reference. There is no export lowering yet, so no ONNX
+entry is recorded.
+
+    before: %h, %h_last = linear_scan(%log_a, %b, %h0)
+    after:  %h, %h_last = linear_scan(%log_a, %b, %h0)
+                {kernel = "cuda: triton:mmrec::linear_scan_fwd/_bwd; cpu: reference"}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmrec_ir import Graph, Node
+from mmrec_ir.graph import make_attrs
+
+from .base import Pass
+
+_TORCH = "torch"
+# op -> what claims it on CUDA. Ops absent here run PyTorch kernels.
+CUDA_KERNELS: dict[str, str] = {
+    "linear_scan": "triton:mmrec::linear_scan_fwd/_bwd",
+    "gated_recurrence": "triton:mmrec::gated_recurrence_fwd/_bwd",
+    "hds_query": "triton:mmrec::hds_attend_fwd/_bwd (T > 1), triton:mmrec::hds_decode (T = 1, inference)",
+    "memory_write": "triton:mmrec::block_sums + torch (segments), triton:mmrec::memory_write_step (decode session)",
+    "linear": "cublas",
+    "lm_head": "cublas",
+    "ffn": "cublas + torch",
+    "moe": "cublas + torch",
+    "mdi_decay": "cublas + torch",
+    "uboo_loss": "cublas + torch",
+}
+
+
+def claim(node: Node) -> str:
+    cuda = CUDA_KERNELS.get(node.op, _TORCH)
+    if node.op == "gated_recurrence" and len(node.inputs) < 5:  # no W_g: runs as a linear scan
+        cuda = CUDA_KERNELS["linear_scan"]
+    return f"cuda: {cuda}; cpu: reference"
+
+
+@dataclass(frozen=True)
+class SelectKernels(Pass):
+    name = "select-kernels"
+
+    def apply(self, graph: Graph) -> Graph:
+        nodes = [Node(n.op, n.inputs, n.outputs, make_attrs({**n.attr, "kernel": claim(n)})) for n in graph.nodes]
+        return graph.with_nodes(nodes)
