@@ -1,30 +1,35 @@
 """Kernels: for each MM-Rec op family a folder with its plain-PyTorch reference (the oracle),
 its Triton kernels where they exist, and its torch custom-op registration.
 
-The entry points below are what the runtime calls. `linear_scan`, `gated_recurrence` and the
-softmax of `hds_query` are `torch.ops.mmrec.*` custom ops: Triton on CUDA, the reference
-elsewhere; with TRITON_INTERPRET=1 they run the Triton kernels on CPU tensors through Triton's
-interpreter.
+The entry points below are what the runtime calls. `linear_scan`, `gated_recurrence`,
+`decay_recurrence` and the softmax of `hds_query` are `torch.ops.mmrec.*` custom ops: Triton on
+CUDA, the reference elsewhere; with TRITON_INTERPRET=1 they run the Triton kernels on CPU
+tensors through Triton's interpreter.
 """
 
 from .checks import KernelInputError
 from .config import knobs
-from .decay.reference import mdi_decay
+from .decay.reference import decay_gate, mdi_decay, mdi_decay_logits
 from .memory.op import hds_query, memory_write, memory_write_
 from .memory.reference import Memory, MemorySpec, reset_rows
-from .nn.reference import moe, rmsnorm, swiglu, uboo_loss
-from .recurrence.op import gated_recurrence
+from .nn.reference import moe, swiglu, uboo_loss
+from .norm.op import add_rmsnorm, rmsnorm
+from .recurrence.op import decay_recurrence, gated_recurrence
 from .scan.op import linear_scan
 
 __all__ = [
     "KernelInputError",
     "Memory",
     "MemorySpec",
+    "add_rmsnorm",
+    "decay_gate",
+    "decay_recurrence",
     "gated_recurrence",
     "hds_query",
     "knobs",
     "linear_scan",
     "mdi_decay",
+    "mdi_decay_logits",
     "memory_write",
     "memory_write_",
     "moe",

@@ -1,4 +1,5 @@
-"""`torch.ops.mmrec.gated_recurrence_fwd/_bwd`: one registration bundle for the gated recurrence.
+"""`torch.ops.mmrec.gated_recurrence_fwd/_bwd` and `decay_recurrence_fwd/_bwd` (the same
+kernels with SPEC §3's decay tail fused in): the registration bundles for the gated recurrence.
 
 CUDA runs the Triton kernels; other devices and fake tensors run the reference or its shape
 rule. Outside torch.compile, `gated_recurrence` calls the Triton launchers directly under an
@@ -91,6 +92,13 @@ class _Direct(torch.autograd.Function):
         return kernel.gated_bwd(z, gz, gamma, w_g, h0, h, dh.contiguous(), dh_last.contiguous())
 
 
+def _w_g_arg(op: str, w_g: Tensor, z: Tensor) -> Tensor:
+    if not isinstance(w_g, Tensor) or w_g.dim() != 3 or w_g.shape[0] * w_g.shape[1] != z.shape[2]:
+        got = list(w_g.shape) if isinstance(w_g, Tensor) else type(w_g).__name__
+        raise KernelInputError(f"{op}: w_g: expected [H, Dh, Dh] with H*Dh = {z.shape[2]}, got {got}")
+    return tensor_arg(op, "w_g", w_g, (w_g.shape[0], w_g.shape[1], w_g.shape[1]), like=z)
+
+
 def gated_recurrence(
     z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -99,12 +107,117 @@ def gated_recurrence(
     z = seq_arg(op, "z", z)
     gz = tensor_arg(op, "gz", gz, tuple(z.shape), like=z)
     gamma = tensor_arg(op, "gamma", gamma, tuple(z.shape), like=z)
-    if not isinstance(w_g, Tensor) or w_g.dim() != 3 or w_g.shape[0] * w_g.shape[1] != z.shape[2]:
-        got = list(w_g.shape) if isinstance(w_g, Tensor) else type(w_g).__name__
-        raise KernelInputError(f"{op}: w_g: expected [H, Dh, Dh] with H*Dh = {z.shape[2]}, got {got}")
-    w_g = tensor_arg(op, "w_g", w_g, (w_g.shape[0], w_g.shape[1], w_g.shape[1]), like=z)
+    w_g = _w_g_arg(op, w_g, z)
     if h0 is not None:
         h0 = tensor_arg(op, "h0", h0, (z.shape[0], z.shape[2]), like=z)
     if launches_directly(z):
         return _Direct.apply(z, gz, gamma, w_g, h0)
     return torch.ops.mmrec.gated_recurrence_fwd(z, gz, gamma, w_g, h0)
+
+
+# The fused decay variant (fuse-decay-recurrence): the kernels read the decay's two logits a, c
+# and form gamma = clamp(sigmoid(a) sigmoid(c), eps, 1 - eps) on chip.
+
+
+@torch.library.custom_op("mmrec::decay_recurrence_fwd", mutates_args=())
+def decay_recurrence_fwd(
+    z: Tensor, gz: Tensor, a: Tensor, c: Tensor, w_g: Tensor, h0: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    return reference.decay_forward(z, gz, a, c, w_g, h0, eps)
+
+
+@decay_recurrence_fwd.register_kernel("cuda")
+def _decay_fwd_cuda(z, gz, a, c, w_g, h0, eps):
+    if knobs.use_triton:
+        return kernel.gated_fwd(z, gz, a, w_g, h0, decay_c=c, eps=eps)
+    return reference.decay_forward(z, gz, a, c, w_g, h0, eps)
+
+
+@decay_recurrence_fwd.register_fake
+def _decay_fwd_fake(z, gz, a, c, w_g, h0, eps):
+    return torch.empty_like(z), z.new_empty(z.shape[0], z.shape[2])
+
+
+def _decay_bwd_with(triton: bool, z, gz, a, c, w_g, h0, h, dh, dh_last, eps):
+    dh, dh_last = dh.contiguous(), dh_last.contiguous()
+    if triton:
+        dz, dgz, da, dw, dh0, dc = kernel.gated_bwd(z, gz, a, w_g, h0, h, dh, dh_last, decay_c=c, eps=eps)
+    else:
+        dz, dgz, da, dc, dw, dh0 = reference.decay_backward(z, gz, a, c, w_g, h0, h, dh, dh_last, eps)
+    return dz, dgz, da, dc, dw, dh0 if dh0 is not None else torch.zeros_like(dh_last)
+
+
+@torch.library.custom_op("mmrec::decay_recurrence_bwd", mutates_args=())
+def decay_recurrence_bwd(
+    z: Tensor,
+    gz: Tensor,
+    a: Tensor,
+    c: Tensor,
+    w_g: Tensor,
+    h0: Tensor | None,
+    h: Tensor,
+    dh: Tensor,
+    dh_last: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _decay_bwd_with(False, z, gz, a, c, w_g, h0, h, dh, dh_last, eps)
+
+
+@decay_recurrence_bwd.register_kernel("cuda")
+def _decay_bwd_cuda(z, gz, a, c, w_g, h0, h, dh, dh_last, eps):
+    return _decay_bwd_with(knobs.use_triton, z, gz, a, c, w_g, h0, h, dh, dh_last, eps)
+
+
+@decay_recurrence_bwd.register_fake
+def _decay_bwd_fake(z, gz, a, c, w_g, h0, h, dh, dh_last, eps):
+    return tuple(torch.empty_like(t) for t in (z, gz, a, c, w_g, dh_last))
+
+
+def _decay_setup_context(ctx, inputs, output) -> None:
+    z, gz, a, c, w_g, h0, eps = inputs
+    ctx.save_for_backward(z, gz, a, c, w_g, h0, output[0])
+    ctx.has_h0, ctx.eps = h0 is not None, eps
+
+
+def _decay_backward(ctx, dh: Tensor, dh_last: Tensor):
+    dz, dgz, da, dc, dw, dh0 = torch.ops.mmrec.decay_recurrence_bwd(*ctx.saved_tensors, dh, dh_last, ctx.eps)
+    return dz, dgz, da, dc, dw, dh0 if ctx.has_h0 else None, None
+
+
+decay_recurrence_fwd.register_autograd(_decay_backward, setup_context=_decay_setup_context)
+
+
+class _DirectDecay(torch.autograd.Function):
+    """`_Direct` for the fused decay variant."""
+
+    @staticmethod
+    def forward(ctx, z, gz, a, c, w_g, h0, eps):
+        h, h_last = kernel.gated_fwd(z, gz, a, w_g, h0, decay_c=c, eps=eps)
+        ctx.save_for_backward(z, gz, a, c, w_g, h0, h)
+        ctx.eps = eps
+        return h, h_last
+
+    @staticmethod
+    def backward(ctx, dh: Tensor, dh_last: Tensor):
+        z, gz, a, c, w_g, h0, h = ctx.saved_tensors
+        grads = kernel.gated_bwd(z, gz, a, w_g, h0, h, dh.contiguous(), dh_last.contiguous(), decay_c=c, eps=ctx.eps)
+        dz, dgz, da, dw, dh0, dc = grads
+        return dz, dgz, da, dc, dw, dh0, None
+
+
+def decay_recurrence(
+    z: Tensor, gz: Tensor, a: Tensor, c: Tensor, w_g: Tensor, h0: Tensor | None = None, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """SPEC §2 with SPEC §3's decay tail fused in: gamma = clamp(sigmoid(a) sigmoid(c), eps, 1 - eps).
+    z, gz, a, c [B, T, D]; w_g [H, Dh, Dh]; h0 [B, D] or None -> (h, h_last)."""
+    op = "decay_recurrence"
+    z = seq_arg(op, "z", z)
+    gz, a, c = (tensor_arg(op, name, t, tuple(z.shape), like=z) for name, t in (("gz", gz), ("a", a), ("c", c)))
+    w_g = _w_g_arg(op, w_g, z)
+    if h0 is not None:
+        h0 = tensor_arg(op, "h0", h0, (z.shape[0], z.shape[2]), like=z)
+    if not 0.0 < eps < 0.5:
+        raise KernelInputError(f"{op}: eps: expected 0 < eps < 0.5, got {eps}")
+    if launches_directly(z):
+        return _DirectDecay.apply(z, gz, a, c, w_g, h0, float(eps))
+    return torch.ops.mmrec.decay_recurrence_fwd(z, gz, a, c, w_g, h0, float(eps))

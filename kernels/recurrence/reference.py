@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..decay.reference import decay_gate, decay_gate_backward
+
 
 def _heads(x: Tensor, heads: int) -> Tensor:
     return x.unflatten(-1, (heads, -1))
@@ -73,6 +75,38 @@ def backward(
         dw.to(w_g.dtype),
         dh0,
     )
+
+
+def _gate_of(a: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    acc = torch.promote_types(a.dtype, torch.float32)
+    af, cf = a.to(acc), c.to(acc)
+    return af, cf, decay_gate(af, cf, eps)
+
+
+def decay_forward(
+    z: Tensor, gz: Tensor, a: Tensor, c: Tensor, w_g: Tensor, h0: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """`forward` with gamma = clamp(sigmoid(a) sigmoid(c), eps, 1 - eps) (SPEC §3's tail) formed here."""
+    return forward(z, gz, _gate_of(a, c, eps)[2], w_g, h0)
+
+
+def decay_backward(
+    z: Tensor,
+    gz: Tensor,
+    a: Tensor,
+    c: Tensor,
+    w_g: Tensor,
+    h0: Tensor | None,
+    h: Tensor,
+    dh: Tensor,
+    dh_last: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """-> (dz, dgz, da, dc, dw_g, dh0 or None)."""
+    af, cf, gamma = _gate_of(a, c, eps)
+    dz, dgz, dgamma, dw, dh0 = backward(z, gz, gamma, w_g, h0, h, dh, dh_last)
+    da, dc = decay_gate_backward(af, cf, eps, dgamma)
+    return dz, dgz, da.to(a.dtype), dc.to(c.dtype), dw, dh0
 
 
 class _GatedRecurrence(torch.autograd.Function):

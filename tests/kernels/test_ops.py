@@ -48,10 +48,22 @@ def test_opcheck_gated_recurrence(with_h0):
     )
 
 
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_opcheck_decay_recurrence(with_h0):
+    z, gz, logit, w_g, h0 = recurrence_args()
+    args = (z, gz, logit, torch.randn_like(logit).requires_grad_(), w_g, h0 if with_h0 else None, 1e-3)
+    torch.library.opcheck(torch.ops.mmrec.decay_recurrence_fwd.default, args)
+    plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    h, h_last = torch.ops.mmrec.decay_recurrence_fwd(*plain)
+    grad_args = (*plain[:-1], h, torch.randn_like(h), torch.randn_like(h_last), plain[-1])
+    torch.library.opcheck(torch.ops.mmrec.decay_recurrence_bwd.default, grad_args)
+
+
 def model_step(log_a, b, h0, z, gz, gamma, w_g, h1):
     h, last = kernels.linear_scan(log_a, b, h0)
     g, glast = kernels.gated_recurrence(z, gz, torch.sigmoid(gamma), w_g, h1)
-    return (h.sum(-1) + last.sum(-1)[:, None]).sum() + (g * 2).sum() + glast.sum()
+    d, dlast = kernels.decay_recurrence(z, gz, gamma, -gamma, w_g, h1)
+    return (h.sum(-1) + last.sum(-1)[:, None]).sum() + (g * 2).sum() + glast.sum() + (d * g).sum() + dlast.sum()
 
 
 def test_torch_compile_sees_the_ops_without_graph_breaks():
@@ -83,6 +95,11 @@ def test_bad_arguments_are_one_line_errors():
         kernels.gated_recurrence(z, gz, gamma, w_g[:1], h0)
     with pytest.raises(KernelInputError, match="gated_recurrence: gamma: expected a floating dtype"):
         kernels.gated_recurrence(z, gz, gamma.long(), w_g, h0)
+    bad_c = r"decay_recurrence: c: expected shape \[2, 11, 6\], got \[2, 11, 5\]"
+    with pytest.raises(KernelInputError, match=bad_c):
+        kernels.decay_recurrence(z, gz, gamma, gamma[..., :5], w_g, h0)
+    with pytest.raises(KernelInputError, match=r"decay_recurrence: eps: expected 0 < eps < 0\.5, got 0\.7"):
+        kernels.decay_recurrence(z, gz, gamma, gamma, w_g, h0, eps=0.7)
 
 
 def test_opcheck_hds_attend():

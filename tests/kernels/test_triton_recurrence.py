@@ -70,3 +70,55 @@ def test_launchers_write_every_element():
     grads = kernel.gated_bwd(z, gz, gamma, w_g, h0, h, torch.randn_like(h), torch.randn_like(h_last))
     for t in (h, h_last, *grads):
         assert not torch.isnan(t).any()
+
+
+def check_decay(args, dtype, tol, eps=1e-6):
+    """decay_recurrence (gamma formed on chip from two logits) vs the reference with autograd:
+    the reference recurrence on clamp(sigmoid(a) sigmoid(c)), in fp64."""
+    leaves = [t.requires_grad_() for t in args if t is not None]
+    h, h_last = kernels.decay_recurrence(*args, eps=eps)
+    dh, dlast = torch.randn_like(h), torch.randn_like(h_last)
+    grads = torch.autograd.grad((h.float() * dh.float()).sum() + (h_last.float() * dlast.float()).sum(), leaves)
+    cpu = [t.detach().cpu().double().requires_grad_() if t is not None else None for t in args]
+    z, gz, a, c, w_g, h0 = cpu
+    ref_h, ref_last = reference.gated_recurrence(z, gz, kernels.decay_gate(a, c, eps), w_g, h0)
+    ref_leaves = [t for t in cpu if t is not None]
+    total = (ref_h * dh.cpu().double()).sum() + (ref_last * dlast.cpu().double()).sum()
+    ref_grads = torch.autograd.grad(total, ref_leaves)
+    assert_close(h.cpu(), ref_h.detach(), what="h", **tol)
+    assert_close(h_last.cpu(), ref_last.detach(), what="h_last", **tol)
+    names = ["z", "gz", "a", "c", "w_g", "h0"]
+    for name, g, r in zip(names, grads, ref_grads, strict=False):
+        assert g.dtype == dtype
+        assert_close(g.cpu(), r, what=f"d{name}", **tol)
+
+
+def make_decay(bsz, steps, heads, dh, dtype, with_h0=True, saturate=False):
+    z, gz, _, w_g, h0 = make(bsz, steps, heads, dh, torch.float32, with_h0)
+    a, c = torch.randn_like(z) * 2, torch.randn_like(z) * 2
+    if saturate:  # some products below eps and some above 1 - eps: the clamp's zero gradient shows
+        a[..., 0], c[..., 0] = -12.0, -12.0
+        a[..., 1], c[..., 1] = 30.0, 30.0
+    return [t.to(dtype) if t is not None else None for t in (z, gz, a, c, w_g, h0)]
+
+
+@pytest.mark.parametrize(("bsz", "steps", "heads", "dh"), [(3, 1, 2, 3), (3, 37, 2, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decay_recurrence_matches_reference(bsz, steps, heads, dh, dtype):
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    check_decay(make_decay(bsz, steps, heads, dh, dtype, with_h0=steps > 1), dtype, tol)
+
+
+def test_decay_recurrence_clamps_like_the_reference():
+    check_decay(
+        make_decay(2, 19, 2, 4, torch.float32, saturate=True), torch.float32, {"rtol": 1e-4, "atol": 1e-4}, 1e-3
+    )
+
+
+def test_decay_launchers_write_every_element():
+    z, gz, a, c, w_g, h0 = make_decay(5, 29, 3, 6, torch.float32)
+    h, h_last = kernel.gated_fwd(z, gz, a, w_g, h0, decay_c=c, eps=1e-6)
+    grads = kernel.gated_bwd(z, gz, a, w_g, h0, h, torch.randn_like(h), torch.randn_like(h_last), decay_c=c, eps=1e-6)
+    assert len(grads) == 6
+    for t in (h, h_last, *grads):
+        assert not torch.isnan(t).any()
