@@ -189,9 +189,7 @@ def _concat(xs):
 # MM-Rec ops (SPEC.md).
 
 
-@op("mdi_decay", ("z", "k", "w1", "b1", "w2", "b2", "c1", "cb1", "c2", "cb2"), eps=1e-6)
-def _mdi_decay(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2, eps):
-    """SPEC §3: clamp(sigmoid(W2 gelu(W1 z)) * sigmoid(C2 gelu(C1 k)), eps, 1 - eps)."""
+def _decay_mlps(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2) -> TensorType:
     z, k = seq("z", z), seq("k", k)
     expect("k", k, (*z.shape[:2], k.shape[2]), z.dtype)
     d, dk = z.shape[2], k.shape[2]
@@ -208,9 +206,29 @@ def _mdi_decay(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2, eps):
         ("cb2", cb2, (d,)),
     ):
         expect(what, t, shape, z.dtype)
+    return z
+
+
+def _decay_eps(eps: float) -> None:
     if not 0.0 < eps < 0.5:
         raise ShapeError(f"attribute eps: expected 0 < eps < 0.5, got {eps}")
-    return [z]
+
+
+_DECAY_OPERANDS = ("z", "k", "w1", "b1", "w2", "b2", "c1", "cb1", "c2", "cb2")
+
+
+@op("mdi_decay", _DECAY_OPERANDS, eps=1e-6)
+def _mdi_decay(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2, eps):
+    """SPEC §3: clamp(sigmoid(W2 gelu(W1 z)) * sigmoid(C2 gelu(C1 k)), eps, 1 - eps)."""
+    _decay_eps(eps)
+    return [_decay_mlps(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2)]
+
+
+@op("mdi_decay_logits", _DECAY_OPERANDS)
+def _mdi_decay_logits(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2):
+    """SPEC §3 without its tail: (W2 gelu(W1 z), C2 gelu(C1 k)), the logits decay_recurrence reads."""
+    z = _decay_mlps(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2)
+    return [z, z]
 
 
 def _state_pair(x: TensorType, h0: Type) -> list[Type]:
@@ -240,6 +258,17 @@ def _gated_recurrence(z, gz, gamma, h0, w_g):
             raise ShapeError(f"w_g: expected [H, Dh, Dh] with H*Dh = {z.shape[2]}, got {w_g}")
         expect("w_g", w_g, (heads, dh, dh), z.dtype)
     return _state_pair(z, h0)
+
+
+@op("decay_recurrence", ("z", "gz", "a", "c", "h0", "w_g"), eps=1e-6)
+def _decay_recurrence(z, gz, a, c, h0, w_g, eps):
+    """gated_recurrence with gamma = clamp(sigmoid(a) * sigmoid(c), eps, 1 - eps) formed inside the
+    kernel (SPEC §3's tail fused into SPEC §2; made by fuse-decay-recurrence)."""
+    _decay_eps(eps)
+    z = seq("z", z)
+    expect("a", a, z.shape, z.dtype)
+    expect("c", c, z.shape, z.dtype)
+    return _gated_recurrence(z, gz, a, h0, w_g)
 
 
 @op("add_rmsnorm", ("lhs", "rhs", "weight"), eps=1e-6)

@@ -3,6 +3,7 @@
 from .base import PASSES, Pass
 from .cse import CSE
 from .dce import DCE
+from .fuse_decay_recurrence import FuseDecayRecurrence
 from .fuse_residual_norm import FuseResidualNorm
 from .infer_shapes import InferShapes
 from .inspect import RenderError, dump_stages, render_pipeline, render_svg
@@ -15,6 +16,7 @@ __all__ = [
     "CSE",
     "DCE",
     "PASSES",
+    "FuseDecayRecurrence",
     "FuseResidualNorm",
     "InferShapes",
     "LowerLinearRecurrence",

@@ -76,10 +76,12 @@ def default_pipeline() -> list[Pass]:
     """The passes `runtime.compile` runs, in this order:
     - infer-shapes first, so every later pass sees exact types;
     - lower-linear-recurrence before the fusions, which may then fuse the ops it creates;
+    - fuse-decay-recurrence, on the gated recurrences that are left;
     - fuse-residual-norm;
     - cse, then dce, because CSE leaves the duplicates' producers dead;
     - select-kernels last, to record what claims each node that is left."""
-    return lookup(["infer-shapes", "lower-linear-recurrence", "fuse-residual-norm", "cse", "dce", "select-kernels"])
+    names = ["infer-shapes", "lower-linear-recurrence", "fuse-decay-recurrence", "fuse-residual-norm", "cse", "dce"]
+    return lookup([*names, "select-kernels"])
 
 
 def print_after(stage: Stage) -> str:

@@ -38,6 +38,7 @@ class ReferenceOps:
     split = staticmethod(lambda x, sizes: tuple(torch.split(x, list(sizes), dim=-1)))
     concat = staticmethod(lambda *xs: _one(torch.cat(xs, dim=-1)))
     mdi_decay = staticmethod(lambda *args, eps: _one(kernels.mdi_decay(*args, eps=eps)))
+    mdi_decay_logits = staticmethod(kernels.mdi_decay_logits)
     linear_scan = staticmethod(kernels.linear_scan)
 
     @staticmethod
@@ -47,9 +48,10 @@ class ReferenceOps:
         return kernels.gated_recurrence(z, gz, gamma, w_g, h0)
 
     @staticmethod
-    def add_rmsnorm(lhs, rhs, weight, eps):
-        total = lhs + rhs
-        return total, kernels.rmsnorm(total, weight, eps)
+    def decay_recurrence(z, gz, a, c, h0, w_g, eps):
+        return kernels.decay_recurrence(z, gz, a, c, w_g, h0, eps)
+
+    add_rmsnorm = staticmethod(kernels.add_rmsnorm)
 
     memory_write = staticmethod(lambda mem, k, v: _one(kernels.memory_write(mem, k, v)))
     hds_query = staticmethod(lambda q, k, v, beta, mem, heads: _one(kernels.hds_query(q, k, v, beta, mem, heads)))

@@ -48,7 +48,7 @@ def test_inspect_print_after_all_and_chosen_passes(capsys):
     assert code == 0
     assert "input IR" in out and "IR after cse" in out and "IR after dce" in out
     code, out, _ = run(capsys, "inspect", "--config", "tiny", "--python")
-    assert "def mmrec_lm(" in out and "ops.gated_recurrence(" in out
+    assert "def mmrec_lm(" in out and "ops.decay_recurrence(" in out
 
 
 def test_inspect_reads_edited_ir(capsys, tmp_path):
@@ -146,22 +146,23 @@ def test_inspect_dump_and_svg(capsys, tmp_path):
     code, out, _ = run(
         capsys, "inspect", "--config", "tiny", "--dump", str(tmp_path / "stages"), "--svg", str(tmp_path / "g.svg")
     )
-    assert code == 0 and "wrote 9 files" in out
+    assert code == 0 and "wrote 10 files" in out
     names = sorted(p.name for p in (tmp_path / "stages").iterdir())
     assert names == [
         "00-input.mlir",
         "01-infer-shapes.mlir",
         "02-lower-linear-recurrence.mlir",
-        "03-fuse-residual-norm.mlir",
-        "04-cse.mlir",
-        "05-dce.mlir",
-        "06-select-kernels.mlir",
+        "03-fuse-decay-recurrence.mlir",
+        "04-fuse-residual-norm.mlir",
+        "05-cse.mlir",
+        "06-dce.mlir",
+        "07-select-kernels.mlir",
         "forward.py",
         "passes.txt",
     ]
-    for stage in names[:7]:
+    for stage in names[:8]:
         verify(parse((tmp_path / "stages" / stage).read_text()))
-    for svg in ("g.svg", "g.before.svg"):
+    for svg, recurrence in (("g.svg", "decay_recurrence"), ("g.before.svg", "gated_recurrence")):
         root = ET.parse(tmp_path / svg).getroot()
         assert root.tag.endswith("svg")
-        assert "gated_recurrence" in (tmp_path / svg).read_text()
+        assert recurrence in (tmp_path / svg).read_text()

@@ -77,7 +77,9 @@ def test_infer_shapes_repairs_annotations_and_cse_then_dce_cleans_up():
 
 
 def test_unknown_pass_is_a_one_line_error():
-    with pytest.raises(passes.PassError, match="unknown pass 'fuse-everything' \\(known: cse, dce, fuse-residual-norm"):
+    with pytest.raises(
+        passes.PassError, match="unknown pass 'fuse-everything' \\(known: cse, dce, fuse-decay-recurrence"
+    ):
         passes.lookup("cse,fuse-everything")
 
 
@@ -117,6 +119,69 @@ def test_lower_linear_recurrence_golden():
     assert run(before, "lower-linear-recurrence") == after
 
 
+DECAY_PARAMS = """  param @w1: f32[2, 4] = zeros
+  param @b1: f32[2] = zeros
+  param @w2: f32[4, 2] = zeros
+  param @b2: f32[4] = zeros
+  param @w_g: f32[1, 4, 4] = zeros
+"""
+DECAY_ARGS = "%z, %z, @w1, @b1, @w2, @b2, @w1, @b1, @w2, @b2"
+
+
+def test_fuse_decay_recurrence_golden():
+    head = "graph @g(%z: f32[B, T, 4], %gz: f32[B, T, 4], %h0: f32[B, 4]) {\n" + DECAY_PARAMS
+    before = (
+        head
+        + f"""  %gamma: f32[B, T, 4] = mdi_decay({DECAY_ARGS}) {{eps = 0.001}}
+  %h: f32[B, T, 4], %h_last: f32[B, 4] = gated_recurrence(%z, %gz, %gamma, %h0, @w_g)
+  %kept: f32[B, T, 4] = mdi_decay({DECAY_ARGS})
+  %k: f32[B, T, 4], %k_last: f32[B, 4] = gated_recurrence(%z, %gz, %kept, %h0, @w_g)
+  %s: f32[B, T, 4], %s_last: f32[B, 4] = gated_recurrence(%z, %gz, %kept, %h0)
+  return h = %h, k = %k, s = %s
+}}
+"""
+    )
+    # %kept has two uses (the second recurrence has no W_g): it stays materialised.
+    after = (
+        head
+        + f"""  %gamma.a: f32[B, T, 4], %gamma.c: f32[B, T, 4] = mdi_decay_logits({DECAY_ARGS})
+  %h: f32[B, T, 4], %h_last: f32[B, 4] = decay_recurrence(%z, %gz, %gamma.a, %gamma.c, %h0, @w_g) {{eps = 0.001}}
+  %kept: f32[B, T, 4] = mdi_decay({DECAY_ARGS})
+  %k: f32[B, T, 4], %k_last: f32[B, 4] = gated_recurrence(%z, %gz, %kept, %h0, @w_g)
+  %s: f32[B, T, 4], %s_last: f32[B, 4] = gated_recurrence(%z, %gz, %kept, %h0)
+  return h = %h, k = %k, s = %s
+}}
+"""
+    )
+    assert run(before, "fuse-decay-recurrence") == after
+
+
+def test_fuse_decay_recurrence_keeps_values_and_gradients():
+    graph = parse(
+        "graph @g(%z: f32[B, T, 4], %gz: f32[B, T, 4], %h0: f32[B, 4]) {\n"
+        + DECAY_PARAMS
+        + f"""  %gamma: f32[B, T, 4] = mdi_decay({DECAY_ARGS}) {{eps = 0.01}}
+  %h: f32[B, T, 4], %h_last: f32[B, 4] = gated_recurrence(%z, %gz, %gamma, %h0, @w_g)
+  return h = %h, h_last = %h_last
+}}
+"""
+    )
+    fused = passes.run_pipeline(graph, passes.lookup("fuse-decay-recurrence")).graph
+    assert [n.op for n in fused.nodes] == ["mdi_decay_logits", "decay_recurrence"]
+    inputs = {n: torch.randn(2, 9, 4, dtype=torch.float64) * 3 for n in ("z", "gz")}
+    inputs["h0"] = torch.randn(2, 4, dtype=torch.float64)
+    shapes = {p.name: tuple(p.type.shape) for p in graph.params}
+    params = {n: (torch.randn(s, dtype=torch.float64) * 2).requires_grad_() for n, s in shapes.items()}
+    results = []
+    for g in (graph, fused):
+        outs = run_graph(g, inputs, params)
+        total = (outs["h"].sin()).sum() + outs["h_last"].sum()
+        results.append((outs["h"], torch.autograd.grad(total, list(params.values()))))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for f, p in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(f, p)
+
+
 def test_fuse_residual_norm_golden():
     before = """graph @g(%a: f32[B, 4], %b: f32[B, 4], %c: f32[B, 4]) {
   param @w: f32[4] = ones
@@ -150,7 +215,8 @@ def test_default_pipeline_keeps_the_model_numerics(variant):
     ops = [n.op for n in result.graph.nodes]
     assert ops.count("add_rmsnorm") == 4 and "rmsnorm" in ops  # the first norm has no add before it
     assert ("linear_scan" in ops) == (variant.get("recurrence") == "linear")
-    assert "gated_recurrence" not in ops or variant.get("recurrence") != "linear"
+    assert "gated_recurrence" not in ops  # lowered to a scan, or fused with its decay
+    assert ("decay_recurrence" in ops) == (variant.get("recurrence") != "linear")
 
     tokens = torch.randint(0, 2048, (2, 37))
     outputs = []

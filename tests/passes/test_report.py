@@ -16,8 +16,8 @@ def test_residual_norm_fusion_saves_one_read_in_the_report():
     after = passes.run_pipeline(before, passes.lookup("fuse-residual-norm")).graph
     b, a = passes.block_costs(before)["layer0"], passes.block_costs(after)["layer0"]
     # add reads 2 and writes 1 row, rmsnorm reads 1 and writes 1: 5 x 8 x 4 bytes; fused: 4 rows.
-    assert (b.ops, b.bytes_per_token) == (2, 5 * 32)
-    assert (a.ops, a.bytes_per_token) == (1, 4 * 32)
+    assert (b.ops, b.kernels, b.bytes_per_token) == (2, 2, 5 * 32)
+    assert (a.ops, a.kernels, a.bytes_per_token) == (1, 1, 4 * 32)
     assert a.by_op == {"add_rmsnorm": 1}
 
 
@@ -29,3 +29,14 @@ def test_model_report_has_every_block_and_a_total():
     before, after = passes.block_costs(graph), passes.block_costs(result.graph)
     assert sum(c.ops for c in after.values()) < sum(c.ops for c in before.values())
     assert sum(c.bytes_per_token for c in after.values()) < sum(c.bytes_per_token for c in before.values())
+
+
+def test_decay_fusion_removes_the_tail_kernels_and_gamma():
+    """mdi_decay's tail (2 sigmoids, product, clamp: 9 rows of D) goes, and the recurrence reads the
+    two logits instead of gamma (one more row): 8 x D x 4 bytes fewer per token and 4 kernels."""
+    cfg = models.load_config("tiny")
+    graph = passes.run_pipeline(models.build(cfg), passes.lookup("infer-shapes")).graph
+    fused = passes.run_pipeline(graph, passes.lookup("fuse-decay-recurrence")).graph
+    b, a = passes.block_costs(graph)["layer0"], passes.block_costs(fused)["layer0"]
+    assert b.kernels - a.kernels == 4
+    assert b.bytes_per_token - a.bytes_per_token == 8 * cfg.d_model * 4
