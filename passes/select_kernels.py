@@ -32,6 +32,8 @@ CUDA_KERNELS: dict[str, str] = {
     "decay_recurrence": "triton:mmrec::decay_recurrence_fwd/_bwd",
     "hds_query": "triton:mmrec::hds_attend_fwd/_bwd (T > 1), triton:mmrec::hds_decode (T = 1, inference)",
     "memory_write": "triton:mmrec::block_sums + torch (segments), triton:mmrec::memory_write_step (decode session)",
+    "rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
+    "add_rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
     "linear": "cublas",
     "lm_head": "cublas",
     "ffn": "cublas + torch",

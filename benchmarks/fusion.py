@@ -1,0 +1,149 @@
+"""Fusion kernels, each against what it replaces, timed side by side in one run (median of
+triton.testing.do_bench, forward and forward+backward):
+
+- decay_recurrence (fuse-decay-recurrence: gamma formed on chip from the decay's two logits) vs
+  the decay tail in PyTorch (sigmoid, sigmoid, product, clamp; eager and torch.compile'd)
+  followed by gated_recurrence, at the block shape B8 T4096 D1024 H16 and B16 T1024 H16 Dh64;
+- add_rmsnorm (fuse-residual-norm's kernel) vs the reference (eager and torch.compile'd) and
+  vs the copy floor of its traffic (read 2 rows, write 2 rows), measured in the same run.
+
+Each of our kernels is checked against the reference on the benchmark inputs before timing.
+
+    python benchmarks/fusion.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton
+
+import kernels
+from benchmarks.common import run_info
+from kernels.nn.reference import rmsnorm as ref_rmsnorm
+
+DEVICE = "cuda"
+ROWS: list[dict] = []
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
+
+
+def timer(fn, leaves, grads):
+    def run():
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(fn(), grads)
+
+    return run
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def report(group: str, name: str, shape: str, fwd: float, fwd_bwd: float | None, base: dict | None) -> dict:
+    entry = {"group": group, "name": name, "shape": shape, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
+    ROWS.append(entry)
+    vs = ""
+    if base is not None:
+        vs = f"  ours faster by {base['fwd_ms'] / fwd:.2f}x fwd"
+        if fwd_bwd and base["fwd_bwd_ms"]:
+            vs += f" / {base['fwd_bwd_ms'] / fwd_bwd:.2f}x fwd+bwd"
+    fb = f"{fwd_bwd:8.3f}" if fwd_bwd is not None else "       -"
+    print(f"  {name:<46} fwd {fwd:8.3f} ms  fwd+bwd {fb} ms{vs}", flush=True)
+    return entry
+
+
+def decay_section(bsz: int, steps: int, heads: int, dh: int) -> None:
+    width = heads * dh
+    shape = f"B{bsz} T{steps} H{heads} Dh{dh} fp32"
+    print(f"decay tail + gated recurrence, {shape}")
+    z, gz, a, c = (torch.randn(bsz, steps, width, device=DEVICE, requires_grad=True) for _ in range(4))
+    w_g = (torch.randn(heads, dh, dh, device=DEVICE) / dh**0.5).requires_grad_()
+    h0 = torch.randn(bsz, width, device=DEVICE, requires_grad=True)
+    leaves = [z, gz, a, c, w_g, h0]
+    grads = [torch.randn(bsz, steps, width, device=DEVICE), torch.randn(bsz, width, device=DEVICE)]
+
+    def unfused(gate):
+        return lambda: kernels.gated_recurrence(z, gz, gate(a, c), w_g, h0)
+
+    compiled_gate = torch.compile(kernels.decay_gate, fullgraph=True)
+    fused = lambda: kernels.decay_recurrence(z, gz, a, c, w_g, h0)  # noqa: E731
+    with torch.no_grad():
+        err = rel_err(fused()[0], unfused(kernels.decay_gate)()[0])
+        assert err < 1e-4, f"decay_recurrence disagrees with tail + gated_recurrence: rel err {err:.1e}"
+    rows = {}
+    for name, fn in (
+        ("tail eager + gated_recurrence", unfused(kernels.decay_gate)),
+        ("tail torch.compile + gated_recurrence", unfused(compiled_gate)),
+        ("mmrec decay_recurrence (fused)", fused),
+    ):
+        with torch.no_grad():
+            f = bench(fn)
+        rows[name] = (f, bench(timer(fn, leaves, grads)))
+    base = None
+    for name, (f, fb) in rows.items():
+        entry = report("decay", name, shape, f, fb, base if "fused" in name else None)
+        if "compile" in name:
+            base = entry
+
+
+def norm_section(rows: int, width: int) -> None:
+    shape = f"{rows} rows x {width} fp32"
+    print(f"residual add + rmsnorm, {shape}")
+    a, b = (torch.randn(rows, width, device=DEVICE, requires_grad=True) for _ in range(2))
+    w = (torch.rand(width, device=DEVICE) + 0.5).requires_grad_()
+    grads = [torch.randn(rows, width, device=DEVICE) for _ in range(2)]
+
+    def reference(a, b, w):
+        s = a + b
+        return s, ref_rmsnorm(s, w, 1e-6)
+
+    compiled = torch.compile(reference, fullgraph=True)
+    with torch.no_grad():
+        s, u = kernels.add_rmsnorm(a, b, w, 1e-6)
+        rs, ru = reference(a, b, w)
+        assert torch.equal(s, rs) and rel_err(u, ru) < 1e-6, "add_rmsnorm disagrees with the reference"
+    src, dst = torch.randn(2, rows, width, device=DEVICE), torch.empty(2, rows, width, device=DEVICE)
+    floor = bench(lambda: dst.copy_(src))  # 2 rows read, 2 written: the forward's traffic
+    print(f"  {'copy floor (read 2 rows, write 2 rows)':<46} fwd {floor:8.3f} ms")
+    ROWS.append({"group": "norm", "name": "copy floor", "shape": shape, "fwd_ms": floor, "fwd_bwd_ms": None})
+    base = None
+    for name, fn in (
+        ("reference eager", reference),
+        ("reference torch.compile", compiled),
+        ("mmrec add_rmsnorm (Triton)", lambda a, b, w: kernels.add_rmsnorm(a, b, w, 1e-6)),
+    ):
+        with torch.no_grad():
+            f = bench(lambda fn=fn: fn(a, b, w))
+        fb = bench(timer(lambda fn=fn: fn(a, b, w), [a, b, w], grads))
+        entry = report("norm", name, shape, f, fb, base if "mmrec" in name else None)
+        if "compile" in name:
+            base = entry
+    print(f"  mmrec add_rmsnorm forward: {ROWS[-1]['fwd_ms'] / floor:.2f}x the copy floor")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    info = run_info("benchmarks/fusion.py")
+    torch.manual_seed(0)
+    decay_section(8, 4096, 16, 64)
+    decay_section(16, 1024, 16, 64)
+    norm_section(8 * 4096, 1024)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "rows": ROWS}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
