@@ -34,12 +34,6 @@ def main() -> None:
     parser.add_argument("--C", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="only tiles of <= 2048 elements and <= 2 warps")
     parser.add_argument("--only", choices=["fwd", "bwd"], default=None, help="sweep one direction")
-    parser.add_argument(
-        "--scalar",
-        action="store_true",
-        help="compile with T and C unspecialised (no 16-byte vectors), so a warp's lanes lie along C "
-        "and each thread owns whole columns of the tile: the scan along T stays in registers",
-    )
     args = parser.parse_args()
     run_info("benchmarks/scan_sweep.py")
     bsz, steps, width = args.B, args.T, args.C
@@ -61,33 +55,35 @@ def main() -> None:
     floor_f, floor_b = copy * 3 / 2, copy * 5 / 2
     print(f"B{bsz} T{steps} C{width} bf16: copy {copy:.3f} ms -> floor fwd {floor_f:.3f}, bwd {floor_b:.3f}")
 
-    fwd_kernel, bwd_kernel = kernel._scan_fwd, kernel._scan_bwd
-    if args.scalar:
-        fwd_kernel = triton.jit(kernel._scan_fwd.fn, do_not_specialize=["T", "C"])
-        bwd_kernel = triton.jit(kernel._scan_bwd.fn, do_not_specialize=["T", "C"])
-
     def launcher(direction: str, bt: int, bc: int, w: int, stages: int):
         grid = (bsz, triton.cdiv(width, bc))
         meta = dict(HAS_H0=True, BLOCK_T=bt, BLOCK_C=bc, STAGES=stages, num_warps=w)
         if direction == "fwd":
             h, h_last = torch.empty_like(x), torch.empty_like(h0)
             args = (log_a, x, h0, h, h_last, steps, width)
-            return (lambda: fwd_kernel[grid](*args, **meta)), h, ref_h
+            return (lambda: kernel._scan_fwd[grid](*args, **meta)), h, ref_h
         dla, db, dh0 = torch.empty_like(log_a), torch.empty_like(x), torch.empty_like(h0)
         args = (log_a, h_bf, h0, dh, dh_last, dla, db, dh0, steps, width)
-        return (lambda: bwd_kernel[grid](*args, **meta, HAS_DHLAST=True)), db, ref_g[1]
+        return (lambda: kernel._scan_bwd[grid](*args, **meta, HAS_DHLAST=True)), db, ref_g[1]
 
     sizes = [(bt, bc) for bt in (16, 32, 64, 128) for bc in (16, 32, 64, 128)]
     configs = [(bt, bc, w) for bt, bc in sizes for w in (1, 2, 4, 8) if bt * bc <= 8192 and bt * bc // (32 * w) >= 4]
-    if args.scalar:  # one or two columns per thread, the whole tile height in registers
-        configs = [(bt, bc, w) for bt in (16, 32, 64, 128) for bc, w in ((32, 1), (64, 1), (64, 2), (128, 4))]
-    elif args.quick:
+    if args.quick:
         configs = [(bt, bc, w) for bt, bc, w in configs if bt * bc <= 2048 and bc >= 32 and w <= 2]
-    configs = [(bt, bc, w, st) for bt, bc, w in configs for st in ((3,) if args.scalar else (3, 4, 6))]
+    configs = [(bt, bc, w, st) for bt, bc, w in configs for st in (3, 4, 6)]
+    # The backward walks one row at a time with 4 bytes of a row per thread: its tiles are
+    # rows per chunk, warps (which fix the columns) and stages.
+    bwd_configs = [
+        (bt, kernel._bwd_block_c(w, x.element_size()), w, st)
+        for bt in (4, 8, 16, 32)
+        for w in (1, 2, 4)
+        for st in (3, 4, 6, 8)
+        if not args.quick or (w <= 2 and bt <= 16)
+    ]
     best = {}
     for direction in ("fwd", "bwd") if args.only is None else (args.only,):
         floor = floor_f if direction == "fwd" else floor_b
-        for bt, bc, w, stages in configs:
+        for bt, bc, w, stages in configs if direction == "fwd" else bwd_configs:
             name = f"{direction} BLOCK_T {bt:3} BLOCK_C {bc:3} warps {w} stages {stages}"
             ms = checked_time(name, lambda c=(direction, bt, bc, w, stages): launcher(*c), bench, 2e-2)
             if ms is None:

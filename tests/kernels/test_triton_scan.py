@@ -21,12 +21,14 @@ def _poison(monkeypatch):
 def make(bsz, steps, width, dtype, with_h0=True):
     log_a = (torch.rand(bsz, steps, width) * -3).to(dtype)
     log_a[0, 0, 0] = -80.0  # clamped below: zero gradient
+    log_a[-1, -1, -1] = 0.5  # clamped above: a = 1, zero gradient
     b = torch.randn(bsz, steps, width).to(dtype)
     h0 = torch.randn(bsz, width).to(dtype) if with_h0 else None
     return [t.to(TRITON_DEVICE) if t is not None else None for t in (log_a, b, h0)]
 
 
-@pytest.mark.parametrize(("steps", "width"), [(1, 3), (37, 20), (500, 5)])
+# (37, 32): whole column blocks, so the backward's unmasked pipelined loop runs as well
+@pytest.mark.parametrize(("steps", "width"), [(1, 3), (37, 20), (500, 5), (37, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_h0", [True, False])
 def test_triton_scan_matches_reference(steps, width, dtype, with_h0):
@@ -45,7 +47,7 @@ def test_triton_scan_matches_reference(steps, width, dtype, with_h0):
     for name, g, r in zip(["log_a", "b", "h0"], grads, ref_grads, strict=False):
         assert g.dtype == dtype
         assert_close(g.cpu(), r, what=f"d{name}", **tol)
-    assert grads[0][0, 0, 0] == 0
+    assert grads[0][0, 0, 0] == 0 and grads[0][-1, -1, -1] == 0
 
 
 def test_triton_scan_matches_the_naive_loop():
