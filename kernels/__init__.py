@@ -10,6 +10,7 @@ tensors through Triton's interpreter.
 from .checks import KernelInputError
 from .config import knobs
 from .decay.reference import decay_gate, mdi_decay, mdi_decay_logits
+from .linear.op import linear_swiglu
 from .memory.op import hds_query, memory_write, memory_write_
 from .memory.reference import Memory, MemorySpec, reset_rows
 from .nn.reference import moe, swiglu, uboo_loss
@@ -28,6 +29,7 @@ __all__ = [
     "hds_query",
     "knobs",
     "linear_scan",
+    "linear_swiglu",
     "mdi_decay",
     "mdi_decay_logits",
     "memory_write",

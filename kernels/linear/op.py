@@ -1,0 +1,91 @@
+"""`torch.ops.mmrec.linear_swiglu_fwd`: the GEMM with the SwiGLU epilogue (kernel.py).
+
+CUDA runs the Triton kernel; other devices and fake tensors run the reference or its shape
+rule. The forward saves g and u (the pre-activations) only when a gradient is needed; the
+backward is the pointwise derivative and three GEMMs in PyTorch (reference.py), so under
+torch.compile Inductor sees and fuses it. Eager CUDA calls and the interpreter launch the kernel
+directly under an autograd.Function, as the other ops do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import KernelInputError, launches_directly, tensor_arg
+from ..config import knobs
+from . import kernel, reference
+
+
+def _reference(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    out, g, u = reference.linear_swiglu(x, w_gate, w_up)
+    return (out, g, u) if save else (out, x.new_empty(0), x.new_empty(0))
+
+
+@torch.library.custom_op("mmrec::linear_swiglu_fwd", mutates_args=())
+def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """x [N, D], w_gate/w_up [F, D] -> (silu(x w_gate^T) * (x w_up^T), and with `save` the two
+    pre-activations g, u [N, F]; otherwise two empty tensors)."""
+    return _reference(x, w_gate, w_up, save)
+
+
+@linear_swiglu_fwd.register_kernel("cuda")
+def _fwd_cuda(x, w_gate, w_up, save):
+    if not knobs.use_triton:
+        return _reference(x, w_gate, w_up, save)
+    return kernel.linear_swiglu_fwd(x, w_gate, w_up, save)
+
+
+@linear_swiglu_fwd.register_fake
+def _fwd_fake(x, w_gate, w_up, save):
+    shape = (x.shape[0], w_gate.shape[0])
+    saved = (x.new_empty(shape), x.new_empty(shape)) if save else (x.new_empty(0), x.new_empty(0))
+    return (x.new_empty(shape), *saved)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w_gate, w_up, save = inputs
+    if not save:
+        raise RuntimeError("mmrec::linear_swiglu_fwd was called with save=False where a gradient is needed")
+    ctx.save_for_backward(x, w_gate, w_up, output[1], output[2])
+
+
+def _backward(ctx, dout: Tensor, _dg, _du):
+    return (*reference.linear_swiglu_backward(*ctx.saved_tensors, dout), None)
+
+
+linear_swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Direct(torch.autograd.Function):
+    """The launcher with the op's autograd, without its dispatch (`checks.launches_directly`)."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up):
+        save = any(ctx.needs_input_grad)
+        out, g, u = kernel.linear_swiglu_fwd(x, w_gate, w_up, save)
+        if save:
+            ctx.save_for_backward(x, w_gate, w_up, g, u)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return reference.linear_swiglu_backward(*ctx.saved_tensors, dout)
+
+
+def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+    """silu(x @ w_gate^T) * (x @ w_up^T) for x [..., D], w_gate/w_up [F, D] -> [..., F]: one
+    Triton GEMM with the epilogue on CUDA (and under the interpreter), the reference elsewhere."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise KernelInputError(f"linear_swiglu: x: expected a tensor [..., D], got {type(x).__name__}")
+    width = x.shape[-1]
+    if not isinstance(w_gate, Tensor) or w_gate.dim() != 2:
+        raise KernelInputError(f"linear_swiglu: w_gate: expected [F, {width}], got {getattr(w_gate, 'shape', None)}")
+    w_gate = tensor_arg("linear_swiglu", "w_gate", w_gate, (w_gate.shape[0], width), like=x)
+    w_up = tensor_arg("linear_swiglu", "w_up", w_up, tuple(w_gate.shape), like=x)
+    rows = tensor_arg("linear_swiglu", "x", x, tuple(x.shape)).reshape(-1, width)
+    lead = x.shape[:-1]
+    if launches_directly(rows):
+        return _Direct.apply(rows, w_gate, w_up).view(*lead, -1)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_gate, w_up))
+    return torch.ops.mmrec.linear_swiglu_fwd(rows, w_gate, w_up, save)[0].view(*lead, -1)

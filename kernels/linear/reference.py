@@ -1,0 +1,38 @@
+"""Plain-PyTorch reference of the GEMMs with fused epilogues (the oracle of kernel.py).
+
+linear_swiglu(x, w_gate, w_up) = silu(x @ w_gate^T) * (x @ w_up^T): the SwiGLU FFN's up half,
+as the pass fuse-epilogue forms it from a two-output linear, a silu and a product. The products
+accumulate in fp32 (fp64 for fp64 inputs) and the epilogue runs on the unrounded accumulators;
+g and u, the pre-activations the backward needs, are returned rounded to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x [N, D], w_gate/w_up [F, D] -> (out, g, u), each [N, F] in x's dtype."""
+    acc = _acc(x)
+    g = F.linear(x.to(acc), w_gate.to(acc))
+    u = F.linear(x.to(acc), w_up.to(acc))
+    return (F.silu(g) * u).to(x.dtype), g.to(x.dtype), u.to(x.dtype)
+
+
+def linear_swiglu_backward(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx [N, D], dw_gate, dw_up [F, D]). silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)."""
+    acc = _acc(x)
+    gf, uf, df = g.to(acc), u.to(acc), dout.to(acc)
+    s = torch.sigmoid(gf)
+    dg = (df * uf * s * (1 + gf * (1 - s))).to(x.dtype)
+    du = (df * gf * s).to(x.dtype)
+    dx = dg @ w_gate + du @ w_up
+    return dx, dg.t() @ x, du.t() @ x

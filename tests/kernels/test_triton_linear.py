@@ -1,0 +1,89 @@
+"""The Triton GEMM with the SwiGLU epilogue vs PyTorch autograd of silu(x Wg^T) * (x Wu^T) in fp64:
+odd sizes (no side a multiple of the tile), fp32/bf16, every gradient, NaN-poisoned outputs. Runs
+on CUDA, or on CPU under TRITON_INTERPRET=1; the reference and the op registration run everywhere."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import KernelInputError
+from kernels.linear import kernel, reference
+from tests.conftest import TRITON_DEVICE, assert_close
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
+    monkeypatch.setattr(kernels.knobs, "autotune", False)
+
+
+def make(lead, width, hidden, dtype, device=TRITON_DEVICE):
+    x = torch.randn(*lead, width)
+    w_gate, w_up = torch.randn(hidden, width) / width**0.5, torch.randn(hidden, width) / width**0.5
+    return [t.to(device, dtype).requires_grad_() for t in (x, w_gate, w_up)]
+
+
+def fp64_autograd(x, w_gate, w_up, dout):
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w_gate, w_up)]
+    out = F.silu(F.linear(leaves[0], leaves[1])) * F.linear(leaves[0], leaves[2])
+    return out.detach(), torch.autograd.grad((out * dout.cpu().double()).sum(), leaves)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(("lead", "width", "hidden"), [((2, 37), 20, 24), ((1, 5), 48, 33), ((63,), 16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_swiglu_matches_fp64_autograd(lead, width, hidden, dtype):
+    x, w_gate, w_up = make(lead, width, hidden, dtype)
+    out = kernels.linear_swiglu(x, w_gate, w_up)
+    assert out.shape == (*lead, hidden) and out.dtype == dtype
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), (x, w_gate, w_up))
+    ref, ref_grads = fp64_autograd(x, w_gate, w_up, dout)
+    for name, got, want in zip(["out", "dx", "dw_gate", "dw_up"], (out, *grads), (ref, *ref_grads), strict=True):
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            assert_close(got.cpu(), want, what=name, rtol=1e-4, atol=1e-5)
+        else:  # bf16 GEMMs round every product sum: compare the whole tensor's relative error
+            assert not torch.isnan(got).any(), f"{name}: NaN"
+            err = ((got.cpu().double() - want).norm() / want.norm()).item()
+            assert err < 1e-2, f"{name}: relative error {err:.1e}"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("save", [True, False])
+def test_the_launcher_writes_every_element(save):
+    x, w_gate, w_up = (t.detach() for t in make((45,), 40, 50, torch.float32))
+    out, g, u = kernel.linear_swiglu_fwd(x, w_gate, w_up, save)
+    assert not torch.isnan(out).any()
+    if save:
+        _, want_g, want_u = reference.linear_swiglu(x, w_gate, w_up)
+        assert_close(g.cpu(), want_g.cpu(), what="g", rtol=1e-4, atol=1e-5)
+        assert_close(u.cpu(), want_u.cpu(), what="u", rtol=1e-4, atol=1e-5)
+    else:
+        assert g.numel() == 0 and u.numel() == 0
+
+
+def test_reference_backward_matches_autograd():
+    x, w_gate, w_up = make((9,), 7, 5, torch.float64, device="cpu")
+    out, g, u = reference.linear_swiglu(x, w_gate, w_up)
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad((out * dout).sum(), (x, w_gate, w_up))
+    got = reference.linear_swiglu_backward(x.detach(), w_gate.detach(), w_up.detach(), g.detach(), u.detach(), dout)
+    for name, a, b in zip(["x", "w_gate", "w_up"], got, want, strict=True):
+        assert_close(a, b, what=f"d{name}", rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck_linear_swiglu():
+    x, w_gate, w_up = make((6,), 8, 10, torch.float32, device="cpu")
+    torch.library.opcheck(torch.ops.mmrec.linear_swiglu_fwd.default, (x, w_gate, w_up, True))
+    plain = (x.detach(), w_gate.detach(), w_up.detach())
+    torch.library.opcheck(torch.ops.mmrec.linear_swiglu_fwd.default, (*plain, False))
+
+
+def test_errors_name_the_argument():
+    x, w_gate, w_up = make((2, 3), 8, 10, torch.float32, device="cpu")
+    with pytest.raises(KernelInputError, match=r"linear_swiglu: w_up: expected shape \[10, 8\], got \[10, 7\]"):
+        kernels.linear_swiglu(x, w_gate, w_up[:, :7])
+    with pytest.raises(KernelInputError, match=r"linear_swiglu: w_gate: expected shape \[10, 8\], got \[10, 9\]"):
+        kernels.linear_swiglu(x, torch.randn(10, 9), w_up)
