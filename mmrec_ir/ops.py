@@ -116,16 +116,32 @@ def _embedding(ids, table):
     return [TensorType(table.dtype, (*ids.shape, table.shape[1]))]
 
 
-@op("linear", ("x", "weight"), splits=())
-def _linear(x, weight, splits):
-    """y = x @ weight^T, weight [out, in]; with splits, one GEMM whose columns are split into outputs."""
+@op("linear", ("x", "weights*"), splits=())
+def _linear(x, weights, splits):
+    """y = x @ cat(weights)^T, each weight [out_i, in]: one GEMM. Its columns are split into
+    outputs by `splits`, or one output per weight without it."""
     x = floating("x", x)
-    weight = tensor("weight", weight, rank=2)
-    expect("weight", weight, (weight.shape[0], x.shape[-1]), x.dtype)
-    sizes = positive_ints("splits", splits) if splits else (weight.shape[0],)
-    if sum(sizes) != weight.shape[0]:
-        raise ShapeError(f"splits {list(sizes)} sum to {sum(sizes)}, expected weight rows {weight.shape[0]}")
+    if not weights:
+        raise ShapeError("weights: expected at least one weight, got none")
+    rows = []
+    for i, w in enumerate(weights):
+        what = "weight" if len(weights) == 1 else f"weights[{i}]"
+        w = tensor(what, w, rank=2)
+        rows.append(expect(what, w, (w.shape[0], x.shape[-1]), x.dtype).shape[0])
+    sizes = positive_ints("splits", splits) if splits else tuple(rows)
+    if sum(sizes) != sum(rows):
+        raise ShapeError(f"splits {list(sizes)} sum to {sum(sizes)}, expected weight rows {sum(rows)}")
     return [x.with_shape((*x.shape[:-1], s)) for s in sizes]
+
+
+@op("linear_swiglu", ("x", "w_gate", "w_up"))
+def _linear_swiglu(x, w_gate, w_up):
+    """silu(x @ w_gate^T) * (x @ w_up^T): one GEMM with the SwiGLU epilogue (fuse-epilogue)."""
+    x = floating("x", x)
+    f = tensor("w_gate", w_gate, rank=2).shape[0]
+    expect("w_gate", w_gate, (f, x.shape[-1]), x.dtype)
+    expect("w_up", w_up, (f, x.shape[-1]), x.dtype)
+    return [x.with_shape((*x.shape[:-1], f))]
 
 
 @op("rmsnorm", ("x", "weight"), eps=1e-6)

@@ -53,12 +53,14 @@ def block(b: Builder, cfg: Config, i: int, x: str, h_prev: str, mem: str) -> tup
     aux: list[str] = []
     f = cfg.ffn_hidden
     if cfg.moe is None:
-        y = b.ffn(
-            u2,
-            b.param(p + "ffn.w_gate", (f, d)),
-            b.param(p + "ffn.w_up", (f, d)),
-            b.param(p + "ffn.w_down", (d, f), f"normal({out_std})"),
-        )
+        # SwiGLU written out as the model means it; fuse-projections and fuse-epilogue turn the
+        # two up projections, the silu and the product into one GEMM with a SwiGLU epilogue.
+        w_gate = b.param(p + "ffn.w_gate", (f, d))
+        w_up = b.param(p + "ffn.w_up", (f, d))
+        w_down = b.param(p + "ffn.w_down", (d, f), f"normal({out_std})")
+        gate = b.linear(u2, w_gate, name=p + "ffn.gate")
+        up = b.linear(u2, w_up, name=p + "ffn.up")
+        y = b.linear(b.mul(b.silu(gate), up, name=p + "ffn.hidden"), w_down)
     else:
         e = cfg.moe.experts
         y, balance = b.moe(

@@ -4,6 +4,8 @@ from .base import PASSES, Pass
 from .cse import CSE
 from .dce import DCE
 from .fuse_decay_recurrence import FuseDecayRecurrence
+from .fuse_epilogue import FuseEpilogue
+from .fuse_projections import FuseProjections
 from .fuse_residual_norm import FuseResidualNorm
 from .infer_shapes import InferShapes
 from .inspect import RenderError, dump_stages, render_pipeline, render_svg
@@ -17,6 +19,8 @@ __all__ = [
     "DCE",
     "PASSES",
     "FuseDecayRecurrence",
+    "FuseEpilogue",
+    "FuseProjections",
     "FuseResidualNorm",
     "InferShapes",
     "LowerLinearRecurrence",

@@ -78,9 +78,20 @@ def default_pipeline() -> list[Pass]:
     - lower-linear-recurrence before the fusions, which may then fuse the ops it creates;
     - fuse-decay-recurrence, on the gated recurrences that are left;
     - fuse-residual-norm;
-    - cse, then dce, because CSE leaves the duplicates' producers dead;
+    - cse before fuse-projections, so duplicated projections are merged as one, not fused twice;
+    - fuse-projections before fuse-epilogue, whose SwiGLU row matches the two-output linear it makes;
+    - dce last among the rewrites, because CSE leaves the duplicates' producers dead;
     - select-kernels last, to record what claims each node that is left."""
-    names = ["infer-shapes", "lower-linear-recurrence", "fuse-decay-recurrence", "fuse-residual-norm", "cse", "dce"]
+    names = [
+        "infer-shapes",
+        "lower-linear-recurrence",
+        "fuse-decay-recurrence",
+        "fuse-residual-norm",
+        "cse",
+        "fuse-projections",
+        "fuse-epilogue",
+        "dce",
+    ]
     return lookup([*names, "select-kernels"])
 
 

@@ -60,9 +60,14 @@ class ReferenceOps:
     uboo_loss = staticmethod(lambda h, h0, p, q: _one(kernels.uboo_loss(h, h0, p, q)))
 
     @staticmethod
-    def linear(x, weight, splits=()):
-        y = F.linear(x, weight)
-        return tuple(torch.split(y, list(splits), dim=-1)) if splits else (y,)
+    def linear(x, *weights, splits=()):
+        # Several weights (fuse-projections): one GEMM over their concatenation. The copy is
+        # of the weights, once per call, not per token.
+        y = F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights))
+        sizes = splits or [w.shape[0] for w in weights]
+        return tuple(torch.split(y, list(sizes), dim=-1)) if len(sizes) > 1 else (y,)
+
+    linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
 
     def moe(self, x, router, w_gate, w_up, w_down, top_k, capacity_factor):
         return kernels.moe(x, router, w_gate, w_up, w_down, top_k, capacity_factor, self.training)

@@ -203,6 +203,61 @@ def test_fuse_residual_norm_golden():
     assert run(before, "fuse-residual-norm") == after
 
 
+def test_fuse_projections_golden():
+    # %q/%k (one weight, split) and %g read %x: one GEMM; %o reads %y and stays.
+    before = """graph @g(%x: f32[B, T, 4], %y: f32[B, T, 4]) {
+  param @w_qk: f32[6, 4] = normal(0.02)
+  param @w_g: f32[3, 4] = normal(0.02)
+  param @w_o: f32[4, 4] = normal(0.02)
+  %q: f32[B, T, 2], %k: f32[B, T, 4] = linear(%x, @w_qk) {splits = [2, 4]}
+  %o: f32[B, T, 4] = linear(%y, @w_o)
+  %g: f32[B, T, 3] = linear(%x, @w_g)
+  return q = %q, k = %k, o = %o, g = %g
+}
+"""
+    after = """graph @g(%x: f32[B, T, 4], %y: f32[B, T, 4]) {
+  param @w_qk: f32[6, 4] = normal(0.02)
+  param @w_g: f32[3, 4] = normal(0.02)
+  param @w_o: f32[4, 4] = normal(0.02)
+  %q: f32[B, T, 2], %k: f32[B, T, 4], %g: f32[B, T, 3] = linear(%x, @w_qk, @w_g) {splits = [2, 4, 3]}
+  %o: f32[B, T, 4] = linear(%y, @w_o)
+  return q = %q, k = %k, o = %o, g = %g
+}
+"""
+    assert run(before, "fuse-projections") == after
+
+
+SWIGLU = """graph @g(%u: f32[B, T, 4]) {{
+  param @w_gate: f32[8, 4] = normal(0.02)
+  param @w_up: f32[8, 4] = normal(0.02)
+  %gate: f32[B, T, 8] = linear(%u, @w_gate)
+  %up: f32[B, T, 8] = linear(%u, @w_up)
+  %act: f32[B, T, 8] = silu(%gate)
+  %hidden: f32[B, T, 8] = mul({lhs}, {rhs})
+  return hidden = %hidden{extra}
+}}
+"""
+
+
+@pytest.mark.parametrize(("lhs", "rhs"), [("%act", "%up"), ("%up", "%act")])
+def test_fuse_epilogue_golden(lhs, rhs):
+    after = """graph @g(%u: f32[B, T, 4]) {
+  param @w_gate: f32[8, 4] = normal(0.02)
+  param @w_up: f32[8, 4] = normal(0.02)
+  %hidden: f32[B, T, 8] = linear_swiglu(%u, @w_gate, @w_up)
+  return hidden = %hidden
+}
+"""
+    assert run(SWIGLU.format(lhs=lhs, rhs=rhs, extra=""), "fuse-projections,fuse-epilogue") == after
+
+
+@pytest.mark.parametrize("extra", [", gate = %gate", ", act = %act", ", up = %up"])
+def test_fuse_epilogue_leaves_a_chain_whose_parts_are_used_elsewhere(extra):
+    graph = SWIGLU.format(lhs="%act", rhs="%up", extra=extra)
+    out = run(graph, "fuse-projections,fuse-epilogue")
+    assert "linear_swiglu" not in out and "silu(%gate)" in out
+
+
 @pytest.mark.parametrize("variant", [{}, {"recurrence": "linear"}, {"moe": {"experts": 2, "top_k": 1}, "uboo": True}])
 def test_default_pipeline_keeps_the_model_numerics(variant):
     """Fused and lowered model == the model as written: logits and every gradient."""
@@ -239,14 +294,24 @@ BINARY = ["add", "mul", "sub"]
 
 @st.composite
 def random_graphs(draw):
-    """Small random DAGs of elementwise ops and norms, with deliberate duplicates and dead branches."""
+    """Small random DAGs of elementwise ops, norms and linears, with deliberate duplicates, dead
+    branches, projections of one input and SwiGLU chains (whose parts other ops may also use)."""
     b = Builder("g")
     pool = [b.input("x", f32("B", 6)), b.input("y", f32("B", 6))]
     norm = b.param("norm", (6,), "ones")
+    weights = [b.param(f"w{i}", (6, 6)) for i in range(3)]
     for _ in range(draw(st.integers(2, 12))):
-        kind = draw(st.integers(0, 4))
+        kind = draw(st.integers(0, 6))
+        if kind == 5:  # a SwiGLU chain: fusable once its two projections are one linear
+            x = draw(st.sampled_from(pool))
+            gate, up = (b.linear(x, draw(st.sampled_from(weights))) for _ in range(2))
+            act = b.silu(gate)
+            pool += [gate, up, act, b.mul(act, up) if draw(st.booleans()) else b.mul(up, act)]
+            continue
         if kind == 0:  # a norm, fusable when its input comes from an add
             op, args = "rmsnorm", [draw(st.sampled_from(pool)), norm]
+        elif kind == 4:  # a projection: several of one input are fuse-projections' to merge
+            op, args = "linear", [draw(st.sampled_from(pool)), draw(st.sampled_from(weights))]
         elif kind in (1, 2):
             op = draw(st.sampled_from(UNARY))
             args = [draw(st.sampled_from(pool))]
@@ -262,16 +327,19 @@ def random_graphs(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_graphs())
-def test_fusion_cse_and_dce_preserve_values_and_gradients(graph):
+def test_fusions_cse_and_dce_preserve_values_and_gradients(graph):
     def evaluate(g):
         x = torch.linspace(-1, 1, 12, dtype=torch.float64).view(2, 6).requires_grad_()
         y = torch.linspace(0.5, -0.7, 12, dtype=torch.float64).view(2, 6).requires_grad_()
-        outs = run_graph(g, {"x": x, "y": y}, {"norm": torch.linspace(0.5, 1.5, 6, dtype=torch.float64)})
+        params = {"norm": torch.linspace(0.5, 1.5, 6, dtype=torch.float64)}
+        params.update({f"w{i}": torch.linspace(-1, 1, 36, dtype=torch.float64).view(6, 6).roll(i, 0) for i in range(3)})
+        outs = run_graph(g, {"x": x, "y": y}, params)
         total = sum((o.tanh() * (i + 1)).sum() for i, o in enumerate(outs.values()))
         gx, gy = torch.autograd.grad(total, (x, y), allow_unused=True)
         return outs, gx, gy
 
-    optimized = passes.run_pipeline(graph, passes.lookup("fuse-residual-norm,cse,dce")).graph
+    pipeline = "fuse-residual-norm,cse,fuse-projections,fuse-epilogue,dce"
+    optimized = passes.run_pipeline(graph, passes.lookup(pipeline)).graph
     assert len(optimized.nodes) <= len(graph.nodes)
     before, after = evaluate(graph), evaluate(optimized)
     for name in before[0]:
