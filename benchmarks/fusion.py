@@ -5,11 +5,15 @@ triton.testing.do_bench, forward and forward+backward):
   the decay tail in PyTorch (sigmoid, sigmoid, product, clamp; eager and torch.compile'd)
   followed by gated_recurrence, at the block shape B8 T4096 D1024 H16 and B16 T1024 H16 Dh64;
 - add_rmsnorm (fuse-residual-norm's kernel) vs the reference (eager and torch.compile'd) and
-  vs the copy floor of its traffic (read 2 rows, write 2 rows), measured in the same run.
+  vs the copy floor of its traffic (read 2 rows, write 2 rows), measured in the same run;
+- linear_swiglu (fuse-projections + fuse-epilogue: one GEMM with the SwiGLU epilogue) vs one
+  cuBLAS GEMM over both weights followed by silu * product (eager, and torch.compile'd, where
+  Inductor fuses the pointwise part), at the block's FFN shape, fp32 with TF32 and bf16; the
+  GEMM alone (cuBLAS, no epilogue) is printed as the floor of what fusion can reach.
 
 Each of our kernels is checked against the reference on the benchmark inputs before timing.
 
-    python benchmarks/fusion.py [--json out.json]
+    python benchmarks/fusion.py [--only decay,norm,swiglu] [--json out.json]
 """
 
 from __future__ import annotations
@@ -132,15 +136,62 @@ def norm_section(rows: int, width: int) -> None:
     print(f"  mmrec add_rmsnorm forward: {ROWS[-1]['fwd_ms'] / floor:.2f}x the copy floor")
 
 
+def swiglu_section(rows: int, width: int, hidden: int, dtype) -> None:
+    shape = f"{rows} x {width} -> {hidden} {str(dtype).replace('torch.', '')}"
+    print(f"SwiGLU up projection, {shape}")
+    x = torch.randn(rows, width, device=DEVICE, dtype=dtype, requires_grad=True)
+    w_gate, w_up = (
+        (torch.randn(hidden, width, device=DEVICE) / width**0.5).to(dtype).requires_grad_() for _ in range(2)
+    )
+    grads = [torch.randn(rows, hidden, device=DEVICE, dtype=dtype)]
+
+    def unfused(x, w_gate, w_up):  # what fuse-projections alone leaves: one GEMM, then pointwise
+        gate, up = torch.nn.functional.linear(x, torch.cat([w_gate, w_up])).split(hidden, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    compiled = torch.compile(unfused, fullgraph=True)
+    with torch.no_grad():  # both against fp64: TF32 and bf16 products each carry their own error
+        exact = unfused(x.double(), w_gate.double(), w_up.double())
+        ours, theirs = rel_err(kernels.linear_swiglu(x, w_gate, w_up), exact), rel_err(unfused(x, w_gate, w_up), exact)
+        print(f"  rel err vs fp64: mmrec {ours:.1e}, cuBLAS + pointwise {theirs:.1e}")
+        assert ours < 1e-2, f"linear_swiglu is off: rel err {ours:.1e} vs fp64"
+    w_both = torch.cat([w_gate, w_up]).detach()
+    with torch.no_grad():
+        gemm = bench(lambda: torch.nn.functional.linear(x, w_both))
+    print(f"  {'cuBLAS GEMM alone, [N, 2F] out (no epilogue)':<46} fwd {gemm:8.3f} ms")
+    ROWS.append({"group": "swiglu", "name": "cublas gemm alone", "shape": shape, "fwd_ms": gemm, "fwd_bwd_ms": None})
+    base = None
+    for name, fn in (
+        ("GEMM + silu * up, eager", unfused),
+        ("GEMM + silu * up, torch.compile", compiled),
+        ("mmrec linear_swiglu (Triton, fused)", kernels.linear_swiglu),
+    ):
+        with torch.no_grad():
+            f = bench(lambda fn=fn: fn(x, w_gate, w_up))
+        fb = bench(timer(lambda fn=fn: fn(x, w_gate, w_up), [x, w_gate, w_up], grads))
+        entry = report("swiglu", name, shape, f, fb, base if "mmrec" in name else None)
+        if "compile" in name:
+            base = entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", default="decay,norm,swiglu", help="comma-separated sections")
     args = parser.parse_args()
     info = run_info("benchmarks/fusion.py")
     torch.manual_seed(0)
-    decay_section(8, 4096, 16, 64)
-    decay_section(16, 1024, 16, 64)
-    norm_section(8 * 4096, 1024)
+    sections = set(args.only.split(","))
+    if "decay" in sections:
+        decay_section(8, 4096, 16, 64)
+        decay_section(16, 1024, 16, 64)
+    if "norm" in sections:
+        norm_section(8 * 4096, 1024)
+    if "swiglu" in sections:
+        # fp32 runs with TF32 products, as the block benchmark and fp32 training do.
+        torch.set_float32_matmul_precision("high")
+        swiglu_section(8 * 4096, 1024, 2816, torch.float32)
+        swiglu_section(8 * 4096, 1024, 2816, torch.bfloat16)
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": ROWS}, indent=1))
 

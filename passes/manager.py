@@ -79,9 +79,11 @@ def default_pipeline() -> list[Pass]:
     - fuse-decay-recurrence, on the gated recurrences that are left;
     - fuse-residual-norm;
     - cse before fuse-projections, so duplicated projections are merged as one, not fused twice;
-    - fuse-projections before fuse-epilogue, whose SwiGLU row matches the two-output linear it makes;
     - dce last among the rewrites, because CSE leaves the duplicates' producers dead;
-    - select-kernels last, to record what claims each node that is left."""
+    - select-kernels last, to record what claims each node that is left.
+    fuse-epilogue (after fuse-projections, whose two-output linear its SwiGLU row matches) is
+    not in it: its Triton GEMM measured slower than cuBLAS plus the fused pointwise ops on the
+    H100 (BENCHMARKS.md); `--passes` / `compile(passes=...)` runs it."""
     names = [
         "infer-shapes",
         "lower-linear-recurrence",
@@ -89,7 +91,6 @@ def default_pipeline() -> list[Pass]:
         "fuse-residual-norm",
         "cse",
         "fuse-projections",
-        "fuse-epilogue",
         "dce",
     ]
     return lookup([*names, "select-kernels"])

@@ -28,11 +28,13 @@ def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> tuple[Tensor, Tens
 def linear_swiglu_backward(
     x: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor, dout: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dx [N, D], dw_gate, dw_up [F, D]). silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)."""
+    """-> (dx [N, D], dw_gate, dw_up [F, D]). silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+    The two halves' gradients side by side [N, 2F] make each remaining product one GEMM over
+    both weights: dx = [dg, du] @ [w_gate; w_up], [dw_gate; dw_up] = [dg, du]^T @ x."""
     acc = _acc(x)
     gf, uf, df = g.to(acc), u.to(acc), dout.to(acc)
     s = torch.sigmoid(gf)
-    dg = (df * uf * s * (1 + gf * (1 - s))).to(x.dtype)
-    du = (df * gf * s).to(x.dtype)
-    dx = dg @ w_gate + du @ w_up
-    return dx, dg.t() @ x, du.t() @ x
+    dgu = torch.cat([df * uf * s * (1 + gf * (1 - s)), df * gf * s], dim=-1).to(x.dtype)
+    dx = dgu @ torch.cat([w_gate, w_up])
+    dw = dgu.t() @ x
+    return dx, *dw.split(w_gate.shape[0])
