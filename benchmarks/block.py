@@ -9,7 +9,9 @@ forward and forward+backward, for each way of running the same graph, in one run
 - unfused, eager: `infer-shapes` only, every IR op its own call (our Triton ops on CUDA);
 - torch.compile, no mmrec passes: the unfused graph under torch.compile(fullgraph=True);
 - fused, eager: the default pipeline (`mmrec inspect --report` shows what it changes);
-- fused + torch.compile: the default pipeline under torch.compile(fullgraph=True).
+- fused + torch.compile: the default pipeline under torch.compile(fullgraph=True);
+- fused + fuse-epilogue + torch.compile: the default pipeline with the opt-in fuse-epilogue
+  (the SwiGLU GEMM epilogue) after fuse-projections.
 
 Also printed: the activation bytes per token the fusion report counts for the block before and
 after the pipeline (passes/report.py's cost model: the kernels each op launches, each reading
@@ -45,6 +47,8 @@ from passes.report import block_costs
 from runtime.module import CompiledModel
 
 UNFUSED = ["infer-shapes"]
+WITH_EPILOGUE = [p.name for p in passlib.default_pipeline()]
+WITH_EPILOGUE.insert(WITH_EPILOGUE.index("fuse-projections") + 1, "fuse-epilogue")
 REFERENCE = "torch.compile of the eager reference model"
 # (name, pipeline (None: the default one), under torch.compile, our Triton kernels)
 VARIANTS = (
@@ -53,6 +57,7 @@ VARIANTS = (
     ("torch.compile, no mmrec passes", UNFUSED, True, True),
     ("fused, eager", None, False, True),
     ("fused + torch.compile", None, True, True),
+    ("fused + fuse-epilogue + torch.compile", WITH_EPILOGUE, True, True),
 )
 DEVICE = "cuda"
 
@@ -200,9 +205,10 @@ def main() -> None:
     profiled = ("fused, eager", "fused + torch.compile") if args.profile else ()
     payload = {"info": info, "block": block_variants(cfg, bsz, steps, profiled)}
     ratios(payload["block"], "fwd_bwd")
-    unfused, fused = payload["block"]["unfused, eager"], payload["block"]["fused, eager"]
-    saved = unfused["bytes_per_token"] / fused["bytes_per_token"]
-    print(f"  counted activation bytes/token: unfused / fused = {saved:.2f}x")
+    unfused = payload["block"]["unfused, eager"]["bytes_per_token"]
+    for name in ("fused, eager", "fused + fuse-epilogue + torch.compile"):
+        saved = unfused / payload["block"][name]["bytes_per_token"]
+        print(f"  counted activation bytes/token: unfused / {name} = {saved:.2f}x")
     if args.model:
         model_cfg = load_config(args.model)
         print(f"{model_cfg.name}: training step B{model_cfg.train.batch_size} T{model_cfg.train.seq_len} fp32")

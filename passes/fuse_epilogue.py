@@ -11,9 +11,10 @@ roundings of gate, up and silu(gate) to the activation dtype (equal in fp32 up t
 order).
 
 Not in the default pipeline: on the H100 (2026-11-25, benchmarks/fusion.py, 32768 tokens,
-D 1024 -> F 2816) the Triton GEMM ran the forward in 0.855 ms (bf16) / 1.691 ms (fp32, TF32)
-against 0.728 / 1.417 ms for cuBLAS over both weights plus Inductor's fused silu * product: the
-bytes it saves do not pay for a GEMM below cuBLAS's rate. Run it with `--passes`.
+D 1024 -> F 2816) the Triton GEMM ran the forward in 0.805 ms (bf16) / 1.656 ms (fp32, TF32)
+against 0.721 / 1.380 ms for cuBLAS over both weights plus Inductor's fused silu * product, and
+the whole block under torch.compile was 21.78 ms with it against 21.58 without: the bytes it
+saves do not pay for a GEMM below cuBLAS's rate. Run it with `--passes`.
 
     before: %gate, %up = linear(%u, @w_gate, @w_up)
             %act = silu(%gate)

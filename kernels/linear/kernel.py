@@ -1,21 +1,26 @@
 """Triton GEMM with the SwiGLU epilogue: out = silu(x @ w_gate^T) * (x @ w_up^T) in one kernel.
 
-One program owns a [BLOCK_M, BLOCK_N] tile of the output and keeps two accumulators, the gate's
-and the up projection's, over the same columns: each x tile is loaded once for both products,
-and the epilogue combines them in registers. So the [N, 2F] pre-activations are never written
-and read back for the pointwise silu and product (three passes over [N, F] saved in inference);
-with SAVE (training) g and u are written as well, for the backward, which is PyTorch GEMMs.
-Programs are ordered in groups of GROUP_M row tiles so that a group's x rows and weight columns
-stay in L2 (the ordering of Triton's matmul tutorial).
+The two weights are interleaved in blocks of HALF rows, [gate block j; up block j] for each j
+(zero rows pad F to a multiple of HALF), so one program's [BLOCK_M, 2 HALF] tile of a plain GEMM
+holds the gate and the up projections of the same HALF output columns. The epilogue splits the
+accumulator in registers and writes silu(g) * u: the [N, 2F] pre-activations are never written
+and read back for the pointwise ops. With SAVE (training) g and u are written too, for the
+backward, which is PyTorch (one pointwise pass, two GEMMs). One dot per K step over a wide tile
+is the shape Triton's Hopper GEMMs run best; programs are ordered in groups of GROUP_M row
+tiles so a group's x rows and weight columns stay in L2 (as Triton's matmul tutorial does).
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..config import fp32_dot_precision, knobs, new_output
+
+HALF = 128  # output columns per program; the weight interleave depends on it, so it is fixed
+HALF_INTERPRET = 16
 
 
 @triton.jit
@@ -27,8 +32,7 @@ def _operand(x, UPCAST: tl.constexpr):
 @triton.jit
 def _swiglu_fwd(
     X,  # [M, K]
-    WG,  # [N, K]
-    WU,  # [N, K]
+    W,  # [2 * F_pad, K]: gate block j, then up block j, HALF rows each
     OUT,  # [M, N]
     G,  # [M, N], written with SAVE
     U,  # [M, N], written with SAVE
@@ -38,14 +42,14 @@ def _swiglu_fwd(
     SAVE: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    HALF: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, HALF)
     group = GROUP_M * tiles_n
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -53,53 +57,49 @@ def _swiglu_fwd(
     pid_n = (pid % group) // size_m
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    wrows = pid_n * 2 * HALF + tl.arange(0, 2 * HALF)  # always inside the padded weight
     ks = tl.arange(0, BLOCK_K)
-    row_ok, col_ok = rows < M, cols < N
+    row_ok = rows < M
     # int64: M * K passes 2^31 for long segments of a wide model.
     x_ptrs = X + rows.to(tl.int64)[:, None] * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
-    w_offs = cols.to(tl.int64)[None, :] * K + ks[:, None]  # [BLOCK_K, BLOCK_N]: W^T tiles
-    g_ptrs, u_ptrs = WG + w_offs, WU + w_offs
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_ptrs = W + wrows.to(tl.int64)[None, :] * K + ks[:, None]  # [BLOCK_K, 2 HALF]: W^T tiles
+    acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         k_ok = ks < K - k0
         a = _operand(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), UPCAST)
-        bg = _operand(tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
-        bu = _operand(tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+        b = _operand(tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), UPCAST)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
 
-    out = acc_g * tl.sigmoid(acc_g) * acc_u
+    # [BLOCK_M, 2 HALF] -> gate and up halves [BLOCK_M, HALF]
+    g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))
+    cols = pid_n * HALF + tl.arange(0, HALF)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=ok)
+    ok = row_ok[:, None] & (cols < N)[None, :]
+    tl.store(OUT + offs, (g * tl.sigmoid(g) * u).to(OUT.dtype.element_ty), mask=ok)
     if SAVE:
-        tl.store(G + offs, acc_g.to(G.dtype.element_ty), mask=ok)
-        tl.store(U + offs, acc_u.to(U.dtype.element_ty), mask=ok)
+        tl.store(G + offs, g.to(G.dtype.element_ty), mask=ok)
+        tl.store(U + offs, u.to(U.dtype.element_ty), mask=ok)
 
 
 def _configs() -> list[triton.Config]:
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): two [BLOCK_M, BLOCK_N] fp32 accumulators per
-    # program, so the tiles are those of a plain GEMM with half the N side or half the stages.
-    tiles = [
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 32, 8, 4),
-        (64, 64, 64, 4, 4),
-        (128, 64, 32, 4, 5),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "STAGES": s}, num_warps=w)
-        for m, n, k, w, s in tiles
-    ]
+    # (BLOCK_M, BLOCK_K, warps, stages) around Triton's best Hopper GEMM tile (128 x 256 x 64).
+    tiles = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 8, 4), (128, 32, 8, 5), (64, 32, 4, 5)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "GROUP_M": 8, "STAGES": s}, num_warps=w) for m, k, w, s in tiles]
 
 
 _swiglu_fwd_tuned = triton.autotune(_configs(), key=["N", "K", "SAVE", "PRECISION"])(_swiglu_fwd)
+
+
+def interleave(w_gate: Tensor, w_up: Tensor, half: int) -> Tensor:
+    """[F, K] twice -> [2 F_pad, K]: gate rows of block j, then up rows of block j (F_pad: F
+    rounded up to `half`, zero rows). A copy of the weights per call, not per token."""
+    hidden, width = w_gate.shape
+    blocks = triton.cdiv(hidden, half)
+    pad = (0, 0, 0, blocks * half - hidden)
+    halves = [torch.nn.functional.pad(w, pad).view(blocks, half, width) for w in (w_gate, w_up)]
+    return torch.stack(halves, dim=1).reshape(2 * blocks * half, width)
 
 
 def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,6 +107,7 @@ def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tu
     tensors unless `save`."""
     rows, width = x.shape
     hidden = w_gate.shape[0]
+    half = HALF_INTERPRET if knobs.interpret else HALF
     out = new_output(x, (rows, hidden))
     g = new_output(x, (rows, hidden)) if save else x.new_empty(0)
     u = new_output(x, (rows, hidden)) if save else x.new_empty(0)
@@ -114,16 +115,16 @@ def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tu
         "SAVE": save,
         "PRECISION": "ieee" if knobs.interpret else fp32_dot_precision(x.dtype),
         "UPCAST": knobs.interpret,
+        "HALF": half,
     }
-    args = (x, w_gate, w_up, out, g if save else out, u if save else out, rows, hidden, width)
+    args = (x, interleave(w_gate, w_up, half), out, g if save else out, u if save else out, rows, hidden, width)
+    tiles_n = triton.cdiv(hidden, half)
     if knobs.interpret or not knobs.autotune:
         # tl.dot needs every tile side >= 16; small tiles keep the interpreter quick.
-        tile = (16, 16, 16, 1, 1) if knobs.interpret else (128, 64, 64, 4, 4)
-        bm, bn, bk, warps, stages = tile
-        grid = (triton.cdiv(rows, bm) * triton.cdiv(hidden, bn),)
-        _swiglu_fwd[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages, num_warps=warps)
-    else:
-        _swiglu_fwd_tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * triton.cdiv(hidden, m["BLOCK_N"]),)](
-            *args, **meta
+        bm, bk, warps, stages = (16, 16, 1, 1) if knobs.interpret else (128, 64, 8, 3)
+        _swiglu_fwd[(triton.cdiv(rows, bm) * tiles_n,)](
+            *args, **meta, BLOCK_M=bm, BLOCK_K=bk, GROUP_M=8, STAGES=stages, num_warps=warps
         )
+    else:
+        _swiglu_fwd_tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * tiles_n,)](*args, **meta)
     return out, g, u
