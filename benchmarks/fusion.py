@@ -67,6 +67,20 @@ def report(group: str, name: str, shape: str, fwd: float, fwd_bwd: float | None,
     return entry
 
 
+def compare(group: str, shape: str, variants, args, grads) -> dict:
+    """Time each (name, fn(*args)) forward and forward+backward; the "mmrec" row is compared with
+    the torch.compile row before it. Returns the last row."""
+    base = entry = None
+    for name, fn in variants:
+        with torch.no_grad():
+            f = bench(lambda fn=fn: fn(*args))
+        fb = bench(timer(lambda fn=fn: fn(*args), list(args), grads))
+        entry = report(group, name, shape, f, fb, base if "mmrec" in name else None)
+        if "compile" in name:
+            base = entry
+    return entry
+
+
 def decay_section(bsz: int, steps: int, heads: int, dh: int) -> None:
     width = heads * dh
     shape = f"B{bsz} T{steps} H{heads} Dh{dh} fp32"
@@ -121,19 +135,13 @@ def norm_section(rows: int, width: int) -> None:
     floor = bench(lambda: dst.copy_(src))  # 2 rows read, 2 written: the forward's traffic
     print(f"  {'copy floor (read 2 rows, write 2 rows)':<46} fwd {floor:8.3f} ms")
     ROWS.append({"group": "norm", "name": "copy floor", "shape": shape, "fwd_ms": floor, "fwd_bwd_ms": None})
-    base = None
-    for name, fn in (
+    variants = (
         ("reference eager", reference),
         ("reference torch.compile", compiled),
         ("mmrec add_rmsnorm (Triton)", lambda a, b, w: kernels.add_rmsnorm(a, b, w, 1e-6)),
-    ):
-        with torch.no_grad():
-            f = bench(lambda fn=fn: fn(a, b, w))
-        fb = bench(timer(lambda fn=fn: fn(a, b, w), [a, b, w], grads))
-        entry = report("norm", name, shape, f, fb, base if "mmrec" in name else None)
-        if "compile" in name:
-            base = entry
-    print(f"  mmrec add_rmsnorm forward: {ROWS[-1]['fwd_ms'] / floor:.2f}x the copy floor")
+    )
+    ours = compare("norm", shape, variants, (a, b, w), grads)
+    print(f"  mmrec add_rmsnorm forward: {ours['fwd_ms'] / floor:.2f}x the copy floor")
 
 
 def swiglu_section(rows: int, width: int, hidden: int, dtype) -> None:
@@ -160,18 +168,12 @@ def swiglu_section(rows: int, width: int, hidden: int, dtype) -> None:
         gemm = bench(lambda: torch.nn.functional.linear(x, w_both))
     print(f"  {'cuBLAS GEMM alone, [N, 2F] out (no epilogue)':<46} fwd {gemm:8.3f} ms")
     ROWS.append({"group": "swiglu", "name": "cublas gemm alone", "shape": shape, "fwd_ms": gemm, "fwd_bwd_ms": None})
-    base = None
-    for name, fn in (
+    variants = (
         ("GEMM + silu * up, eager", unfused),
         ("GEMM + silu * up, torch.compile", compiled),
         ("mmrec linear_swiglu (Triton, fused)", kernels.linear_swiglu),
-    ):
-        with torch.no_grad():
-            f = bench(lambda fn=fn: fn(x, w_gate, w_up))
-        fb = bench(timer(lambda fn=fn: fn(x, w_gate, w_up), [x, w_gate, w_up], grads))
-        entry = report("swiglu", name, shape, f, fb, base if "mmrec" in name else None)
-        if "compile" in name:
-            base = entry
+    )
+    compare("swiglu", shape, variants, (x, w_gate, w_up), grads)
 
 
 def main() -> None:
