@@ -61,11 +61,16 @@ class ReferenceOps:
 
     @staticmethod
     def linear(x, *weights, splits=()):
-        # Several weights (fuse-projections): one GEMM over their concatenation. The copy is
-        # of the weights, once per call, not per token.
-        y = F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights))
-        sizes = splits or [w.shape[0] for w in weights]
-        return tuple(torch.split(y, list(sizes), dim=-1)) if len(sizes) > 1 else (y,)
+        rows = [w.shape[0] for w in weights]
+        sizes = list(splits or rows)
+        # Several weights (fuse-projections): one GEMM over their concatenation, which copies
+        # the weights once per call. That pays when x is large (it is read once instead of once
+        # per weight), not in decoding, where x is a token or a few and each weight is read anyway.
+        if len(weights) == 1 or x.numel() * (len(weights) - 1) > 2 * sum(w.numel() for w in weights):
+            y = F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights))
+            return tuple(torch.split(y, sizes, dim=-1)) if len(sizes) > 1 else (y,)
+        ys = [F.linear(x, w) for w in weights]
+        return tuple(ys) if sizes == rows else tuple(torch.split(torch.cat(ys, dim=-1), sizes, dim=-1))
 
     linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
 

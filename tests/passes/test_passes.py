@@ -395,3 +395,14 @@ def test_annotations_do_not_reach_the_ops():
     from mmrec_ir import print_python
 
     assert "kernel=" not in print_python(graph)
+
+
+@pytest.mark.parametrize("tokens", [1, 500])  # decoding runs one GEMM per weight, segments one GEMM
+def test_a_fused_linear_computes_the_separate_products(tokens):
+    from runtime.opset import ReferenceOps
+
+    x, w_qk, w_g = torch.randn(tokens, 4, dtype=torch.float64), torch.randn(6, 4).double(), torch.randn(3, 4).double()
+    q, k, g = ReferenceOps.linear(x, w_qk, w_g, splits=(2, 4, 3))
+    qk = x @ w_qk.T
+    for got, want in ((q, qk[:, :2]), (k, qk[:, 2:]), (g, x @ w_g.T)):
+        torch.testing.assert_close(got, want)
