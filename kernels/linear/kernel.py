@@ -17,16 +17,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import fp32_dot_precision, knobs, new_output
+from ..config import knobs, new_output
+from ..dot import dot_meta, operand
 
 HALF = 128  # output columns per program; the weight interleave depends on it, so it is fixed
 HALF_INTERPRET = 16
-
-
-@triton.jit
-def _operand(x, UPCAST: tl.constexpr):
-    # Triton 3.8's interpreter returns garbage for bf16 tl.dot operands (docs/kernels.md).
-    return x.to(tl.float32) if UPCAST else x
 
 
 @triton.jit
@@ -66,8 +61,8 @@ def _swiglu_fwd(
     acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         k_ok = ks < K - k0
-        a = _operand(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), UPCAST)
-        b = _operand(tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), UPCAST)
+        a = operand(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), UPCAST)
+        b = operand(tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), UPCAST)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -111,12 +106,7 @@ def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tu
     out = new_output(x, (rows, hidden))
     g = new_output(x, (rows, hidden)) if save else x.new_empty(0)
     u = new_output(x, (rows, hidden)) if save else x.new_empty(0)
-    meta = {
-        "SAVE": save,
-        "PRECISION": "ieee" if knobs.interpret else fp32_dot_precision(x.dtype),
-        "UPCAST": knobs.interpret,
-        "HALF": half,
-    }
+    meta = {"SAVE": save, "HALF": half, **dot_meta(x.dtype)}
     args = (x, interleave(w_gate, w_up, half), out, g if save else out, u if save else out, rows, hidden, width)
     tiles_n = triton.cdiv(hidden, half)
     if knobs.interpret or not knobs.autotune:

@@ -31,17 +31,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import fp32_dot_precision, knobs, new_output
+from ..config import knobs, new_output
+from ..dot import dot_meta, operand
 
 LOG2E = 1.4426950408889634
 LOG2E_TL = tl.constexpr(LOG2E)
-
-
-@triton.jit
-def _operand(x, UPCAST: tl.constexpr):
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
 
 
 @triton.jit
@@ -96,8 +90,8 @@ def _slot_tile(KEYS, VALUES, kv_base, start, i, hi_last, cols, col_ok, DH, UPCAS
     """Keys and values [BLOCK_S, BLOCK_D] of level-local slots i (those at or past hi_last are 0)."""
     slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
     slot_ok = (i < hi_last)[:, None] & col_ok[None, :]
-    kt = _operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
-    vt = _operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+    kt = operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+    vt = operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
     return kt, vt
 
 
@@ -129,7 +123,7 @@ def _attend_fwd(
     b, head, t, cols, t_ok, col_ok, q_offs, kv_base, t_last = _token_tile(
         T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
     )
-    q = _operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
+    q = operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
 
     m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -191,8 +185,8 @@ def _attend_bwd_dq(
         T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
     )
     row_ok = t_ok[:, None] & col_ok[None, :]
-    q = _operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
-    do = _operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
+    q = operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
+    do = operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
     stat_offs = (b * HEADS + head).to(tl.int64) * T + t
     lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
@@ -266,8 +260,8 @@ def _attend_bwd_dkv(
     slot_ok = (i < count)[:, None] & col_ok[None, :]
     kv_base = (b * kv_heads + kvh).to(tl.int64) * n_slots * DH
     slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
-    kt = _operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
-    vt = _operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+    kt = operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+    vt = operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
 
     # Tokens that see local index i have d_t in (i - M, i]: t in [(i0 - M + 1) S - r, (i0 + BS) S - r).
     pos = tl.load(POS + b)
@@ -286,8 +280,8 @@ def _attend_bwd_dkv(
         for g in range(GROUP):
             head = kvh * GROUP + g
             q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
-            q = _operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
-            do = _operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
+            q = operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
+            do = operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
             stat_offs = (b * HEADS + head).to(tl.int64) * T + t
             lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
@@ -345,8 +339,7 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
     # tl.dot needs every tile side >= 16. fp32 products: exact, or TF32 where torch allows it.
     return {
         "BLOCK_D": max(16, triton.next_power_of_2(dim)),
-        "PRECISION": "ieee" if knobs.interpret else fp32_dot_precision(dtype),
-        "UPCAST": knobs.interpret,
+        **dot_meta(dtype),
     }
 
 

@@ -93,9 +93,10 @@ def _bwd_rows(
     """Rows t0 + BLOCK_T - 1 down to t0 of one chunk (offs: row t0 of this program's columns),
     one row at a time: g_t = dh_t + v_{t+1}, v_t = a_t g_t, dlog_a_t = v_t h_{t-1}, db_t = g_t.
     MASKED: rows may lie past T, and row -1 (t0 = 0) is h0. Ragged C masks every chunk."""
+    masks: tl.constexpr = MASKED or C % BLOCK_C != 0
     for i in tl.static_range(BLOCK_T):
         r = BLOCK_T - 1 - i
-        if MASKED or C % BLOCK_C != 0:
+        if masks:
             # A tensor mask: the interpreter rejects scalar ones.
             ok = (cols < C) & (cols * 0 + t0 + r < T)
             la = tl.load(LA + offs + r * C, mask=ok, other=0.0).to(tl.float32)
@@ -111,7 +112,7 @@ def _bwd_rows(
         g = dh + v  # rows past T: dh = 0 and a = 1, so v passes through unchanged
         v = a * g
         dla = tl.where((la >= LOG_A_MIN) & (la <= LOG_A_MAX), v * h_prev, 0.0)
-        if MASKED or C % BLOCK_C != 0:
+        if masks:
             tl.store(DLA + offs + r * C, dla.to(DLA.dtype.element_ty), mask=ok)
             tl.store(DX + offs + r * C, g.to(DX.dtype.element_ty), mask=ok)
         else:
