@@ -98,6 +98,7 @@ def decode_section(spec: kernels.MemorySpec, heads: int, dtype) -> list[tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-decode", action="store_true", help="skip the per-token decode section")
     args = parser.parse_args()
     bsz, heads, steps, dim, dtype = 8, 16, 4096, 64, torch.bfloat16
     # 240 + 240 + 460 ring slots, plus the 64 + 16 + 4 slots this segment completes: 1024 keys.
@@ -195,7 +196,7 @@ def main() -> None:
     print(f"  ours / SDPA: fwd {ours_f / sdpa_f:.2f}x, fwd+bwd {ours_fb / sdpa_fb:.2f}x (rel err {err:.1e})")
     print(f"  compiled / SDPA: fwd {comp_f / sdpa_f:.2f}x, fwd+bwd {comp_fb / sdpa_fb:.2f}x")
     print(f"  attention kernels / SDPA: fwd {attend_f / sdpa_f:.2f}x, fwd+bwd {attend_fb / sdpa_fb:.2f}x")
-    decode = decode_section(spec, heads, dtype)
+    decode = None if args.no_decode else decode_section(spec, heads, dtype)
     if args.json:
         payload = {"info": info, "rows": rows, "rel_err": err, "decode": decode}
         Path(args.json).write_text(json.dumps(payload, indent=1))

@@ -2,13 +2,15 @@
 and the dk/dv kernel timed apart for every tile config, each checked against the default
 config's result before it is timed. This is how kernels/memory/kernel.py's tiles are chosen.
 
-    python benchmarks/memory_sweep.py
+    python benchmarks/memory_sweep.py [--only fwd,dq,dkv,sums]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -24,6 +26,9 @@ from kernels.memory import kernel, reference
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="fwd,dq,dkv,sums", help="comma-separated: fwd, dq, dkv, sums")
+    only = parser.parse_args().only.split(",")
     run_info("benchmarks/memory_sweep.py")
     bsz, heads, steps, dim, dtype = 8, 16, 4096, 64, torch.bfloat16
     spec = MemorySpec(heads=heads, dim=dim, block=64, ratio=4, slots=(240, 240, 460))
@@ -40,7 +45,7 @@ def main() -> None:
     delta = torch.empty(bsz, heads, steps, device="cuda")  # written by the dq kernel
     meta = kernel._meta(dim, dtype)
     n_slots = keys.shape[2]
-    common = (steps, n_slots, 3, heads, 1, dim, kernel.LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
+    common = (steps, n_slots, 3, heads, 1, kernel.LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
     print(f"B{bsz} H{heads} T{steps} Dh{dim} {n_slots} slots bf16; defaults fwd {kernel._tiles('fwd', dtype)}")
 
     def run_fwd(bt, bs, w, st):
@@ -65,19 +70,47 @@ def main() -> None:
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
         return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta)), dk, want[1]
 
-    sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 8192]
-    configs = [(bt, bs, w, st) for bt, bs in sizes for w in (4, 8) for st in (3,)]
+    sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
+    configs = {
+        "fwd": [(*c, w, st) for c in sizes if c[0] >= 64 for w in (4, 8) for st in (2, 3)],
+        "dq": [(*c, w, st) for c in sizes if c[1] <= 64 for w in (4, 8) for st in (2, 3)],
+        "dkv": [(*c, w, st) for c in sizes for w in (4, 8) for st in (2, 3)],
+    }
+    launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv}
     run_dq(64, 32, 4, 3)[0]()  # fills delta for the dk/dv configs
-    for name, launcher in (("fwd", run_fwd), ("dq", run_dq), ("dkv", run_dkv)):
+    for name, launcher in launchers.items():
+        if name not in only:
+            continue
         best = None
-        for bt, bs, w, st in configs:
-            label = f"{name:3} BLOCK_T {bt:3} BLOCK_S {bs:3} warps {w} stages {st}"
-            ms = checked_time(label, lambda launcher=launcher, c=(bt, bs, w, st): launcher(*c), bench, 1e-2)
+        for c in configs[name]:
+            label = f"{name:4} BLOCK_T {c[0]:3} BLOCK_S {c[1]:3} warps {c[2]} stages {c[3]}"
+            ms = checked_time(label, lambda launcher=launcher, c=c: launcher(*c), bench, 1e-2)
             if ms is None:
                 continue
             print(f"  {label}: {ms:.3f} ms", flush=True)
             best = min(best or (ms, label), (ms, label))
         print(f"best {best[1]}: {best[0]:.3f} ms", flush=True)
+
+    if "sums" not in only:
+        return
+    # Level-0 token sums of k [B, T, K*Dh]: k is read once, so the floor is half a copy of k.
+    span, n_out = spec.block, steps // spec.block + 1
+    floor = bench(lambda: torch.empty_like(k).copy_(k)) / 2
+    want = kernel.block_sums(k, mem.pos, span)
+    print(f"block_sums [{bsz}, {steps}, {k.shape[2]}] bf16, span {span}; read floor {floor:.4f} ms")
+    for (bt, bw), w in product(product((16, 32, 64), (128, 256, 512)), (4, 8)):
+        label = f"sums BLOCK_T {bt:3} BLOCK_W {bw:3} warps {w}"
+
+        def make(bt=bt, bw=bw, w=w):
+            got = torch.empty_like(want)
+            grid = (bsz * n_out, triton.cdiv(k.shape[2], bw))
+            tiles = dict(BLOCK_T=bt, BLOCK_W=bw, num_warps=w)
+            args = (k, mem.pos, got, steps, k.shape[2], n_out, span)
+            return (lambda: kernel._block_sums[grid](*args, **tiles)), got, want
+
+        ms = checked_time(label, make, bench, 1e-4)
+        if ms is not None:
+            print(f"  {label}: {ms:.4f} ms ({ms / floor:.2f}x the floor)", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ the stream's start) is the contiguous range of level-local indices
 
 So nothing about visibility is loaded: every bound is integer arithmetic on the token index, and
 each token tile walks only the slot tiles its band touches (like causal attention skipping
-tiles above the diagonal). The logits carry the level bias beta[head, level]; the softmax runs
-online in base 2; products take the inputs' dtype on tensor cores (exact fp32 for fp32 inputs)
-with fp32 accumulation.
+tiles above the diagonal). Both bounds only move forward with t, so every token of a tile sees
+[lo of its last token, hi of its first): slot tiles inside that range skip the mask (a
+tile-uniform branch), which leaves the mask on the few tiles at a band's two edges. The logits
+carry the level bias beta[head, level] and the softmax runs online in base 2, with the scale,
+bias and running max folded into one FMA per logit; products take the inputs' dtype on tensor
+cores (exact fp32 for fp32 inputs) with fp32 accumulation.
 
 Backward (FlashAttention-2 style, probabilities recomputed from the saved log-sum-exp):
 - `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (one atomic add per level);
@@ -52,15 +55,20 @@ def _level_band(POS, RING, SPAN, b, lvl, t):
 
 
 @triton.jit
-def _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION: tl.constexpr):
-    """Base-2 logits [BLOCK_T, BLOCK_S] of q against a slot tile, -inf outside each token's band."""
-    logits = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + bias2
-    seen = (i[None, :] >= lo[:, None]) & (i[None, :] < hi[:, None])
-    return tl.where(seen, logits, float("-inf")), seen
+def _band_mask(lo, hi, i):
+    """[BLOCK_T, BLOCK_S]: token (row) sees slot i."""
+    return (i[None, :] >= lo[:, None]) & (i[None, :] < hi[:, None])
 
 
 @triton.jit
-def _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _edge(i0, lo_all, hi_all, BLOCK_S: tl.constexpr):
+    """Whether slot tile [i0, i0 + BLOCK_S) needs the visibility mask: every token of the tile sees
+    [lo_all, hi_all) (the bands only move forward with the token), so tiles inside it skip it."""
+    return (i0 < lo_all) | (i0 + BLOCK_S > hi_all)
+
+
+@triton.jit
+def _token_tile(T, n_slots, HEADS, GROUP, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """What a (token tile, batch row x query head) program addresses: its batch row and head, its
     tokens, columns and their masks, the offsets of its q/out rows, its memory head's slot base,
     and its last valid token."""
@@ -77,22 +85,20 @@ def _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T: tl.constexpr, BLOCK_D: tl
 @triton.jit
 def _level_walk(POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T: tl.constexpr):
     """For one level: the tokens' bands [lo, hi), the slot range the tile walks
-    [lo of its first token, hi of its last), the level's first candidate, and the base-2 bias."""
+    [lo of its first token, hi of its last), the range every token sees [lo of the last token,
+    hi of the first), the level's first candidate, and the base-2 bias."""
     lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
-    lo_first, _hi_first = _level_band(POS, RING, SPAN, b, lvl, tl.program_id(0) * BLOCK_T)
-    _lo_last, hi_last = _level_band(POS, RING, SPAN, b, lvl, t_last)
+    lo_first, hi_first = _level_band(POS, RING, SPAN, b, lvl, tl.program_id(0) * BLOCK_T)
+    lo_last, hi_last = _level_band(POS, RING, SPAN, b, lvl, t_last)
     bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * LOG2E_TL
-    return lo, hi, lo_first, hi_last, tl.load(START + lvl), bias2
+    return lo, hi, lo_first, hi_last, lo_last, hi_first, tl.load(START + lvl), bias2
 
 
 @triton.jit
-def _slot_tile(KEYS, VALUES, kv_base, start, i, hi_last, cols, col_ok, DH, UPCAST: tl.constexpr):
-    """Keys and values [BLOCK_S, BLOCK_D] of level-local slots i (those at or past hi_last are 0)."""
-    slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
-    slot_ok = (i < hi_last)[:, None] & col_ok[None, :]
-    kt = operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
-    vt = operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
-    return kt, vt
+def _slot_ptrs(KEYS, VALUES, kv_base, start, i0, cols, DH: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pointers to the key and value rows [BLOCK_S, BLOCK_D] of level-local slots i0, i0 + 1, ..."""
+    offs = kv_base + (start + i0).to(tl.int64) * DH + tl.arange(0, BLOCK_S)[:, None] * DH + cols[None, :]
+    return KEYS + offs, VALUES + offs
 
 
 @triton.jit
@@ -112,8 +118,8 @@ def _attend_fwd(
     n_levels,
     HEADS,
     GROUP,
-    DH,
     qk_scale,  # log2(e) / sqrt(Dh)
+    DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -129,21 +135,29 @@ def _attend_fwd(
     l = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for lvl in range(n_levels):
-        lo, hi, lo_first, hi_last, start, bias2 = _level_walk(
+        lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
             POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
         )
+        k_ptrs, v_ptrs = _slot_ptrs(KEYS, VALUES, kv_base, start, lo_first, cols, DH, BLOCK_S)
         for i0 in range(lo_first, hi_last, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
-            kt, vt = _slot_tile(KEYS, VALUES, kv_base, start, i, hi_last, cols, col_ok, DH, UPCAST)
-            logits, _seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
-            m_new = tl.maximum(m, tl.max(logits, axis=1))
+            ok = (i < hi_last)[:, None] & col_ok[None, :]
+            kt = operand(tl.load(k_ptrs, mask=ok, other=0.0), UPCAST)
+            vt = operand(tl.load(v_ptrs, mask=ok, other=0.0), UPCAST)
+            qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+            if _edge(i0, lo_all, hi_all, BLOCK_S):
+                qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
+            # Base-2 logits are qk * qk_scale + bias2 (a positive scale: the max commutes with it).
+            m_new = tl.maximum(m, tl.max(qk, axis=1) * qk_scale + bias2)
             # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(logits - shift[:, None])
+            p = tl.math.exp2(qk * qk_scale + (bias2 - shift)[:, None])
             alpha = tl.math.exp2(m - shift)
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
             m = m_new
+            k_ptrs += BLOCK_S * DH
+            v_ptrs += BLOCK_S * DH
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])
     # Natural-log LSE (what the reference returns); -inf where nothing is visible.
@@ -172,9 +186,9 @@ def _attend_bwd_dq(
     n_levels,
     HEADS,
     GROUP,
-    DH,
     qk_scale,
     scale,  # 1 / sqrt(Dh)
+    DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -196,19 +210,26 @@ def _attend_bwd_dq(
 
     dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for lvl in range(n_levels):
-        lo, hi, lo_first, hi_last, start, bias2 = _level_walk(
+        lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
             POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
         )
+        k_ptrs, v_ptrs = _slot_ptrs(KEYS, VALUES, kv_base, start, lo_first, cols, DH, BLOCK_S)
         dbeta = tl.zeros([BLOCK_T], dtype=tl.float32)
         for i0 in range(lo_first, hi_last, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
-            kt, vt = _slot_tile(KEYS, VALUES, kv_base, start, i, hi_last, cols, col_ok, DH, UPCAST)
-            logits, seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
-            p = tl.where(seen, tl.math.exp2(logits - lse2[:, None]), 0.0)
+            ok = (i < hi_last)[:, None] & col_ok[None, :]
+            kt = operand(tl.load(k_ptrs, mask=ok, other=0.0), UPCAST)
+            vt = operand(tl.load(v_ptrs, mask=ok, other=0.0), UPCAST)
+            qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+            p = tl.math.exp2(qk * qk_scale + (bias2 - lse2)[:, None])
+            if _edge(i0, lo_all, hi_all, BLOCK_S):
+                p = tl.where(_band_mask(lo, hi, i), p, 0.0)
             dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # d logits (natural units)
             dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
             dbeta += tl.sum(ds, axis=1)
+            k_ptrs += BLOCK_S * DH
+            v_ptrs += BLOCK_S * DH
         tl.atomic_add(DBETA + head * n_levels + lvl, tl.sum(dbeta, axis=0))
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok)
 
@@ -235,9 +256,9 @@ def _attend_bwd_dkv(
     n_levels,
     HEADS,
     GROUP,
-    DH,
     qk_scale,
     scale,
+    DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -269,16 +290,22 @@ def _attend_bwd_dkv(
     t_lo = tl.maximum((i0 - ring + 1).to(tl.int64) * span - r, 0)
     t_hi = tl.minimum((i0 + BLOCK_S).to(tl.int64) * span - r, T)
     t_lo = (t_lo // BLOCK_T) * BLOCK_T
+    # A slot past the level's count is never seen (its keys and values were loaded as 0).
+    i_end = tl.minimum(i0 + BLOCK_S, count)
 
     dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    for t0 in range(t_lo.to(tl.int32), t_hi.to(tl.int32), BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < T
-        row_ok = t_ok[:, None] & col_ok[None, :]
-        lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
-        for g in range(GROUP):
-            head = kvh * GROUP + g
+    for g in range(GROUP):
+        head = kvh * GROUP + g
+        bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * LOG2E_TL
+        for t0 in range(t_lo.to(tl.int32), t_hi.to(tl.int32), BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < T
+            row_ok = t_ok[:, None] & col_ok[None, :]
+            lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
+            _lo_first, hi_all = _level_band(POS, RING, SPAN, b, lvl, t0)
+            lo_all, _hi_last = _level_band(POS, RING, SPAN, b, lvl, t0 + BLOCK_T - 1)
+            edge = (t0 + BLOCK_T > T) | (i0 < lo_all) | (i_end > hi_all) | (i_end < i0 + BLOCK_S)
             q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
             q = operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
             do = operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
@@ -286,9 +313,10 @@ def _attend_bwd_dkv(
             lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
             delta = tl.load(DELTA + stat_offs, mask=t_ok, other=0.0)
-            bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * LOG2E_TL
-            logits, seen = _logits2(q, kt, bias2, lo, hi, i, qk_scale, PRECISION)
-            p = tl.where(seen & t_ok[:, None], tl.math.exp2(logits - lse2[:, None]), 0.0)
+            qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+            p = tl.math.exp2(qk * qk_scale + (bias2 - lse2)[:, None])
+            if edge:
+                p = tl.where(_band_mask(lo, hi, i) & t_ok[:, None], p, 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -338,6 +366,7 @@ class Levels:
 def _meta(dim: int, dtype: torch.dtype) -> dict:
     # tl.dot needs every tile side >= 16. fp32 products: exact, or TF32 where torch allows it.
     return {
+        "DH": dim,
         "BLOCK_D": max(16, triton.next_power_of_2(dim)),
         **dot_meta(dtype),
     }
@@ -347,12 +376,16 @@ def _tiles(kind: str, dtype: torch.dtype) -> dict:
     if knobs.interpret:
         return {"BLOCK_T": 16, "BLOCK_S": 16, "num_warps": 1}
     wide = dtype not in (torch.float32, torch.float64)  # fp32 tiles need twice the registers
-    # bf16/fp16: the best of benchmarks/memory_sweep.py on the H100 (B8 H16 T4096 Dh64, 1024 slots).
+    # bf16/fp16: the best of benchmarks/memory_sweep.py on the H100 (B8 H16 T4096 Dh64, 1024
+    # slots; BENCHMARKS.md). Small token tiles win: four programs share an SM and hide each
+    # other's dot -> softmax -> dot chain.
     if kind == "fwd":
-        return {"BLOCK_T": 128 if wide else 64, "BLOCK_S": 64 if wide else 32, "num_warps": 8 if wide else 4}
+        return {"BLOCK_T": 64, "BLOCK_S": 32, "num_warps": 4, "num_stages": 3}
     if kind == "dq":
-        return {"BLOCK_T": 64 if wide else 32, "BLOCK_S": 32, "num_warps": 4}
-    return {"BLOCK_T": 128 if wide else 32, "BLOCK_S": 32, "num_warps": 4}  # dkv
+        return {"BLOCK_T": 64 if wide else 32, "BLOCK_S": 32, "num_warps": 4, "num_stages": 3}
+    if wide:  # dkv
+        return {"BLOCK_T": 128, "BLOCK_S": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_T": 32, "BLOCK_S": 32, "num_warps": 4, "num_stages": 3}
 
 
 def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Tensor, Tensor]:
@@ -366,7 +399,7 @@ def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Te
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _attend_fwd[grid](
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, out, lse,
-        steps, n_slots, len(rings), heads, heads // kv_heads, dim, LOG2E / math.sqrt(dim),
+        steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim),
         **tiles, **_meta(dim, q.dtype),
     )  # fmt: skip
     return out, lse
@@ -383,7 +416,7 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     dvalues = new_output(values)
     dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
     meta = _meta(dim, q.dtype)
-    common = (steps, n_slots, len(rings), heads, heads // kv_heads, dim, LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
+    common = (steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
     tiles = _tiles("dq", q.dtype)
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _attend_bwd_dq[grid](
@@ -436,7 +469,7 @@ def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
     bsz, steps, width = x.shape
     n_out = -(-steps // span) + 1
     out = new_output(x, (bsz, n_out, width), torch.float32)
-    block_t, block_w = (16, 16) if knobs.interpret else (32, 128)
+    block_t, block_w = (16, 16) if knobs.interpret else (32, 512)  # memory_sweep.py --only sums
     _block_sums[(bsz * n_out, triton.cdiv(width, block_w))](
         x, pos, out, steps, width, n_out, span, BLOCK_T=block_t, BLOCK_W=block_w, num_warps=4
     )

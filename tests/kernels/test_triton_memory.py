@@ -48,6 +48,42 @@ def test_triton_query_matches_reference_forward_and_backward(chunks, resets, ste
         assert_close(g.cpu(), r, what=f"d{name}", **tol)
 
 
+WIDE = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=(47, 31, 20))  # spans 2, 4, 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype):
+    # Rings wider than the slot tiles (16 under the interpreter): a slot tile every token of the
+    # token tile sees runs without the visibility mask, any other with it. Full rings of 47 and
+    # 31 slots put a band edge one slot inside a tile; the rows start from empty, partly filled
+    # and full rings; T is not a multiple of the token tile.
+    torch.manual_seed(0)
+    mem = kernels.Memory.empty(WIDE, 4)
+    mem.keys, mem.values = [torch.randn_like(t) for t in mem.keys], [torch.randn_like(t) for t in mem.values]
+    mem.sum_k, mem.sum_v = [torch.randn_like(t) for t in mem.sum_k], [torch.randn_like(t) for t in mem.sum_v]
+    mem.pos = torch.tensor([0, 9, 61, 1000])
+    kd, qd = WIDE.heads * WIDE.dim, HEADS * WIDE.dim
+    inputs = [torch.randn(4, 45, d) for d in (qd, kd, kd)] + [torch.randn(HEADS, 3)]
+    # The carried rings take gradients too: the dk/dv kernel's tiles over them are checked.
+    inputs += [*mem.keys, *mem.values]
+    dev = [t.to(TRITON_DEVICE, dtype).requires_grad_() for t in inputs]
+    n = len(WIDE.slots)
+    state = kernels.Memory(WIDE, dev[4 : 4 + n], dev[4 + n :], mem.sum_k, mem.sum_v, mem.pos)
+    out = kernels.hds_query(*dev[:4], to_device(state), HEADS)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), dev)
+
+    cpu = [t.detach().cpu().double().requires_grad_() for t in dev]
+    sums = [t.double() for t in mem.sum_k], [t.double() for t in mem.sum_v]
+    expected = ref.hds_query(*cpu[:4], kernels.Memory(WIDE, cpu[4 : 4 + n], cpu[4 + n :], *sums, mem.pos), HEADS)
+    expected_grads = torch.autograd.grad((expected * dout.cpu().double()).sum(), cpu)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    assert_close(out.cpu(), expected, what="m", **tol)
+    names = ["q", "k", "v", "beta"] + [f"{w} ring {lvl}" for w in "kv" for lvl in range(n)]
+    for name, g, r in zip(names, grads, expected_grads, strict=True):
+        assert_close(g.cpu(), r, what=f"d{name}", **tol)
+
+
 def test_triton_query_matches_the_naive_loop():
     mem, hist_k, hist_v = build_history([21], {}, dtype=torch.float32)
     kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
