@@ -2,7 +2,7 @@
 and the dk/dv kernel timed apart for every tile config, each checked against the default
 config's result before it is timed. This is how kernels/memory/kernel.py's tiles are chosen.
 
-    python benchmarks/memory_sweep.py [--only fwd,dq,dkv,sums]
+    python benchmarks/memory_sweep.py [--only fwd,dq,dkv,sums] [--dtype bf16|fp32]
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ from kernels.memory import kernel, reference
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="fwd,dq,dkv,sums", help="comma-separated: fwd, dq, dkv, sums")
-    only = parser.parse_args().only.split(",")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32: TF32 products")
+    args = parser.parse_args()
+    only = args.only.split(",")
     run_info("benchmarks/memory_sweep.py")
-    bsz, heads, steps, dim, dtype = 8, 16, 4096, 64, torch.bfloat16
+    bsz, heads, steps, dim = 8, 16, 4096, 64
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if dtype == torch.float32:
+        torch.set_float32_matmul_precision("high")  # as in fp32 training (benchmarks/block.py)
     spec = MemorySpec(heads=heads, dim=dim, block=64, ratio=4, slots=(240, 240, 460))
     torch.manual_seed(0)
     mem = full_memory(spec, bsz, dtype)
@@ -42,11 +47,12 @@ def main() -> None:
     out, lse = kernel.attend_fwd(q, keys, values, beta, mem.pos, rings, spans, heads)
     want = kernel.attend_bwd(q, keys, values, beta, mem.pos, rings, spans, out, lse, dout, heads)
     lv = kernel.Levels.get(rings, spans, steps, q.device)
-    delta = torch.empty(bsz, heads, steps, device="cuda")  # written by the dq kernel
+    stats = torch.empty(2, bsz, heads, steps, device="cuda")  # written by the dq kernel
     meta = kernel._meta(dim, dtype)
     n_slots = keys.shape[2]
     common = (steps, n_slots, 3, heads, 1, kernel.LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
-    print(f"B{bsz} H{heads} T{steps} Dh{dim} {n_slots} slots bf16; defaults fwd {kernel._tiles('fwd', dtype)}")
+    print(f"B{bsz} H{heads} T{steps} Dh{dim} {n_slots} slots {args.dtype}")
+    print("defaults:", {kind: kernel._tiles(kind, dtype) for kind in ("fwd", "dq", "dkv")})
 
     def run_fwd(bt, bs, w, st):
         o, ls = torch.empty_like(out), torch.empty_like(lse)
@@ -58,7 +64,7 @@ def main() -> None:
     def run_dq(bt, bs, w, st):
         dq, db = torch.empty_like(q), torch.zeros(heads, 3, device="cuda")
         grid = (triton.cdiv(steps, bt), bsz * heads)
-        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, lse, out, delta, dout, dq, db, *common)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, lse, out, stats, dout, dq, db, *common)
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
         return (lambda: kernel._attend_bwd_dq[grid](*args, **tiles, **meta)), dq, want[0]
 
@@ -66,7 +72,7 @@ def main() -> None:
         dk, dv = torch.empty_like(keys), torch.empty_like(values)
         level, i0 = lv.tiles(bs)
         grid = (level.numel(), bsz * heads)
-        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, level, i0, lse, delta, dout, dk, dv)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, level, i0, stats, dout, dk, dv)
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
         return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta)), dk, want[1]
 
@@ -77,7 +83,7 @@ def main() -> None:
         "dkv": [(*c, w, st) for c in sizes for w in (4, 8) for st in (2, 3)],
     }
     launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv}
-    run_dq(64, 32, 4, 3)[0]()  # fills delta for the dk/dv configs
+    run_dq(64, 32, 4, 3)[0]()  # fills stats for the dk/dv configs
     for name, launcher in launchers.items():
         if name not in only:
             continue
@@ -97,7 +103,7 @@ def main() -> None:
     span, n_out = spec.block, steps // spec.block + 1
     floor = bench(lambda: torch.empty_like(k).copy_(k)) / 2
     want = kernel.block_sums(k, mem.pos, span)
-    print(f"block_sums [{bsz}, {steps}, {k.shape[2]}] bf16, span {span}; read floor {floor:.4f} ms")
+    print(f"block_sums [{bsz}, {steps}, {k.shape[2]}] {args.dtype}, span {span}; read floor {floor:.4f} ms")
     for (bt, bw), w in product(product((16, 32, 64), (128, 256, 512)), (4, 8)):
         label = f"sums BLOCK_T {bt:3} BLOCK_W {bw:3} warps {w}"
 

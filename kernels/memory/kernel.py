@@ -42,16 +42,29 @@ LOG2E_TL = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _level_band(POS, RING, SPAN, b, lvl, t):
-    """Level `lvl`'s visible local-index band [lo, hi) for tokens t of batch row b."""
+def _band_origin(POS, RING, SPAN, b, lvl):
+    """Level `lvl` for batch row b: ring size, span, the row's offset into its current block, and
+    the lowest visible local index (slots before the stream's start are never seen)."""
     ring = tl.load(RING + lvl)
     span = tl.load(SPAN + lvl)
     pos = tl.load(POS + b)
     n_before = pos // span
     r = (pos - n_before * span).to(tl.int32)
-    d = (r + t) // span.to(tl.int32)
-    lo = tl.maximum(d, ring - tl.minimum(n_before, ring).to(tl.int32))
-    return lo, ring + d
+    return ring, span.to(tl.int32), r, ring - tl.minimum(n_before, ring).to(tl.int32)
+
+
+@triton.jit
+def _band(t, ring, span, r, floor):
+    """The visible local-index band [lo, hi) of tokens t (int32 arithmetic only)."""
+    d = (r + t) // span
+    return tl.maximum(d, floor), ring + d
+
+
+@triton.jit
+def _level_band(POS, RING, SPAN, b, lvl, t):
+    """Level `lvl`'s visible local-index band [lo, hi) for tokens t of batch row b."""
+    ring, span, r, floor = _band_origin(POS, RING, SPAN, b, lvl)
+    return _band(t, ring, span, r, floor)
 
 
 @triton.jit
@@ -177,7 +190,7 @@ def _attend_bwd_dq(
     SPAN,
     LSE,
     OUT,
-    DELTA,  # [B, H, T] fp32, written here: rowsum(dout * out), read by the dk/dv kernel
+    STATS,  # [2, B, H, T] fp32, written here for the dk/dv kernel: rowsum(dout * out), base-2 lse
     DOUT,
     DQ,
     DBETA,  # [H, L] fp32, zeroed
@@ -206,7 +219,8 @@ def _attend_bwd_dq(
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
     out = tl.load(OUT + q_offs, mask=row_ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), axis=1)
-    tl.store(DELTA + stat_offs, delta, mask=t_ok)
+    tl.store(STATS + stat_offs, delta, mask=t_ok)
+    tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, lse2, mask=t_ok)
 
     dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for lvl in range(n_levels):
@@ -246,8 +260,7 @@ def _attend_bwd_dkv(
     SPAN,
     TILE_LEVEL,
     TILE_I0,  # per slot tile: its level and first level-local index
-    LSE,
-    DELTA,
+    STATS,  # [2, B, H, T]: delta and the base-2 lse (0 where nothing is visible), from the dq kernel
     DOUT,
     DKEYS,
     DVALUES,  # [B, K, S, Dh], every element written
@@ -273,8 +286,6 @@ def _attend_bwd_dkv(
     i0 = tl.load(TILE_I0 + tile)
     start = tl.load(START + lvl)
     count = tl.load(START + lvl + 1) - start
-    ring = tl.load(RING + lvl)
-    span = tl.load(SPAN + lvl)
     i = i0 + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < DH
@@ -284,43 +295,48 @@ def _attend_bwd_dkv(
     kt = operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
     vt = operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
 
-    # Tokens that see local index i have d_t in (i - M, i]: t in [(i0 - M + 1) S - r, (i0 + BS) S - r).
-    pos = tl.load(POS + b)
-    r = pos - (pos // span) * span
-    t_lo = tl.maximum((i0 - ring + 1).to(tl.int64) * span - r, 0)
-    t_hi = tl.minimum((i0 + BLOCK_S).to(tl.int64) * span - r, T)
-    t_lo = (t_lo // BLOCK_T) * BLOCK_T
-    # A slot past the level's count is never seen (its keys and values were loaded as 0).
-    i_end = tl.minimum(i0 + BLOCK_S, count)
+    # Token t sees local index i iff i >= floor and d_t in (i - M, i], i.e.
+    # (i - M + 1) S - r <= t < (i + 1) S - r: a token range per slot, so the mask is two compares
+    # per element and no division per token. Past the level's count the range starts after T.
+    ring, span, r, floor = _band_origin(POS, RING, SPAN, b, lvl)
+    seen_lo = tl.where(i >= floor, (i - ring + 1).to(tl.int64) * span - r, T)
+    seen_hi = (i + 1).to(tl.int64) * span - r
+    seen_lo = tl.minimum(tl.maximum(seen_lo, 0), T).to(tl.int32)
+    seen_hi = tl.minimum(tl.maximum(seen_hi, 0), T).to(tl.int32)
+    # The tokens that see any slot of the tile, from a token-tile boundary.
+    t_lo = (tl.maximum((i0 - ring + 1).to(tl.int64) * span - r, 0) // BLOCK_T * BLOCK_T).to(tl.int32)
+    t_hi = tl.minimum((i0 + BLOCK_S).to(tl.int64) * span - r, T).to(tl.int32)
 
+    n_stats = (tl.num_programs(1) // kv_heads).to(tl.int64) * HEADS * T  # B * H * T
+    rows = tl.arange(0, BLOCK_T)
     dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     for g in range(GROUP):
         head = kvh * GROUP + g
         bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * LOG2E_TL
-        for t0 in range(t_lo.to(tl.int32), t_hi.to(tl.int32), BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
+        q_offs = (b * T + t_lo + rows).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
+        q_ptrs, do_ptrs = Q + q_offs, DOUT + q_offs
+        stat_ptrs = STATS + (b * HEADS + head).to(tl.int64) * T + t_lo + rows
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            t = t0 + rows
             t_ok = t < T
             row_ok = t_ok[:, None] & col_ok[None, :]
-            lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
-            _lo_first, hi_all = _level_band(POS, RING, SPAN, b, lvl, t0)
-            lo_all, _hi_last = _level_band(POS, RING, SPAN, b, lvl, t0 + BLOCK_T - 1)
-            edge = (t0 + BLOCK_T > T) | (i0 < lo_all) | (i_end > hi_all) | (i_end < i0 + BLOCK_S)
-            q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
-            q = operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
-            do = operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
-            stat_offs = (b * HEADS + head).to(tl.int64) * T + t
-            lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
-            delta = tl.load(DELTA + stat_offs, mask=t_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
-            p = tl.math.exp2(qk * qk_scale + (bias2 - lse2)[:, None])
-            if edge:
-                p = tl.where(_band_mask(lo, hi, i) & t_ok[:, None], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            q = operand(tl.load(q_ptrs, mask=row_ok, other=0.0), UPCAST)
+            do = operand(tl.load(do_ptrs, mask=row_ok, other=0.0), UPCAST)
+            delta = tl.load(stat_ptrs, mask=t_ok, other=0.0)
+            lse2 = tl.load(stat_ptrs + n_stats, mask=t_ok, other=0.0)
+            # Transposed ([slots, tokens]) so p^T and ds^T feed the dk/dv products straight from
+            # registers, as the left operand, with no layout change through shared memory.
+            qk_t = tl.dot(kt, tl.trans(q), input_precision=PRECISION)
+            p_t = tl.math.exp2(qk_t * qk_scale + (bias2 - lse2)[None, :])
+            p_t = tl.where((t[None, :] >= seen_lo[:, None]) & (t[None, :] < seen_hi[:, None]), p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            q_ptrs += BLOCK_T * HEADS * DH
+            do_ptrs += BLOCK_T * HEADS * DH
+            stat_ptrs += BLOCK_T
     tl.store(DKEYS + slot_offs, (dk * scale).to(DKEYS.dtype.element_ty), mask=slot_ok)
     tl.store(DVALUES + slot_offs, dv.to(DVALUES.dtype.element_ty), mask=slot_ok)
 
@@ -372,20 +388,23 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
     }
 
 
+# Launch tiles (BLOCK_T, BLOCK_S, num_warps, num_stages): the best of benchmarks/memory_sweep.py
+# on the H100 at B8 H16 T4096 Dh64 over 1024 slots (BENCHMARKS.md), bf16 and fp32 (TF32).
+# Small bf16 token tiles win: four programs share an SM and hide each other's
+# dot -> softmax -> dot chain; fp32 tiles hold twice the bytes and want more warps.
+_TILES = {
+    "wide": {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkv": (32, 64, 4, 3)},
+    "fp32": {"fwd": (128, 64, 4, 2), "dq": (128, 64, 8, 2), "dkv": (64, 128, 8, 2)},
+    "fp64": {"fwd": (64, 32, 4, 3), "dq": (32, 32, 4, 3), "dkv": (32, 32, 4, 3)},  # not swept
+}
+
+
 def _tiles(kind: str, dtype: torch.dtype) -> dict:
     if knobs.interpret:
         return {"BLOCK_T": 16, "BLOCK_S": 16, "num_warps": 1}
-    wide = dtype not in (torch.float32, torch.float64)  # fp32 tiles need twice the registers
-    # bf16/fp16: the best of benchmarks/memory_sweep.py on the H100 (B8 H16 T4096 Dh64, 1024
-    # slots; BENCHMARKS.md). Small token tiles win: four programs share an SM and hide each
-    # other's dot -> softmax -> dot chain.
-    if kind == "fwd":
-        return {"BLOCK_T": 64, "BLOCK_S": 32, "num_warps": 4, "num_stages": 3}
-    if kind == "dq":
-        return {"BLOCK_T": 64 if wide else 32, "BLOCK_S": 32, "num_warps": 4, "num_stages": 3}
-    if wide:  # dkv
-        return {"BLOCK_T": 128, "BLOCK_S": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_T": 32, "BLOCK_S": 32, "num_warps": 4, "num_stages": 3}
+    table = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "wide")
+    block_t, block_s, warps, stages = _TILES[table][kind]
+    return {"BLOCK_T": block_t, "BLOCK_S": block_s, "num_warps": warps, "num_stages": stages}
 
 
 def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Tensor, Tensor]:
@@ -410,7 +429,7 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     kv_heads, n_slots, dim = keys.shape[1], keys.shape[2], keys.shape[3]
     lv = Levels.get(rings, spans, steps, q.device)
     dout = dout.contiguous()
-    delta = new_output(q, (bsz, heads, steps), torch.float32)
+    stats = new_output(q, (2, bsz, heads, steps), torch.float32)
     dq = new_output(q)
     dkeys = new_output(keys)
     dvalues = new_output(values)
@@ -420,14 +439,14 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     tiles = _tiles("dq", q.dtype)
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _attend_bwd_dq[grid](
-        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, lse, out, delta, dout, dq, dbeta, *common,
+        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, lse, out, stats, dout, dq, dbeta, *common,
         **tiles, **meta,
     )  # fmt: skip
     tiles = _tiles("dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
     grid = (tile_level.numel(), bsz * kv_heads)
     _attend_bwd_dkv[grid](
-        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, tile_level, tile_i0, lse, delta, dout,
+        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, tile_level, tile_i0, stats, dout,
         dkeys, dvalues, *common, **tiles, **meta,
     )  # fmt: skip
     return dq, dkeys, dvalues, dbeta.to(beta.dtype)
