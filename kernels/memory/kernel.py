@@ -61,13 +61,6 @@ def _band(t, ring, span, r, floor):
 
 
 @triton.jit
-def _level_band(POS, RING, SPAN, b, lvl, t):
-    """Level `lvl`'s visible local-index band [lo, hi) for tokens t of batch row b."""
-    ring, span, r, floor = _band_origin(POS, RING, SPAN, b, lvl)
-    return _band(t, ring, span, r, floor)
-
-
-@triton.jit
 def _band_mask(lo, hi, i):
     """[BLOCK_T, BLOCK_S]: token (row) sees slot i."""
     return (i[None, :] >= lo[:, None]) & (i[None, :] < hi[:, None])
@@ -100,9 +93,10 @@ def _level_walk(POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last,
     """For one level: the tokens' bands [lo, hi), the slot range the tile walks
     [lo of its first token, hi of its last), the range every token sees [lo of the last token,
     hi of the first), the level's first candidate, and the base-2 bias."""
-    lo, hi = _level_band(POS, RING, SPAN, b, lvl, t)
-    lo_first, hi_first = _level_band(POS, RING, SPAN, b, lvl, tl.program_id(0) * BLOCK_T)
-    lo_last, hi_last = _level_band(POS, RING, SPAN, b, lvl, t_last)
+    ring, span, r, floor = _band_origin(POS, RING, SPAN, b, lvl)
+    lo, hi = _band(t, ring, span, r, floor)
+    lo_first, hi_first = _band(tl.program_id(0) * BLOCK_T, ring, span, r, floor)
+    lo_last, hi_last = _band(t_last, ring, span, r, floor)
     bias2 = tl.load(BETA + head * n_levels + lvl).to(tl.float32) * LOG2E_TL
     return lo, hi, lo_first, hi_last, lo_last, hi_first, tl.load(START + lvl), bias2
 
