@@ -52,21 +52,32 @@ def main() -> None:
     n_slots = keys.shape[2]
     common = (steps, n_slots, 3, heads, 1, kernel.LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
     print(f"B{bsz} H{heads} T{steps} Dh{dim} {n_slots} slots {args.dtype}")
-    print("defaults:", {kind: kernel._tiles(kind, dtype) for kind in ("fwd", "dq", "dkv")})
+    tma = kernel._tma_ok(keys, values)
+    print(
+        f"defaults (TMA {tma}):",
+        {kind: kernel._tiles(kind, dtype, tma and kind != "dkv") for kind in ("fwd", "dq", "dkv")},
+    )
 
-    def run_fwd(bt, bs, w, st):
+    def slot_args(bs, tma):
+        """The slot-tile descriptors (TMA) or the plain tensors in their place."""
+        descs = kernel._descriptors(keys, values, bs, meta["BLOCK_D"]) if tma and kernel._tma_ok(keys, values) else None
+        return (*(descs or (keys, values)),), {"TMA": descs is not None}
+
+    def run_fwd(bt, bs, w, st, tma=False):
         o, ls = torch.empty_like(out), torch.empty_like(lse)
         grid = (triton.cdiv(steps, bt), bsz * heads)
-        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, o, ls, *common[:-1])
-        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
+        descs, flag = slot_args(bs, tma)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, o, ls, *common[:-1])
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag)
         return (lambda: kernel._attend_fwd[grid](*args, **tiles, **meta)), o, out
 
-    def run_dq(bt, bs, w, st):
+    def run_dq(bt, bs, w, st, tma=False):
         dq, db = torch.empty_like(q), torch.zeros(heads, 3, device="cuda")
         grid = (triton.cdiv(steps, bt), bsz * heads)
-        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, lse, out, stats, dout, dq, db, *common)
-        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
-        return (lambda: kernel._attend_bwd_dq[grid](*args, **tiles, **meta)), dq, want[0]
+        descs, flag = slot_args(bs, tma)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, lse, out, stats, dout, dq, db)
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag)
+        return (lambda: kernel._attend_bwd_dq[grid](*args, *common, **tiles, **meta)), dq, want[0]
 
     def run_dkv(bt, bs, w, st):
         dk, dv = torch.empty_like(keys), torch.empty_like(values)
@@ -78,8 +89,8 @@ def main() -> None:
 
     sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
     configs = {
-        "fwd": [(*c, w, st) for c in sizes if c[0] >= 64 for w in (4, 8) for st in (2, 3)],
-        "dq": [(*c, w, st) for c in sizes if c[1] <= 64 for w in (4, 8) for st in (2, 3)],
+        "fwd": [(*c, w, st, tma) for c in sizes if c[0] >= 64 for w in (4, 8) for st in (2, 3) for tma in (0, 1)],
+        "dq": [(*c, w, st, tma) for c in sizes if c[1] <= 64 for w in (4, 8) for st in (2, 3) for tma in (0, 1)],
         "dkv": [(*c, w, st) for c in sizes for w in (4, 8) for st in (2, 3)],
     }
     launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv}
@@ -90,6 +101,7 @@ def main() -> None:
         best = None
         for c in configs[name]:
             label = f"{name:4} BLOCK_T {c[0]:3} BLOCK_S {c[1]:3} warps {c[2]} stages {c[3]}"
+            label += " TMA" if c[4:] and c[4] else ""
             ms = checked_time(label, lambda launcher=launcher, c=c: launcher(*c), bench, 1e-2)
             if ms is None:
                 continue

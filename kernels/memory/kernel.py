@@ -118,6 +118,8 @@ def _attend_fwd(
     START,
     RING,
     SPAN,  # per level: first candidate index, ring size M_l, span S_l
+    K_DESC,
+    V_DESC,  # TMA: tensor descriptors of KEYS / VALUES as [B * K * S, Dh] (else unused)
     OUT,
     LSE,
     T,
@@ -132,6 +134,7 @@ def _attend_fwd(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
+    TMA: tl.constexpr = False,  # slot tiles by tensor-memory-accelerator loads (Hopper)
 ):
     b, head, t, cols, t_ok, col_ok, q_offs, kv_base, t_last = _token_tile(
         T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
@@ -146,11 +149,19 @@ def _attend_fwd(
             POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
         )
         k_ptrs, v_ptrs = _slot_ptrs(KEYS, VALUES, kv_base, start, lo_first, cols, DH, BLOCK_S)
+        row = (kv_base // DH).to(tl.int32) + start + lo_first
         for i0 in range(lo_first, hi_last, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
-            ok = (i < hi_last)[:, None] & col_ok[None, :]
-            kt = operand(tl.load(k_ptrs, mask=ok, other=0.0), UPCAST)
-            vt = operand(tl.load(v_ptrs, mask=ok, other=0.0), UPCAST)
+            if TMA:
+                # Rows past hi_last hold other slots' finite values; their tile is an edge tile, so
+                # they are masked out below (past the tensor's end the load gives zeros).
+                kt = operand(K_DESC.load([row, 0]), UPCAST)
+                vt = operand(V_DESC.load([row, 0]), UPCAST)
+                row += BLOCK_S
+            else:
+                ok = (i < hi_last)[:, None] & col_ok[None, :]
+                kt = operand(tl.load(k_ptrs, mask=ok, other=0.0), UPCAST)
+                vt = operand(tl.load(v_ptrs, mask=ok, other=0.0), UPCAST)
             qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             if _edge(i0, lo_all, hi_all, BLOCK_S):
                 qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
@@ -182,6 +193,8 @@ def _attend_bwd_dq(
     START,
     RING,
     SPAN,
+    K_DESC,
+    V_DESC,  # TMA: tensor descriptors of KEYS / VALUES as [B * K * S, Dh] (else unused)
     LSE,
     OUT,
     STATS,  # [2, B, H, T] fp32, written here for the dk/dv kernel: rowsum(dout * out), base-2 lse
@@ -201,6 +214,7 @@ def _attend_bwd_dq(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
+    TMA: tl.constexpr = False,  # slot tiles by tensor-memory-accelerator loads (Hopper)
 ):
     b, head, t, cols, t_ok, col_ok, q_offs, kv_base, t_last = _token_tile(
         T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
@@ -222,12 +236,18 @@ def _attend_bwd_dq(
             POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
         )
         k_ptrs, v_ptrs = _slot_ptrs(KEYS, VALUES, kv_base, start, lo_first, cols, DH, BLOCK_S)
+        row = (kv_base // DH).to(tl.int32) + start + lo_first
         dbeta = tl.zeros([BLOCK_T], dtype=tl.float32)
         for i0 in range(lo_first, hi_last, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
-            ok = (i < hi_last)[:, None] & col_ok[None, :]
-            kt = operand(tl.load(k_ptrs, mask=ok, other=0.0), UPCAST)
-            vt = operand(tl.load(v_ptrs, mask=ok, other=0.0), UPCAST)
+            if TMA:  # rows past hi_last: finite values of other slots, masked (an edge tile)
+                kt = operand(K_DESC.load([row, 0]), UPCAST)
+                vt = operand(V_DESC.load([row, 0]), UPCAST)
+                row += BLOCK_S
+            else:
+                ok = (i < hi_last)[:, None] & col_ok[None, :]
+                kt = operand(tl.load(k_ptrs, mask=ok, other=0.0), UPCAST)
+                vt = operand(tl.load(v_ptrs, mask=ok, other=0.0), UPCAST)
             qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             p = tl.math.exp2(qk * qk_scale + (bias2 - lse2)[:, None])
             if _edge(i0, lo_all, hi_all, BLOCK_S):
@@ -383,22 +403,47 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
 
 
 # Launch tiles (BLOCK_T, BLOCK_S, num_warps, num_stages): the best of benchmarks/memory_sweep.py
-# on the H100 at B8 H16 T4096 Dh64 over 1024 slots (BENCHMARKS.md), bf16 and fp32 (TF32).
-# Small bf16 token tiles win: four programs share an SM and hide each other's
-# dot -> softmax -> dot chain; fp32 tiles hold twice the bytes and want more warps.
+# on the H100 at B8 H16 T4096 Dh64 over 1024 slots (BENCHMARKS.md), bf16 and fp32 (TF32), with
+# TMA slot loads ("+tma": Hopper, 16-byte rows) and without. Without TMA, small bf16 token tiles
+# win: four programs share an SM and hide each other's dot -> softmax -> dot chain; TMA frees the
+# registers of the load addresses (195 -> 145 a thread at 64x64), so bigger tiles fit.
 _TILES = {
     "wide": {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkv": (32, 64, 4, 3)},
+    "wide+tma": {"fwd": (128, 64, 4, 3), "dq": (128, 64, 4, 3)},
     "fp32": {"fwd": (128, 64, 4, 2), "dq": (128, 64, 8, 2), "dkv": (64, 128, 8, 2)},
+    "fp32+tma": {"fwd": (128, 32, 4, 3), "dq": (128, 64, 8, 3)},
     "fp64": {"fwd": (64, 32, 4, 3), "dq": (32, 32, 4, 3), "dkv": (32, 32, 4, 3)},  # not swept
 }
 
 
-def _tiles(kind: str, dtype: torch.dtype) -> dict:
+def _tiles(kind: str, dtype: torch.dtype, tma: bool = False) -> dict:
     if knobs.interpret:
         return {"BLOCK_T": 16, "BLOCK_S": 16, "num_warps": 1}
     table = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "wide")
+    if tma and kind in _TILES.get(table + "+tma", {}):  # the dk/dv kernel loads no slot tiles in its loop
+        table += "+tma"
     block_t, block_s, warps, stages = _TILES[table][kind]
     return {"BLOCK_T": block_t, "BLOCK_S": block_s, "num_warps": warps, "num_stages": stages}
+
+
+USE_TMA = True  # the forward and dq kernels load slot tiles by TMA where _tma_ok
+
+
+def _tma_ok(keys: Tensor, values: Tensor) -> bool:
+    """Whether slot tiles can come by TMA: Hopper or later (or the interpreter), rows a multiple
+    of 16 bytes, 16-byte-aligned bases."""
+    rows_ok = (keys.shape[-1] * keys.element_size()) % 16 == 0
+    if not USE_TMA or not rows_ok or keys.data_ptr() % 16 or values.data_ptr() % 16:
+        return False
+    return knobs.interpret or torch.cuda.get_device_capability(keys.device)[0] >= 9
+
+
+def _descriptors(keys: Tensor, values: Tensor, block_s: int, block_d: int) -> tuple:
+    """TMA descriptors of the candidate keys and values as [rows, Dh], tiles [block_s, block_d]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    dim = keys.shape[-1]
+    return tuple(TensorDescriptor.from_tensor(t.view(-1, dim), [block_s, block_d]) for t in (keys, values))
 
 
 def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Tensor, Tensor]:
@@ -408,12 +453,15 @@ def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Te
     assert lv.n_slots == n_slots, (lv.n_slots, n_slots)
     out = new_output(q)
     lse = new_output(q, (bsz, heads, steps), torch.float32)
-    tiles = _tiles("fwd", q.dtype)
+    tma = _tma_ok(keys, values)
+    tiles = _tiles("fwd", q.dtype, tma)
+    meta = _meta(dim, q.dtype)
+    descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _attend_fwd[grid](
-        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, out, lse,
+        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), out, lse,
         steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim),
-        **tiles, **_meta(dim, q.dtype),
+        **tiles, **meta, TMA=descs is not None,
     )  # fmt: skip
     return out, lse
 
@@ -430,11 +478,13 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
     meta = _meta(dim, q.dtype)
     common = (steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
-    tiles = _tiles("dq", q.dtype)
+    tma = _tma_ok(keys, values)
+    tiles = _tiles("dq", q.dtype, tma)
+    descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _attend_bwd_dq[grid](
-        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, lse, out, stats, dout, dq, dbeta, *common,
-        **tiles, **meta,
+        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), lse, out, stats, dout,
+        dq, dbeta, *common, **tiles, **meta, TMA=descs is not None,
     )  # fmt: skip
     tiles = _tiles("dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
