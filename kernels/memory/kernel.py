@@ -165,6 +165,8 @@ def _attend_fwd(
             qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             if _edge(i0, lo_all, hi_all, BLOCK_S):
                 qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
+                if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
+                    vt = tl.where((i < hi_last)[:, None], vt, 0.0)
             # Base-2 logits are qk * qk_scale + bias2 (a positive scale: the max commutes with it).
             m_new = tl.maximum(m, tl.max(qk, axis=1) * qk_scale + bias2)
             # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
@@ -225,6 +227,8 @@ def _attend_bwd_dq(
     stat_offs = (b * HEADS + head).to(tl.int64) * T + t
     lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
+    # Padding tokens (t >= T) give p = 0 everywhere, so a large bias cannot make inf * 0 there.
+    lse2 = tl.where(t_ok, lse2, float("inf"))
     out = tl.load(OUT + q_offs, mask=row_ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), axis=1)
     tl.store(STATS + stat_offs, delta, mask=t_ok)
@@ -252,6 +256,9 @@ def _attend_bwd_dq(
             p = tl.math.exp2(qk * qk_scale + (bias2 - lse2)[:, None])
             if _edge(i0, lo_all, hi_all, BLOCK_S):
                 p = tl.where(_band_mask(lo, hi, i), p, 0.0)
+                if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
+                    keep = (i < hi_last)[:, None]
+                    kt, vt = tl.where(keep, kt, 0.0), tl.where(keep, vt, 0.0)
             dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # d logits (natural units)
             dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
@@ -431,9 +438,10 @@ USE_TMA = True  # the forward and dq kernels load slot tiles by TMA where _tma_o
 
 def _tma_ok(keys: Tensor, values: Tensor) -> bool:
     """Whether slot tiles can come by TMA: Hopper or later (or the interpreter), rows a multiple
-    of 16 bytes, 16-byte-aligned bases."""
-    rows_ok = (keys.shape[-1] * keys.element_size()) % 16 == 0
-    if not USE_TMA or not rows_ok or keys.data_ptr() % 16 or values.data_ptr() % 16:
+    of 16 bytes and at most 256 elements, 16-byte-aligned bases; not fp64 (not measured)."""
+    dim = keys.shape[-1]
+    rows_ok = (dim * keys.element_size()) % 16 == 0 and dim <= 256  # 256: a TMA box's limit
+    if not USE_TMA or not rows_ok or keys.dtype == torch.float64 or keys.data_ptr() % 16 or values.data_ptr() % 16:
         return False
     return knobs.interpret or torch.cuda.get_device_capability(keys.device)[0] >= 9
 

@@ -97,6 +97,45 @@ def test_model_on_cuda_decodes_like_forward_and_trains():
     assert torch.isfinite(loss) and model.get_parameter("layer0.w_g").grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_query_at_gpu_tile_sizes(dtype):
+    # Rings wider than the GPU's slot tiles (64-128), so tiles inside every token's band skip
+    # the mask and slot tiles come by TMA; GQA; rows at the stream's start, part way and far on;
+    # ring gradients. Then row 1's rings turn NaN/inf: rows 0 and 2 must not change.
+    from kernels.memory import reference as mem_ref
+
+    torch.manual_seed(0)
+    spec = kernels.MemorySpec(heads=4, dim=64, block=16, ratio=4, slots=(200, 150, 90))
+    mem = kernels.Memory.empty(spec, 3, device="cuda", dtype=dtype)
+    rings = [torch.randn_like(t).requires_grad_() for t in mem.keys + mem.values]
+    mem.keys, mem.values = rings[:3], rings[3:]
+    mem.pos = torch.tensor([0, 2000, 1 << 20], device="cuda")
+    q, k, v = (torch.randn(3, 700, d, device="cuda", dtype=dtype, requires_grad=True) for d in (512, 256, 256))
+    beta = torch.randn(8, 3, device="cuda", dtype=dtype, requires_grad=True)
+    out = kernels.hds_query(q, k, v, beta, mem, 8)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v, beta, *rings))
+    cpu = [t.detach().double().requires_grad_() for t in (q, k, v, beta, *rings)]
+    mem64 = kernels.Memory(
+        spec, cpu[4:7], cpu[7:], [t.double() for t in mem.sum_k], [t.double() for t in mem.sum_v], mem.pos
+    )
+    want = mem_ref.hds_query(*cpu[:4], mem64, 8)
+    want_grads = torch.autograd.grad(want.sum(), cpu)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel(out, want) < tol
+    for name, g, w in zip(["q", "k", "v", "beta"] + [f"ring {i}" for i in range(6)], grads, want_grads, strict=True):
+        assert rel(g, w) < 2 * tol, name
+
+    with torch.no_grad():
+        clean = mem.map(lambda t: t.detach().clone())
+        bad = mem.map(lambda t: t.detach().clone())
+        for lvl in range(3):
+            bad.keys[lvl][1], bad.values[lvl][1] = float("inf"), float("nan")
+        before, after = (kernels.hds_query(q, k, v, beta, m, 8)[[0, 2]] for m in (clean, bad))
+    # Close, not equal: the fp32 slot sums use index_add, whose CUDA atomics vary in the last bit.
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
 def test_fp32_memory_query_with_tf32_allowed():
     # torch.set_float32_matmul_precision("high") switches our fp32 dots to TF32, as it does
     # torch.matmul's: the query and its gradients stay within TF32's error of the fp64 reference.

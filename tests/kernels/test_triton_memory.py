@@ -51,12 +51,15 @@ def test_triton_query_matches_reference_forward_and_backward(chunks, resets, ste
 WIDE = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=(47, 31, 20))  # spans 2, 4, 8
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype):
+def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tma, monkeypatch):
     # Rings wider than the slot tiles (16 under the interpreter): a slot tile every token of the
     # token tile sees runs without the visibility mask, any other with it. Full rings of 47 and
     # 31 slots put a band edge one slot inside a tile; the rows start from empty, partly filled
-    # and full rings; T is not a multiple of the token tile.
+    # and full rings; T is not a multiple of the token tile. Slot tiles by TMA (Dh 16 makes
+    # 16-byte rows) and by pointer loads.
+    monkeypatch.setattr(kernel, "USE_TMA", tma)
     torch.manual_seed(0)
     mem = kernels.Memory.empty(WIDE, 4)
     mem.keys, mem.values = [torch.randn_like(t) for t in mem.keys], [torch.randn_like(t) for t in mem.values]
@@ -82,6 +85,38 @@ def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype):
     names = ["q", "k", "v", "beta"] + [f"{w} ring {lvl}" for w in "kv" for lvl in range(n)]
     for name, g, r in zip(names, grads, expected_grads, strict=True):
         assert_close(g.cpu(), r, what=f"d{name}", **tol)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on row 1's NaN
+def test_non_finite_slots_of_one_row_stay_in_that_row():
+    # A slot tile loaded by TMA runs past the band into other rows' slots; those rows' NaN and
+    # inf must not reach this row's output or gradients (0 * NaN in a product would).
+    torch.manual_seed(0)
+    mem = kernels.Memory.empty(WIDE, 3)
+    mem.keys, mem.values = [torch.randn_like(t) for t in mem.keys], [torch.randn_like(t) for t in mem.values]
+    mem.pos = torch.tensor([1000, 1000, 1000])
+    kd, qd = WIDE.heads * WIDE.dim, HEADS * WIDE.dim
+    q, k, v = (torch.randn(3, 45, d, requires_grad=True) for d in (qd, kd, kd))
+    beta = torch.randn(HEADS, 3)
+    bad = mem.map(lambda t: t.clone())
+    for lvl in range(len(WIDE.slots)):  # row 1: every ring slot NaN or inf
+        bad.keys[lvl][1] = float("inf")
+        bad.values[lvl][1] = float("nan")
+    dev = [t.to(TRITON_DEVICE) for t in (q, k, v)]
+    out = kernels.hds_query(*dev, beta.to(TRITON_DEVICE), to_device(bad), HEADS)
+    grads = torch.autograd.grad(out[[0, 2]].sum(), dev)
+    want = ref.hds_query(
+        q.double(),
+        k.double(),
+        v.double(),
+        beta.double(),
+        mem.map(lambda t: t.double() if t.is_floating_point() else t),
+        HEADS,
+    )
+    want_grads = torch.autograd.grad(want[[0, 2]].sum(), (q, k, v))
+    assert_close(out[[0, 2]].cpu(), want[[0, 2]], rtol=1e-4, atol=1e-5, what="rows 0 and 2")
+    for name, g, w in zip("qkv", grads, want_grads, strict=True):
+        assert_close(g[[0, 2]].cpu(), w[[0, 2]], rtol=1e-4, atol=1e-5, what=f"d{name} of rows 0 and 2")
 
 
 def test_triton_query_matches_the_naive_loop():
