@@ -19,9 +19,14 @@ bias and running max folded into one FMA per logit; products take the inputs' dt
 cores (exact fp32 for fp32 inputs) with fp32 accumulation.
 
 Backward (FlashAttention-2 style, probabilities recomputed from the saved log-sum-exp):
-- `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (one atomic add per level);
+- `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (one atomic add per level),
+  and for the next kernel delta = rowsum(dout * out) and the base-2 LSE;
 - `_attend_bwd_dkv`: per slot tile (one level), the tokens that see it, every query head of its
-  memory head's group: dk and dv accumulate in registers and are stored once, no atomics.
+  memory head's group, computed transposed ([slots, tokens]) so p^T and ds^T are the left
+  operands of the dv and dk products straight from registers; dk and dv accumulate in
+  registers and are stored once, no atomics.
+
+On Hopper the forward and dq kernels load slot tiles by TMA (see `_tma_ok`).
 """
 
 from __future__ import annotations
