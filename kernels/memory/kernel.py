@@ -81,16 +81,16 @@ def _edge(i0, lo_all, hi_all, BLOCK_S: tl.constexpr):
 @triton.jit
 def _token_tile(T, n_slots, HEADS, GROUP, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """What a (token tile, batch row x query head) program addresses: its batch row and head, its
-    tokens, columns and their masks, the offsets of its q/out rows, its memory head's slot base,
-    and its last valid token."""
+    tokens, columns and their masks, the offsets of its q/out rows, the row of its memory head's
+    first candidate in [B * K * S, Dh], and its last valid token."""
     pid_bh = tl.program_id(1)
     b, head = pid_bh // HEADS, pid_bh % HEADS
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     q_offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
-    kv_base = (b * (HEADS // GROUP) + head // GROUP).to(tl.int64) * n_slots * DH
+    kv_row = (b * (HEADS // GROUP) + head // GROUP).to(tl.int64) * n_slots
     t_last = tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, T) - 1
-    return b, head, t, cols, t < T, cols < DH, q_offs, kv_base, t_last
+    return b, head, t, cols, t < T, cols < DH, q_offs, kv_row, t_last
 
 
 @triton.jit
@@ -107,10 +107,27 @@ def _level_walk(POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last,
 
 
 @triton.jit
-def _slot_ptrs(KEYS, VALUES, kv_base, start, i0, cols, DH: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Pointers to the key and value rows [BLOCK_S, BLOCK_D] of level-local slots i0, i0 + 1, ..."""
-    offs = kv_base + (start + i0).to(tl.int64) * DH + tl.arange(0, BLOCK_S)[:, None] * DH + cols[None, :]
-    return KEYS + offs, VALUES + offs
+def _slot_ptrs(KEYS, VALUES, kv_row, start, i0, cols, DH: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Where a level's walk starts at local slot i0: pointers to the key and value rows
+    [BLOCK_S, BLOCK_D] of slots i0, i0 + 1, ..., and their row in [B * K * S, Dh] (for TMA)."""
+    row = kv_row + start + i0
+    offs = row * DH + tl.arange(0, BLOCK_S)[:, None] * DH + cols[None, :]
+    return KEYS + offs, VALUES + offs, row.to(tl.int32)
+
+
+@triton.jit
+def _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """Keys and values [BLOCK_S, BLOCK_D] of level-local slots i: by TMA from descriptor row `row`
+    (rows at or past hi_last come as they are, other levels', heads' or batch rows' slots, and
+    the caller zeroes them on its edge tiles), or by pointer loads that read those rows as 0."""
+    if TMA:
+        kt = K_DESC.load([row, 0])
+        vt = V_DESC.load([row, 0])
+    else:
+        ok = (i < hi_last)[:, None] & col_ok[None, :]
+        kt = tl.load(k_ptrs, mask=ok, other=0.0)
+        vt = tl.load(v_ptrs, mask=ok, other=0.0)
+    return operand(kt, UPCAST), operand(vt, UPCAST)
 
 
 @triton.jit
@@ -141,9 +158,7 @@ def _attend_fwd(
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
     TMA: tl.constexpr = False,  # slot tiles by tensor-memory-accelerator loads (Hopper)
 ):
-    b, head, t, cols, t_ok, col_ok, q_offs, kv_base, t_last = _token_tile(
-        T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
-    )
+    b, head, t, cols, t_ok, col_ok, q_offs, kv_row, t_last = _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D)
     q = operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
 
     m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
@@ -153,20 +168,10 @@ def _attend_fwd(
         lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
             POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
         )
-        k_ptrs, v_ptrs = _slot_ptrs(KEYS, VALUES, kv_base, start, lo_first, cols, DH, BLOCK_S)
-        row = (kv_base // DH).to(tl.int32) + start + lo_first
+        k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
         for i0 in range(lo_first, hi_last, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
-            if TMA:
-                # Rows past hi_last hold other slots' finite values; their tile is an edge tile, so
-                # they are masked out below (past the tensor's end the load gives zeros).
-                kt = operand(K_DESC.load([row, 0]), UPCAST)
-                vt = operand(V_DESC.load([row, 0]), UPCAST)
-                row += BLOCK_S
-            else:
-                ok = (i < hi_last)[:, None] & col_ok[None, :]
-                kt = operand(tl.load(k_ptrs, mask=ok, other=0.0), UPCAST)
-                vt = operand(tl.load(v_ptrs, mask=ok, other=0.0), UPCAST)
+            kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
             qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             if _edge(i0, lo_all, hi_all, BLOCK_S):
                 qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
@@ -183,6 +188,7 @@ def _attend_fwd(
             m = m_new
             k_ptrs += BLOCK_S * DH
             v_ptrs += BLOCK_S * DH
+            row += BLOCK_S
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])
     # Natural-log LSE (what the reference returns); -inf where nothing is visible.
@@ -223,9 +229,7 @@ def _attend_bwd_dq(
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
     TMA: tl.constexpr = False,  # slot tiles by tensor-memory-accelerator loads (Hopper)
 ):
-    b, head, t, cols, t_ok, col_ok, q_offs, kv_base, t_last = _token_tile(
-        T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D
-    )
+    b, head, t, cols, t_ok, col_ok, q_offs, kv_row, t_last = _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D)
     row_ok = t_ok[:, None] & col_ok[None, :]
     q = operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
     do = operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
@@ -244,19 +248,11 @@ def _attend_bwd_dq(
         lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
             POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
         )
-        k_ptrs, v_ptrs = _slot_ptrs(KEYS, VALUES, kv_base, start, lo_first, cols, DH, BLOCK_S)
-        row = (kv_base // DH).to(tl.int32) + start + lo_first
+        k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
         dbeta = tl.zeros([BLOCK_T], dtype=tl.float32)
         for i0 in range(lo_first, hi_last, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
-            if TMA:  # rows past hi_last: finite values of other slots, masked (an edge tile)
-                kt = operand(K_DESC.load([row, 0]), UPCAST)
-                vt = operand(V_DESC.load([row, 0]), UPCAST)
-                row += BLOCK_S
-            else:
-                ok = (i < hi_last)[:, None] & col_ok[None, :]
-                kt = operand(tl.load(k_ptrs, mask=ok, other=0.0), UPCAST)
-                vt = operand(tl.load(v_ptrs, mask=ok, other=0.0), UPCAST)
+            kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
             qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             p = tl.math.exp2(qk * qk_scale + (bias2 - lse2)[:, None])
             if _edge(i0, lo_all, hi_all, BLOCK_S):
@@ -270,6 +266,7 @@ def _attend_bwd_dq(
             dbeta += tl.sum(ds, axis=1)
             k_ptrs += BLOCK_S * DH
             v_ptrs += BLOCK_S * DH
+            row += BLOCK_S
         tl.atomic_add(DBETA + head * n_levels + lvl, tl.sum(dbeta, axis=0))
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok)
 
