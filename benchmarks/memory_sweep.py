@@ -53,14 +53,11 @@ def main() -> None:
     common = (steps, n_slots, 3, heads, 1, kernel.LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
     print(f"B{bsz} H{heads} T{steps} Dh{dim} {n_slots} slots {args.dtype}")
     tma = kernel._tma_ok(keys, values)
-    print(
-        f"defaults (TMA {tma}):",
-        {kind: kernel._tiles(kind, dtype, tma and kind != "dkv") for kind in ("fwd", "dq", "dkv")},
-    )
+    print(f"defaults (TMA {tma}):", {kind: kernel._tiles(kind, dtype, tma) for kind in ("fwd", "dq", "dkv")})
 
     def slot_args(bs, tma):
         """The slot-tile descriptors (TMA) or the plain tensors in their place."""
-        descs = kernel._descriptors(keys, values, bs, meta["BLOCK_D"]) if tma and kernel._tma_ok(keys, values) else None
+        descs = kernel._descriptors(keys, values, bs, meta["BLOCK_D"]) if kernel._tma_ok(keys, values, tma) else None
         return (*(descs or (keys, values)),), {"TMA": descs is not None}
 
     def run_fwd(bt, bs, w, st, tma=False):

@@ -26,7 +26,7 @@ Backward (FlashAttention-2 style, probabilities recomputed from the saved log-su
   operands of the dv and dk products straight from registers; dk and dv accumulate in
   registers and are stored once, no atomics.
 
-On Hopper the forward and dq kernels load slot tiles by TMA (see `_tma_ok`).
+With MMREC_MEMORY_TMA=1 the forward and dq kernels load slot tiles by TMA on Hopper (`_tma_ok`).
 """
 
 from __future__ import annotations
@@ -413,7 +413,7 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
 
 # Launch tiles (BLOCK_T, BLOCK_S, num_warps, num_stages): the best of benchmarks/memory_sweep.py
 # on the H100 at B8 H16 T4096 Dh64 over 1024 slots (BENCHMARKS.md), bf16 and fp32 (TF32), with
-# TMA slot loads ("+tma": Hopper, 16-byte rows) and without. Without TMA, small bf16 token tiles
+# TMA slot loads ("+tma": opt-in, knobs.memory_tma) and without. Without TMA, small bf16 token tiles
 # win: four programs share an SM and hide each other's dot -> softmax -> dot chain; TMA frees the
 # registers of the load addresses (195 -> 145 a thread at 64x64), so bigger tiles fit.
 _TILES = {
@@ -435,15 +435,15 @@ def _tiles(kind: str, dtype: torch.dtype, tma: bool = False) -> dict:
     return {"BLOCK_T": block_t, "BLOCK_S": block_s, "num_warps": warps, "num_stages": stages}
 
 
-USE_TMA = True  # the forward and dq kernels load slot tiles by TMA where _tma_ok
-
-
-def _tma_ok(keys: Tensor, values: Tensor) -> bool:
-    """Whether slot tiles can come by TMA: Hopper or later (or the interpreter), rows a multiple
-    of 16 bytes and at most 256 elements, 16-byte-aligned bases; not fp64 (not measured)."""
+def _tma_ok(keys: Tensor, values: Tensor, enabled: bool | None = None) -> bool:
+    """Whether slot tiles come by TMA: when enabled (default: knobs.memory_tma), on Hopper or
+    later (or the interpreter), rows a multiple of 16 bytes and at most 256 elements,
+    16-byte-aligned bases; not fp64 (not measured)."""
     dim = keys.shape[-1]
     rows_ok = (dim * keys.element_size()) % 16 == 0 and dim <= 256  # 256: a TMA box's limit
-    if not USE_TMA or not rows_ok or keys.dtype == torch.float64 or keys.data_ptr() % 16 or values.data_ptr() % 16:
+    if not (knobs.memory_tma if enabled is None else enabled) or not rows_ok or keys.dtype == torch.float64:
+        return False
+    if keys.data_ptr() % 16 or values.data_ptr() % 16:
         return False
     return knobs.interpret or torch.cuda.get_device_capability(keys.device)[0] >= 9
 

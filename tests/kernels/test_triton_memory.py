@@ -59,7 +59,7 @@ def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tm
     # 31 slots put a band edge one slot inside a tile; the rows start from empty, partly filled
     # and full rings; T is not a multiple of the token tile. Slot tiles by TMA (Dh 16 makes
     # 16-byte rows) and by pointer loads.
-    monkeypatch.setattr(kernel, "USE_TMA", tma)
+    monkeypatch.setattr(kernels.knobs, "memory_tma", tma)
     torch.manual_seed(0)
     mem = kernels.Memory.empty(WIDE, 4)
     mem.keys, mem.values = [torch.randn_like(t) for t in mem.keys], [torch.randn_like(t) for t in mem.values]
@@ -88,9 +88,11 @@ def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tm
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on row 1's NaN
-def test_non_finite_slots_of_one_row_stay_in_that_row():
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_non_finite_slots_of_one_row_stay_in_that_row(tma, monkeypatch):
     # A slot tile loaded by TMA runs past the band into other rows' slots; those rows' NaN and
     # inf must not reach this row's output or gradients (0 * NaN in a product would).
+    monkeypatch.setattr(kernels.knobs, "memory_tma", tma)
     torch.manual_seed(0)
     mem = kernels.Memory.empty(WIDE, 3)
     mem.keys, mem.values = [torch.randn_like(t) for t in mem.keys], [torch.randn_like(t) for t in mem.values]
