@@ -160,6 +160,50 @@ def linear_scan_section(quick: bool) -> None:
     attempt("accelerated-scan", accelerated)
     attempt("fla chunk_hgrn", fla)
     attempt("torch.compile associative_scan", compiled_associative_scan)
+    if not quick:
+        attempt("linear scan fp32", lambda: scan_fp32_rows(bsz, steps, width))
+    attempt("scan forward crossover", lambda: scan_forward_crossover(quick))
+
+
+def scan_fp32_rows(bsz: int, steps: int, width: int) -> None:
+    """Ours in fp32 against its own floor (a copy of fp32 elements)."""
+    log_a = (-torch.rand(bsz, steps, width, device="cuda") * 0.5).requires_grad_()
+    b = torch.randn(bsz, steps, width, device="cuda").requires_grad_()
+    dh = torch.randn_like(b)
+    src, dst = torch.randn_like(b).view(-1), torch.empty(b.numel(), device="cuda")
+    copy = bench(lambda: dst.copy_(src))
+    floor_f, floor_fb = copy * 3 / 2, copy * 8 / 2
+    shape = f"B{bsz} T{steps} C{width}"
+    row("scan", "copy-bandwidth floor", shape, torch.float32, floor_f, floor_fb, "")
+    with torch.no_grad():
+        f = bench(lambda: kernels.linear_scan(log_a, b))
+    fb = bench(fwd_bwd_timer(lambda: kernels.linear_scan(log_a, b)[0], [log_a, b], [dh]))
+    note = f"{f / floor_f:.2f}x / {fb / floor_fb:.2f}x floor"
+    row("scan", "mmrec linear_scan (Triton)", shape, torch.float32, f, fb, note)
+
+
+def scan_forward_crossover(quick: bool) -> None:
+    """Both forward kernels (MMREC_SCAN_FORWARD=chained / tiled) from wide to narrow inputs: does
+    the chained kernel's per-chunk hand-off stop paying where few programs share it?"""
+    from kernels.scan import kernel
+
+    shapes = [(2, 1024, 1024)] if quick else [(8, 4096, 2048), (4, 4096, 2048), (8, 4096, 512), (2, 4096, 1024),
+                                              (1, 4096, 1024), (4, 1024, 256), (1, 4096, 256)]  # fmt: skip
+    saved = kernels.knobs.scan_forward
+    try:
+        for bsz, steps, width in shapes:
+            log_a = (-torch.rand(bsz, steps, width, device="cuda") * 0.5).bfloat16()
+            b = torch.randn(bsz, steps, width, device="cuda").bfloat16()
+            times = {}
+            for mode in ("chained", "tiled"):
+                kernels.knobs.scan_forward = mode
+                times[mode] = bench(lambda log_a=log_a, b=b: kernel.scan_fwd(log_a, b, None))
+            kernels.knobs.scan_forward = saved
+            note = f"tiled {times['tiled']:.3f} ms: chained {times['tiled'] / times['chained']:.2f}x faster"
+            shape = f"B{bsz} T{steps} C{width}"
+            row("scan-forward", "chained forward", shape, torch.bfloat16, times["chained"], None, note)
+    finally:
+        kernels.knobs.scan_forward = saved
 
 
 def gated_inputs(bsz, steps, heads, dh, dtype):

@@ -22,6 +22,9 @@ class Knobs:
     # Hopper. Opt-in: it measured 5% faster, but the guard that keeps another row's NaN out of
     # a tile (added after that measurement) makes its tiles spill registers; not re-timed yet.
     memory_tma: bool = os.environ.get("MMREC_MEMORY_TMA", "0") == "1"
+    # MMREC_SCAN_FORWARD=tiled: the linear scan's earlier forward kernel (a walker per column)
+    # instead of the chained one (kernels/scan/kernel.py), for comparison.
+    scan_forward: str = os.environ.get("MMREC_SCAN_FORWARD", "chained")
     # Fill every kernel output with NaN before launch, so elements a kernel fails to write
     # show up in tests (MMREC_POISON=1, or set by the tests).
     poison_outputs: bool = os.environ.get("MMREC_POISON", "0") == "1"

@@ -1,11 +1,20 @@
 """Triton kernels for the linear scan (SPEC §1), forward and backward, on the [B, T, C] layout.
 
-Forward: one program owns a tile of BLOCK_C channels of one batch row and walks time in chunks
-of BLOCK_T rows: it loads a [BLOCK_T, BLOCK_C] tile of log_a and b (contiguous along C, so
-coalesced), scans it with `tl.associative_scan`, applies the carry from the previous chunk,
-stores h, and carries the chunk's last row on. The loads are plain loads inside a
-`tl.range(num_stages=STAGES)` loop, so Triton's software pipeliner keeps several chunks in
-flight through shared memory (small tiles, 16 x 32 on one warp).
+Forward, chained (the default): time is cut into chunks of CHAIN_R rows, and
+one program owns one chunk of 2 x 32 x warps channels of one batch row. Each thread holds its
+two adjacent channels for all CHAIN_R rows in registers, so the within-chunk scan is a
+sequential `tl.associative_scan` inside the thread (two FMAs per element, no shuffles). The
+chunks of a column are chained through global memory: a program takes a ticket (an atomic
+counter), which orders programs so that a chunk's predecessor has always started; it loads and
+scans its chunk, waits for the predecessor's last row (a 64-bit word per channel, the fp32
+value and the chunk's tag, in a two-slot ring zeroed per launch), publishes its own last row,
+and only then applies the carry and writes h. Every load of a chunk is issued at once and
+thousands of programs are in flight, so DRAM is kept busy instead of one walker per column
+(`_scan_fwd_chained` says what it measured).
+
+Forward, tiled (MMREC_SCAN_FORWARD=tiled, kept for comparison): one program owns a tile of
+BLOCK_C channels of one batch row and walks time in chunks of BLOCK_T rows, software-pipelined
+with `tl.range(num_stages=...)`.
 
 Backward: the reverse walk one row at a time, 4 bytes of a row per thread, so the recurrence
 is one FMA per element in registers instead of a cross-lane scan (`_scan_bwd` says why).
@@ -16,6 +25,7 @@ Every input element is read once and every output written once: the forward move
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -70,6 +80,139 @@ def _scan_fwd(
         tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
         carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
     tl.store(HLAST + pid_b.to(tl.int64) * C + cols, carry.to(HLAST.dtype.element_ty), mask=col_ok)
+
+
+# --- Chained forward ---------------------------------------------------------------------------
+
+CHAIN_R = 32  # rows per chunk; 16 measured 2-4x slower on the H100 (twice the hand-offs)
+CHAIN_WARPS = 2
+
+
+@triton.jit
+def _chain_cols(pid_c, BLOCK_C: tl.constexpr):
+    """Two adjacent channels per thread, the pairs permuted inside each warp's span (g -> 3g
+    mod 32 is a permutation): the coalescing pass then sees a contiguity of 2, not BLOCK_C, and
+    lays the [rows, BLOCK_C] tile out with every row of a thread's pair in its registers (lanes
+    along channels only) instead of wide vectors with lanes along time. A warp still reads one
+    contiguous 128-byte span per row (bf16). Other widths than a pair per thread measured 2-10x
+    slower on the H100."""
+    ar = tl.arange(0, BLOCK_C)
+    g = ar // 2
+    SPAN: tl.constexpr = min(32, BLOCK_C // 2)
+    return pid_c * BLOCK_C + ((g // SPAN) * SPAN + (g * 3) % SPAN) * 2 + ar % 2
+
+
+@triton.jit
+def _decay(la, FAST: tl.constexpr):
+    """exp of the clamped log-decay. It lies in [e^-50, 1], far from fp32 denormals, so on the
+    GPU one ex2.approx.ftz (no denormal fix-up around the MUFU op); tl.exp in the interpreter."""
+    la = tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX)
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [la * 1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp(la)
+
+
+@triton.jit
+def _pack_link(tag, value):
+    """One 64-bit word: the tag above the fp32 bits, so a reader sees both or neither."""
+    return (tag.to(tl.int64) << 32) | (value.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _await_link(ptrs, tag, mask):
+    """Spin (volatile loads) until every word at ptrs carries `tag`; -> their fp32 values.
+    Plain polls, never read-modify-writes: the program two chunks on polls the same ring slot
+    for its own tag."""
+    word = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    while tl.min(tl.where(mask & ((word >> 32).to(tl.int32) != tag), 0, 1), 0) == 0:
+        word = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    return (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, ring_slot,
+               C: tl.constexpr, HAS_H0: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr,
+               MASKED: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+    rows = tl.arange(0, R)
+    offs = base + rows[:, None] * C + cols[None, :]  # C constexpr: row offsets are load immediates
+    if MASKED:  # the last chunk past T, or ragged channels
+        ok = (k * R + rows < T)[:, None] & (cols < C)[None, :]
+        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        la = tl.load(LA + offs).to(tl.float32)
+        x = tl.load(X + offs).to(tl.float32)
+    # Rows past T load a = 1, b = 0: they copy the carry, so the last row is h_{T-1}.
+    a_cum, b_cum = tl.associative_scan((_decay(la, FAST), x), 0, _compose)
+    col_ok = cols < C
+    if k == 0:
+        if HAS_H0:
+            carry = tl.load(H0 + state, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    else:
+        carry = _await_link(ring + ((k - 1) % 2) * ring_slot, k, col_ok)
+    last = rows[:, None] == R - 1
+    out = tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+    if k + 1 < n_chunks:
+        tl.atomic_xchg(ring + (k % 2) * ring_slot, _pack_link(k + 1, out), mask=col_ok, sem="relaxed")
+    else:
+        tl.store(HLAST + state, out.to(HLAST.dtype.element_ty), mask=col_ok)
+    h = (a_cum * carry[None, :] + b_cum).to(H.dtype.element_ty)
+    if MASKED:
+        tl.store(H + offs, h, mask=ok)
+    else:
+        tl.store(H + offs, h)
+
+
+@triton.jit
+def _scan_fwd_chained(
+    LA,
+    X,
+    H0,
+    H,
+    HLAST,  # [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
+    LINK,  # int64 [1 + 2 * B * C], zeroed: the ticket counter, then a two-slot ring per channel
+    B,
+    T,
+    n_chunks,
+    C: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FAST: tl.constexpr,  # inline PTX (the GPU); off in the interpreter
+):
+    """Chunk k of a column waits for chunk k-1's last row, publishes its own and then writes h:
+    the hand-off is one word per channel, so a chunk's loads and its scan overlap the wait.
+
+    Tickets, not program ids, name the chunk: programs of chunk k-1 took their tickets before
+    any of chunk k, so a waiting program's predecessor is running and never waits on a later
+    one (no deadlock whatever order the hardware starts programs in). Ring slots: chunk k
+    writes slot k % 2 with tag k + 1; the next writer of that slot is chunk k + 2, which
+    publishes only after chunk k + 1 has read it.
+
+    H100, B8 T4096 C2048 (`benchmarks/recurrence.py --only scan`): 1.15x the copy floor in bf16
+    and 1.04x in fp32, against 1.32x / 1.08x for the tiled walk (BENCHMARKS.md)."""
+    n_ct: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+    per_chunk = B * n_ct
+    ticket = tl.atomic_add(LINK, 1)
+    k = ticket // per_chunk
+    rest = ticket % per_chunk
+    pid_b = rest // n_ct
+    cols = _chain_cols(rest % n_ct, BLOCK_C)
+    state = pid_b.to(tl.int64) * C + cols
+    ring = LINK + 1 + state
+    # int64: B*T*C overflows int32 at the 7B config's segment length.
+    base = (pid_b.to(tl.int64) * T + k * R) * C
+    if (C % BLOCK_C != 0) or (k * R + R > T):
+        _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, True,
+                   FAST)  # fmt: skip
+    else:
+        _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, False,
+                   FAST)  # fmt: skip
 
 
 @triton.jit
@@ -226,11 +369,34 @@ def _launch(tuned, plain, grid_b: int, width: int, *args, tile, interpret_tile, 
         tuned[lambda m: (grid_b, triton.cdiv(width, m["BLOCK_C"]))](*args, **meta)
 
 
+def _use_chained() -> bool:
+    """The chained forward, unless MMREC_SCAN_FORWARD=tiled. It measured faster at every width
+    tried on the H100 (B*C from 256 to 16384 channels at T 1024-4096; BENCHMARKS.md): the
+    tiled walk's single walker per column is latency-bound even where the chain has few
+    programs per hand-off."""
+    mode = knobs.scan_forward
+    if mode not in ("chained", "tiled"):
+        raise ValueError(f"MMREC_SCAN_FORWARD={mode!r}: expected chained or tiled")
+    return mode == "chained"
+
+
 def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     """Contiguous [B, T, C] inputs -> (h, h_last) in b's dtype."""
     bsz, steps, width = b.shape
     h = new_output(b)
     h_last = new_output(b, (bsz, width))
+    if _use_chained():
+        # Small under the interpreter, so the tests cross chunk and channel-block edges.
+        block_c, rows = (16, 8) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R)
+        n_chunks = triton.cdiv(steps, rows)
+        link = torch.zeros(1 + 2 * bsz * width, dtype=torch.int64, device=b.device)
+        grid = (n_chunks * bsz * triton.cdiv(width, block_c),)
+        _scan_fwd_chained[grid](
+            log_a, b, h0 if h0 is not None else b, h, h_last, link, bsz, steps, n_chunks, width,
+            HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c, FAST=not knobs.interpret,
+            num_warps=max(1, block_c // 64),
+        )  # fmt: skip
+        return h, h_last
     _launch(
         _scan_fwd_tuned,
         _scan_fwd,

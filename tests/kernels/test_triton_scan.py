@@ -12,10 +12,13 @@ from tests.kernels.test_linear_scan import naive
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
+@pytest.fixture(autouse=True, params=["chained", "tiled"])
+def forward(request, monkeypatch):
+    """Every test runs with each forward kernel (the chained default and the tiled walk)."""
     monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
     monkeypatch.setattr(kernels.knobs, "autotune", False)  # tuning every odd shape costs minutes
+    monkeypatch.setattr(kernels.knobs, "scan_forward", request.param)
+    return request.param
 
 
 def make(bsz, steps, width, dtype, with_h0=True):
@@ -54,6 +57,25 @@ def test_triton_scan_matches_the_naive_loop():
     log_a, b, h0 = make(2, 9, 3, torch.float32)
     h, _ = kernels.linear_scan(log_a, b, h0)
     assert_close(h.cpu(), naive(log_a.cpu(), b.cpu(), h0.cpu()).float(), what="h")
+
+
+def test_chained_forward_crosses_many_chunks_and_channel_blocks(forward):
+    # 130 rows = 17 chunks of 8 under the interpreter (the two-slot ring wraps many times),
+    # 70 channels = 5 blocks of 16 with a ragged last one, fp32 and bf16.
+    for dtype in (torch.float32, torch.bfloat16):
+        log_a, b, h0 = make(3, 130, 70, dtype)
+        h, h_last = kernel.scan_fwd(log_a, b, h0)
+        ref_h, ref_last = reference.forward(*(t.cpu().double() for t in (log_a, b, h0)))
+        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        assert_close(h.cpu(), ref_h, what=f"h ({forward}, {dtype})", **tol)
+        assert_close(h_last.cpu(), ref_last, what=f"h_last ({forward}, {dtype})", **tol)
+
+
+def test_unknown_forward_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(kernels.knobs, "scan_forward", "fast")
+    log_a, b, h0 = make(1, 3, 4, torch.float32)
+    with pytest.raises(ValueError, match="MMREC_SCAN_FORWARD='fast': expected chained or tiled"):
+        kernel.scan_fwd(log_a, b, h0)
 
 
 def test_triton_scan_launchers_write_every_element():
