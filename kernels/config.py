@@ -19,8 +19,8 @@ class Knobs:
     # MMREC_RECURRENCE_TF32=0: exact fp32 W_g products for bf16/fp16 inputs too.
     recurrence_tf32: bool = os.environ.get("MMREC_RECURRENCE_TF32", "1") == "1"
     # MMREC_MEMORY_TMA=1: the memory query's forward and dq kernels load slot tiles by TMA on
-    # Hopper. Opt-in: it measured 5% faster, but the guard that keeps another row's NaN out of
-    # a tile (added after that measurement) makes its tiles spill registers; not re-timed yet.
+    # Hopper. Opt-in: with the guard that keeps another row's NaN out of a tile its tiles spill
+    # registers, and it measured 13% slower than pointer loads (docs/kernels.md).
     memory_tma: bool = os.environ.get("MMREC_MEMORY_TMA", "0") == "1"
     # MMREC_SCAN_FORWARD=tiled: the linear scan's earlier forward kernel (a walker per column)
     # instead of the chained one (kernels/scan/kernel.py), for comparison.
