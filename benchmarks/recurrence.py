@@ -162,7 +162,7 @@ def linear_scan_section(quick: bool) -> None:
     attempt("torch.compile associative_scan", compiled_associative_scan)
     if not quick:
         attempt("linear scan fp32", lambda: scan_fp32_rows(bsz, steps, width))
-    attempt("scan forward crossover", lambda: scan_forward_crossover(quick))
+    attempt("scan kernels by width", lambda: scan_kernel_widths(quick))
 
 
 def scan_fp32_rows(bsz: int, steps: int, width: int) -> None:
@@ -182,28 +182,30 @@ def scan_fp32_rows(bsz: int, steps: int, width: int) -> None:
     row("scan", "mmrec linear_scan (Triton)", shape, torch.float32, f, fb, note)
 
 
-def scan_forward_crossover(quick: bool) -> None:
-    """Both forward kernels (MMREC_SCAN_FORWARD=chained / tiled) from wide to narrow inputs: does
-    the chained kernel's per-chunk hand-off stop paying where few programs share it?"""
-    from kernels.scan import kernel
-
+def scan_kernel_widths(quick: bool) -> None:
+    """Both pairs of scan kernels (MMREC_SCAN=chained / walk) from wide to narrow inputs: does the
+    chained kernels' per-chunk hand-off stop paying where few programs share it?"""
     shapes = [(2, 1024, 1024)] if quick else [(8, 4096, 2048), (4, 4096, 2048), (8, 4096, 512), (2, 4096, 1024),
                                               (1, 4096, 1024), (4, 1024, 256), (1, 4096, 256)]  # fmt: skip
-    saved = kernels.knobs.scan_forward
+    saved = kernels.knobs.scan_kernels
     try:
         for bsz, steps, width in shapes:
-            log_a = (-torch.rand(bsz, steps, width, device="cuda") * 0.5).bfloat16()
-            b = torch.randn(bsz, steps, width, device="cuda").bfloat16()
+            log_a = (-torch.rand(bsz, steps, width, device="cuda") * 0.5).bfloat16().requires_grad_()
+            b = torch.randn(bsz, steps, width, device="cuda").bfloat16().requires_grad_()
+            dh = torch.randn_like(b)
             times = {}
-            for mode in ("chained", "tiled"):
-                kernels.knobs.scan_forward = mode
-                times[mode] = bench(lambda log_a=log_a, b=b: kernel.scan_fwd(log_a, b, None))
-            kernels.knobs.scan_forward = saved
-            note = f"tiled {times['tiled']:.3f} ms: chained {times['tiled'] / times['chained']:.2f}x faster"
-            shape = f"B{bsz} T{steps} C{width}"
-            row("scan-forward", "chained forward", shape, torch.bfloat16, times["chained"], None, note)
+            for mode in ("chained", "walk"):
+                kernels.knobs.scan_kernels = mode
+                with torch.no_grad():
+                    f = bench(lambda log_a=log_a, b=b: kernels.linear_scan(log_a, b))
+                run = fwd_bwd_timer(lambda log_a=log_a, b=b: kernels.linear_scan(log_a, b)[0], [log_a, b], [dh])
+                times[mode] = (f, bench(run))
+            kernels.knobs.scan_kernels = saved
+            (f, fb), (wf, wfb) = times["chained"], times["walk"]
+            note = f"walk {wf:.3f} / {wfb:.3f} ms: chained {wf / f:.2f}x / {wfb / fb:.2f}x faster"
+            row("scan-widths", "chained kernels", f"B{bsz} T{steps} C{width}", torch.bfloat16, f, fb, note)
     finally:
-        kernels.knobs.scan_forward = saved
+        kernels.knobs.scan_kernels = saved
 
 
 def gated_inputs(bsz, steps, heads, dh, dtype):

@@ -22,9 +22,9 @@ class Knobs:
     # Hopper. Opt-in: with the guard that keeps another row's NaN out of a tile its tiles spill
     # registers, and it measured 13% slower than pointer loads (docs/kernels.md).
     memory_tma: bool = os.environ.get("MMREC_MEMORY_TMA", "0") == "1"
-    # MMREC_SCAN_FORWARD=tiled: the linear scan's earlier forward kernel (a walker per column)
-    # instead of the chained one (kernels/scan/kernel.py), for comparison.
-    scan_forward: str = os.environ.get("MMREC_SCAN_FORWARD", "chained")
+    # MMREC_SCAN=walk: the linear scan's earlier kernels (one walker per column block, forward
+    # and backward) instead of the chained ones (kernels/scan/kernel.py), for comparison.
+    scan_kernels: str = os.environ.get("MMREC_SCAN", "chained")
     # Fill every kernel output with NaN before launch, so elements a kernel fails to write
     # show up in tests (MMREC_POISON=1, or set by the tests).
     poison_outputs: bool = os.environ.get("MMREC_POISON", "0") == "1"

@@ -12,7 +12,7 @@ and only then applies the carry and writes h. Every load of a chunk is issued at
 thousands of programs are in flight, so DRAM is kept busy instead of one walker per column
 (`_scan_fwd_chained` says what it measured).
 
-Forward, tiled (MMREC_SCAN_FORWARD=tiled, kept for comparison): one program owns a tile of
+Forward, tiled (MMREC_SCAN=walk, kept for comparison): one program owns a tile of
 BLOCK_C channels of one batch row and walks time in chunks of BLOCK_T rows, software-pipelined
 with `tl.range(num_stages=...)`.
 
@@ -216,6 +216,131 @@ def _scan_fwd_chained(
 
 
 @triton.jit
+def _compose_excl(a_first, b_first, e_first, f_first, a_then, b_then, e_then, f_then):
+    """Scan elements carrying two affine maps: the composition of every row so far (a, b) and
+    of every row but the newest (e, f). For a one-row `then` (e, f) is the identity, so the
+    second map of the result is `first`'s composition: the scan's exclusive part."""
+    return a_first * a_then, a_then * b_first + b_then, a_first * e_then, e_then * b_first + f_then
+
+
+@triton.jit
+def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, ring_slot,
+               C: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHLAST: tl.constexpr, R: tl.constexpr,
+               SUB: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+    # Tile row i is chunk row R-1-i: the reverse walk as a forward scan (a reverse=True scan
+    # lowers to shuffles). Row t maps v_{t+1} to v_t = a_t v_{t+1} + a_t dh_t.
+    rows = tl.arange(0, R)
+    back = R - 1 - rows
+    offs = base + back[:, None] * C + cols[None, :]
+    if MASKED:
+        ok = (k * R + back < T)[:, None] & (cols < C)[None, :]
+        la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+        dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        la = tl.load(LA + offs).to(tl.float32)
+        dh = tl.load(DH + offs).to(tl.float32)
+    a = _decay(la, FAST)
+    a_cum, b_cum = tl.associative_scan((a, a * dh), 0, _compose)
+    col_ok = cols < C
+    if j == 0:  # the last chunk: v_T = dh_last (a_T = 1 past the end)
+        if HAS_DHLAST:
+            carry = tl.load(DHLAST + state, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    else:
+        carry = _await_link(ring + ((j - 1) % 2) * ring_slot, j, col_ok)
+    last = rows[:, None] == R - 1
+    out = tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+    if k > 0:
+        tl.atomic_xchg(ring + (j % 2) * ring_slot, _pack_link(j + 1, out), mask=col_ok, sem="relaxed")
+    elif HAS_H0:
+        tl.store(DH0 + state, out.to(DH0.dtype.element_ty), mask=col_ok)
+    # The outputs, SUB rows at a time from the chunk's end, re-reading log_a and dh (cache hits
+    # a microsecond after the first read) so that only SUB rows of the scan live in registers.
+    sub_rows = tl.arange(0, SUB)
+    one = tl.full([SUB, BLOCK_C], 1.0, tl.float32)
+    none = tl.full([SUB, BLOCK_C], -0.0, tl.float32)  # -0.0: x + none folds to x
+    for i in tl.static_range(R // SUB):
+        sub_back = R - 1 - i * SUB - sub_rows
+        t = k * R + sub_back
+        offs = base + sub_back[:, None] * C + cols[None, :]
+        if MASKED:
+            ok = (t < T)[:, None] & (cols < C)[None, :]
+            la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
+            dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
+            h_prev = tl.load(H + offs - C, mask=ok & (t > 0)[:, None], other=0.0).to(tl.float32)
+        else:
+            la = tl.load(LA + offs).to(tl.float32)
+            dh = tl.load(DH + offs).to(tl.float32)
+            if k == 0:
+                h_prev = tl.load(H + offs - C, mask=(t > 0)[:, None], other=0.0).to(tl.float32)
+            else:
+                h_prev = tl.load(H + offs - C).to(tl.float32)
+        if HAS_H0:  # noqa: SIM102 (a constexpr branch around a runtime one)
+            if k == 0:
+                h0 = tl.load(H0 + state, mask=col_ok, other=0.0).to(tl.float32)
+                h_prev = tl.where(t[:, None] == 0, h0[None, :], h_prev)
+        a = _decay(la, FAST)
+        a_cum, b_cum, e_cum, f_cum = tl.associative_scan((a, a * dh, one, none), 0, _compose_excl)
+        g = dh + (e_cum * carry[None, :] + f_cum)  # g_t = dh_t + v_{t+1}
+        v = a * g
+        dla = tl.where((la >= LOG_A_MIN) & (la <= LOG_A_MAX), v * h_prev, 0.0).to(DLA.dtype.element_ty)
+        if MASKED:
+            tl.store(DLA + offs, dla, mask=ok)
+            tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=ok)
+        else:
+            tl.store(DLA + offs, dla)
+            tl.store(DX + offs, g.to(DX.dtype.element_ty))
+        last = sub_rows[:, None] == SUB - 1
+        carry = tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+
+
+@triton.jit
+def _scan_bwd_chained(
+    LA,
+    H,
+    H0,
+    DH,
+    DHLAST,  # inputs: [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
+    DLA,
+    DX,
+    DH0,  # outputs: [B, T, C], [B, T, C], [B, C]
+    LINK,  # int64 [1 + 2 * B * C], zeroed (as in the forward)
+    B,
+    T,
+    n_chunks,
+    C: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DHLAST: tl.constexpr,
+    R: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """The forward's chain run from the last chunk to the first: v_t = a_t g_t with
+    g_t = dh_t + v_{t+1}; a chunk's carry is v of the next chunk's first row; dlog_a_t =
+    v_t h_{t-1}, db_t = g_t, dh0 = v_0. Reads log_a and dh twice (the second time from cache)
+    and h once; writes dlog_a and db once."""
+    n_ct: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+    per_chunk = B * n_ct
+    ticket = tl.atomic_add(LINK, 1)
+    j = ticket // per_chunk  # position in the chain
+    k = n_chunks - 1 - j  # the chunk
+    rest = ticket % per_chunk
+    pid_b = rest // n_ct
+    cols = _chain_cols(rest % n_ct, BLOCK_C)
+    state = pid_b.to(tl.int64) * C + cols
+    ring = LINK + 1 + state
+    base = (pid_b.to(tl.int64) * T + k * R) * C
+    if (C % BLOCK_C != 0) or (k * R + R > T):
+        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, B * C, C, HAS_H0,
+                   HAS_DHLAST, R, SUB, BLOCK_C, True, FAST)  # fmt: skip
+    else:
+        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, B * C, C, HAS_H0,
+                   HAS_DHLAST, R, SUB, BLOCK_C, False, FAST)  # fmt: skip
+
+
+@triton.jit
 def _bwd_rows(
     LA,
     H,
@@ -369,14 +494,19 @@ def _launch(tuned, plain, grid_b: int, width: int, *args, tile, interpret_tile, 
         tuned[lambda m: (grid_b, triton.cdiv(width, m["BLOCK_C"]))](*args, **meta)
 
 
+def _link(bsz: int, width: int, device) -> Tensor:
+    """The chain's ticket counter and two-slot ring, zeroed (one small memset per launch)."""
+    return torch.zeros(1 + 2 * bsz * width, dtype=torch.int64, device=device)
+
+
 def _use_chained() -> bool:
-    """The chained forward, unless MMREC_SCAN_FORWARD=tiled. It measured faster at every width
+    """The chained kernels, unless MMREC_SCAN=walk. The chained forward measured faster at every width
     tried on the H100 (B*C from 256 to 16384 channels at T 1024-4096; BENCHMARKS.md): the
     tiled walk's single walker per column is latency-bound even where the chain has few
     programs per hand-off."""
-    mode = knobs.scan_forward
-    if mode not in ("chained", "tiled"):
-        raise ValueError(f"MMREC_SCAN_FORWARD={mode!r}: expected chained or tiled")
+    mode = knobs.scan_kernels
+    if mode not in ("chained", "walk"):
+        raise ValueError(f"MMREC_SCAN={mode!r}: expected chained or walk")
     return mode == "chained"
 
 
@@ -389,7 +519,7 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
         # Small under the interpreter, so the tests cross chunk and channel-block edges.
         block_c, rows = (16, 8) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R)
         n_chunks = triton.cdiv(steps, rows)
-        link = torch.zeros(1 + 2 * bsz * width, dtype=torch.int64, device=b.device)
+        link = _link(bsz, width, b.device)
         grid = (n_chunks * bsz * triton.cdiv(width, block_c),)
         _scan_fwd_chained[grid](
             log_a, b, h0 if h0 is not None else b, h, h_last, link, bsz, steps, n_chunks, width,
@@ -424,6 +554,17 @@ def scan_bwd(
     dlog_a = new_output(log_a)
     db = new_output(h)
     dh0 = new_output(h0) if h0 is not None else None
+    if _use_chained():
+        # (rows, rows per output pass): 32 x 16 measured best on the H100 (BENCHMARKS.md).
+        block_c, rows, sub = (16, 8, 4) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R, 16)
+        n_chunks = triton.cdiv(steps, rows)
+        _scan_bwd_chained[(n_chunks * bsz * triton.cdiv(width, block_c),)](
+            log_a, h, h0 if h0 is not None else h, dh, dh_last if dh_last is not None else dh, dlog_a, db,
+            dh0 if dh0 is not None else db, _link(bsz, width, h.device), bsz, steps, n_chunks, width,
+            HAS_H0=h0 is not None, HAS_DHLAST=dh_last is not None, R=rows, SUB=sub, BLOCK_C=block_c,
+            FAST=not knobs.interpret, num_warps=max(1, block_c // 64),
+        )  # fmt: skip
+        return dlog_a, db, dh0
     _launch(
         _scan_bwd_tuned,
         _scan_bwd,

@@ -17,11 +17,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("forward", ["chained", "tiled"])
+@pytest.mark.parametrize("kernel", ["chained", "walk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (3, 1001, 1000)])
-def test_scan_at_benchmark_size(bsz, steps, width, dtype, forward, monkeypatch):
-    monkeypatch.setattr(kernels.knobs, "scan_forward", forward)
+def test_scan_at_benchmark_size(bsz, steps, width, dtype, kernel, monkeypatch):
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", kernel)
     log_a = (-torch.rand(bsz, steps, width, device="cuda") * 0.5).to(dtype).requires_grad_()
     b = torch.randn(bsz, steps, width, device="cuda", dtype=dtype).requires_grad_()
     h0 = torch.randn(bsz, width, device="cuda", dtype=dtype).requires_grad_()

@@ -12,12 +12,12 @@ from tests.kernels.test_linear_scan import naive
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture(autouse=True, params=["chained", "tiled"])
-def forward(request, monkeypatch):
-    """Every test runs with each forward kernel (the chained default and the tiled walk)."""
+@pytest.fixture(autouse=True, params=["chained", "walk"])
+def scan_kernels(request, monkeypatch):
+    """Every test runs with each pair of kernels (the chained default and the walk)."""
     monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
     monkeypatch.setattr(kernels.knobs, "autotune", False)  # tuning every odd shape costs minutes
-    monkeypatch.setattr(kernels.knobs, "scan_forward", request.param)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", request.param)
     return request.param
 
 
@@ -59,22 +59,29 @@ def test_triton_scan_matches_the_naive_loop():
     assert_close(h.cpu(), naive(log_a.cpu(), b.cpu(), h0.cpu()).float(), what="h")
 
 
-def test_chained_forward_crosses_many_chunks_and_channel_blocks(forward):
-    # 130 rows = 17 chunks of 8 under the interpreter (the two-slot ring wraps many times),
-    # 70 channels = 5 blocks of 16 with a ragged last one, fp32 and bf16.
+def test_chains_cross_many_chunks_and_channel_blocks(scan_kernels):
+    # 130 rows = 17 chunks of 8 under the interpreter (the two-slot ring wraps many times; the
+    # backward's output pass runs 2 sub-tiles of 4 per chunk), 70 channels = 5 blocks of 16 with
+    # a ragged last one, fp32 and bf16, forward and backward.
     for dtype in (torch.float32, torch.bfloat16):
         log_a, b, h0 = make(3, 130, 70, dtype)
         h, h_last = kernel.scan_fwd(log_a, b, h0)
-        ref_h, ref_last = reference.forward(*(t.cpu().double() for t in (log_a, b, h0)))
+        cpu = [t.cpu().double() for t in (log_a, b, h0)]
+        ref_h, ref_last = reference.forward(*cpu)
         tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-        assert_close(h.cpu(), ref_h, what=f"h ({forward}, {dtype})", **tol)
-        assert_close(h_last.cpu(), ref_last, what=f"h_last ({forward}, {dtype})", **tol)
+        assert_close(h.cpu(), ref_h, what=f"h ({scan_kernels}, {dtype})", **tol)
+        assert_close(h_last.cpu(), ref_last, what=f"h_last ({scan_kernels}, {dtype})", **tol)
+        dh, dlast = torch.randn_like(h), torch.randn_like(h_last)
+        grads = kernel.scan_bwd(log_a, h, h0, dh, dlast)
+        ref_grads = reference.backward(cpu[0], h.cpu().double(), cpu[2], dh.cpu().double(), dlast.cpu().double())
+        for name, g, r in zip(["log_a", "b", "h0"], grads, ref_grads, strict=True):
+            assert_close(g.cpu(), r, what=f"d{name} ({scan_kernels}, {dtype})", **tol)
 
 
 def test_unknown_forward_kernel_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(kernels.knobs, "scan_forward", "fast")
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "fast")
     log_a, b, h0 = make(1, 3, 4, torch.float32)
-    with pytest.raises(ValueError, match="MMREC_SCAN_FORWARD='fast': expected chained or tiled"):
+    with pytest.raises(ValueError, match="MMREC_SCAN='fast': expected chained or walk"):
         kernel.scan_fwd(log_a, b, h0)
 
 
