@@ -16,11 +16,17 @@ Forward, tiled (MMREC_SCAN=walk, kept for comparison): one program owns a tile o
 BLOCK_C channels of one batch row and walks time in chunks of BLOCK_T rows, software-pipelined
 with `tl.range(num_stages=...)`.
 
-Backward: the reverse walk one row at a time, 4 bytes of a row per thread, so the recurrence
-is one FMA per element in registers instead of a cross-lane scan (`_scan_bwd` says why).
+Backward, chained (the default): the same chain from the last chunk to the first
+(`_scan_bwd_chained`). A first pass over the chunk's 32 rows gives the map to hand on; the
+outputs then come 16 rows at a time, re-reading log_a and dh (from cache, a microsecond after
+the first read), so that only 16 rows of scan state live in registers.
 
-Every input element is read once and every output written once: the forward moves
-3 x B*T*C elements, the backward 5 (it reads log_a, h, dh; writes dlog_a, db).
+Backward, walk (MMREC_SCAN=walk): the reverse walk one row at a time, 4 bytes of a row per
+thread, so the recurrence is one FMA per element in registers (`_scan_bwd` says why).
+
+From DRAM every input element is read once and every output written once: the forward moves
+3 x B*T*C elements, the backward 5 (it reads log_a, h, dh; writes dlog_a, db). The chained
+kernels add a zeroed ring of 16 bytes per channel (B*C) per launch.
 """
 
 from __future__ import annotations
