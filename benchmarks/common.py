@@ -41,3 +41,17 @@ def checked_time(label: str, make, bench, tol: float) -> float | None:
     except Exception as e:  # a config that does not compile (registers, shared memory) is reported
         print(f"  {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
         return None
+
+
+def graph_time(fn, bench) -> float:
+    """Median ms (by `bench`) of one CUDA-graph replay of fn, warmed up outside the capture: GPU
+    time without the host's launch gaps, which wall-clock timings of small calls include."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compiles, fills caches
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)

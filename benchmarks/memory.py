@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton
 
 import kernels
-from benchmarks.common import run_info
+from benchmarks.common import graph_time, run_info
 from kernels.memory import reference
 
 
@@ -39,16 +39,7 @@ def full_memory(spec: kernels.MemorySpec, bsz: int, dtype, position: int | None 
 
 
 def _graph_time(fn) -> float:
-    """Median ms of one CUDA-graph replay of fn (warmed up outside the capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compiles, fills caches
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
+    return graph_time(fn, bench)
 
 
 def decode_section(spec: kernels.MemorySpec, heads: int, dtype) -> list[tuple]:
