@@ -38,7 +38,8 @@ def _matmul(x, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _decay_gate(a, c, EPS):
     # SPEC §3's tail, on chip: gamma = clamp(sigmoid(a) * sigmoid(c), eps, 1 - eps).
-    return tl.minimum(tl.maximum(tl.sigmoid(a) * tl.sigmoid(c), EPS), 1.0 - EPS)
+    # NaN stays NaN, as in torch.clamp (tl.minimum/maximum drop NaN by default).
+    return tl.clamp(tl.sigmoid(a) * tl.sigmoid(c), EPS, 1.0 - EPS, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -162,7 +163,7 @@ def _gated_bwd(
             a, c = gamma, c_next.to(tl.float32)
             sa, sc = tl.sigmoid(a), tl.sigmoid(c)
             p = sa * sc
-            gamma = tl.minimum(tl.maximum(p, EPS), 1.0 - EPS)
+            gamma = tl.clamp(p, EPS, 1.0 - EPS, propagate_nan=tl.PropagateNan.ALL)
             inside = (p >= EPS) & (p <= 1.0 - EPS)  # torch.clamp passes the gradient at the bounds
         more = ok & (step > 0)
         prev_next = tl.load(H + offs - 2 * D, mask=more & (step > 1), other=0.0)

@@ -43,6 +43,13 @@ LOG_A_MAX = tl.constexpr(0.0)
 
 
 @triton.jit
+def _clamp_log_a(la):
+    # NaN stays NaN, as in torch.clamp (the reference): a NaN input must show in h, not turn
+    # into a decay of e^-50 (tl.minimum/maximum drop NaN by default).
+    return tl.clamp(la, LOG_A_MIN, LOG_A_MAX, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _compose(a_first, b_first, a_then, b_then):
     # (x -> a_first x + b_first) followed by (x -> a_then x + b_then).
     return a_first * a_then, a_then * b_first + b_then
@@ -80,7 +87,7 @@ def _scan_fwd(
         offs = row_base + (t0 + rows).to(tl.int64)[:, None] * C + cols[None, :]
         la = tl.load(LA + offs, mask=ok, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-        a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
+        a = tl.exp(_clamp_log_a(la))
         a_cum, b_cum = tl.associative_scan((a, x), 0, _compose)
         h = a_cum * carry[None, :] + b_cum
         tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
@@ -112,7 +119,7 @@ def _chain_cols(pid_c, BLOCK_C: tl.constexpr):
 def _decay(la, FAST: tl.constexpr):
     """exp of the clamped log-decay. It lies in [e^-50, 1], far from fp32 denormals, so on the
     GPU one ex2.approx.ftz (no denormal fix-up around the MUFU op); tl.exp in the interpreter."""
-    la = tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX)
+    la = _clamp_log_a(la)
     if FAST:
         return tl.inline_asm_elementwise(
             "ex2.approx.ftz.f32 $0, $1;", "=r,r", [la * 1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1
@@ -382,7 +389,7 @@ def _bwd_rows(
             la = tl.load(LA + offs + r * C).to(tl.float32)
             dh = tl.load(DH + offs + r * C).to(tl.float32)
             h_prev = tl.load(H + offs + (r - 1) * C).to(tl.float32)
-        a = tl.exp(tl.minimum(tl.maximum(la, LOG_A_MIN), LOG_A_MAX))
+        a = tl.exp(_clamp_log_a(la))
         g = dh + v  # rows past T: dh = 0 and a = 1, so v passes through unchanged
         v = a * g
         dla = tl.where((la >= LOG_A_MIN) & (la <= LOG_A_MAX), v * h_prev, 0.0)
@@ -522,6 +529,8 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
     h = new_output(b)
     h_last = new_output(b, (bsz, width))
     if _use_chained():
+        if steps == 0:  # no chunk to launch: h_last is the initial state
+            return h, h_last.copy_(h0) if h0 is not None else h_last.zero_()
         # Small under the interpreter, so the tests cross chunk and channel-block edges.
         block_c, rows = (16, 8) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R)
         n_chunks = triton.cdiv(steps, rows)
@@ -561,6 +570,10 @@ def scan_bwd(
     db = new_output(h)
     dh0 = new_output(h0) if h0 is not None else None
     if _use_chained():
+        if steps == 0:  # no chunk to launch: dh0 is dh_last
+            if dh0 is not None:
+                dh0.copy_(dh_last) if dh_last is not None else dh0.zero_()
+            return dlog_a, db, dh0
         # (rows, rows per output pass): 32 x 16 measured best on the H100 (BENCHMARKS.md).
         block_c, rows, sub = (16, 8, 4) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R, 16)
         n_chunks = triton.cdiv(steps, rows)

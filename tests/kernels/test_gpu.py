@@ -37,6 +37,32 @@ def test_scan_at_benchmark_size(bsz, steps, width, dtype, kernel, monkeypatch):
         assert rel(g, r) < limit * 2
 
 
+@pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (1, 1 << 18, 128)])
+def test_chained_scan_agrees_with_the_walk_elementwise(bsz, steps, width, monkeypatch):
+    """The chained kernels' hand-offs can only race on a GPU (the interpreter runs programs one
+    by one), and a norm-relative check would hide one wrong chunk. So: every element of 20
+    launches against the walk kernels, fp32, log_a across the clamp, and a chain of 8192 chunks."""
+    from kernels.scan import kernel
+
+    log_a = torch.rand(bsz, steps, width, device="cuda") * -3
+    log_a[:, ::97] = -80.0  # clamped below
+    log_a[:, 5::89] = 0.25  # clamped above
+    b = torch.randn(bsz, steps, width, device="cuda")
+    h0 = torch.randn(bsz, width, device="cuda")
+    dh, dlast = torch.randn_like(b), torch.randn_like(h0)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "walk")
+    want_h, want_last = kernel.scan_fwd(log_a, b, h0)
+    want_grads = kernel.scan_bwd(log_a, want_h, h0, dh, dlast)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
+    for _ in range(20):
+        h, h_last = kernel.scan_fwd(log_a, b, h0)
+        grads = kernel.scan_bwd(log_a, want_h, h0, dh, dlast)
+        torch.testing.assert_close(h, want_h, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(h_last, want_last, rtol=1e-4, atol=1e-4)
+        for g, want in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("dh", "dtype"), [(64, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)])
 def test_gated_recurrence_at_benchmark_size(dh, dtype):
     bsz, steps, heads = 16, 1024, 16

@@ -122,3 +122,17 @@ def test_decay_launchers_write_every_element():
     assert len(grads) == 6
     for t in (h, h_last, *grads):
         assert not torch.isnan(t).any()
+
+
+def test_decay_recurrence_keeps_a_nan_logit_nan():
+    # torch.clamp (the reference) propagates NaN; the kernel's clamp must too, so a NaN reaches
+    # h (where training's NaN guard sees it) instead of becoming a gamma of eps.
+    z, gz, a, c, w_g, h0 = make_decay(2, 9, 2, 3, torch.float32)
+    a[1, 4, 2] = float("nan")
+    with torch.no_grad():
+        h, _ = kernels.decay_recurrence(z, gz, a, c, w_g, h0, eps=1e-6)
+        ref_h, _ = reference.gated_recurrence(
+            z.cpu(), gz.cpu(), kernels.decay_gate(a.cpu(), c.cpu(), 1e-6), w_g.cpu(), h0.cpu()
+        )
+    assert torch.isnan(ref_h).any()
+    assert torch.equal(torch.isnan(h.cpu()), torch.isnan(ref_h))

@@ -78,6 +78,31 @@ def test_chains_cross_many_chunks_and_channel_blocks(scan_kernels):
             assert_close(g.cpu(), r, what=f"d{name} ({scan_kernels}, {dtype})", **tol)
 
 
+def test_a_nan_log_a_stays_nan_as_in_the_reference(scan_kernels):
+    # torch.clamp propagates NaN; a kernel clamp that dropped it would turn NaN into a = e^-50.
+    log_a, b, h0 = make(2, 20, 33, torch.float32)
+    log_a[1, 5, 7] = float("nan")
+    h, h_last = kernel.scan_fwd(log_a, b, h0)
+    ref_h, ref_last = reference.forward(log_a.cpu(), b.cpu(), h0.cpu())
+    assert torch.isnan(ref_h).sum() == 15
+    assert torch.equal(torch.isnan(h.cpu()), torch.isnan(ref_h)), scan_kernels
+    assert torch.equal(torch.isnan(h_last.cpu()), torch.isnan(ref_last)), scan_kernels
+
+
+def test_zero_steps_give_h0_and_pass_the_gradient_through(scan_kernels):
+    # Only the launchers see T = 0 (linear_scan rejects it): h is empty, h_last is h0, and
+    # the backward hands dh_last to dh0.
+    log_a, b, h0 = make(2, 1, 5, torch.float32)
+    log_a, b = log_a[:, :0], b[:, :0]
+    h, h_last = kernel.scan_fwd(log_a, b, h0)
+    assert h.shape == (2, 0, 5)
+    assert torch.equal(h_last, h0)
+    dlast = torch.randn_like(h0)
+    dlog_a, db, dh0 = kernel.scan_bwd(log_a, h, h0, torch.zeros_like(h), dlast)
+    assert dlog_a.shape == db.shape == (2, 0, 5)
+    assert torch.equal(dh0, dlast)
+
+
 def test_unknown_forward_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels.knobs, "scan_kernels", "fast")
     log_a, b, h0 = make(1, 3, 4, torch.float32)
