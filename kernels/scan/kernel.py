@@ -134,21 +134,33 @@ def _pack_link(tag, value):
     return (tag.to(tl.int64) << 32) | (value.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
 
 
+# Polls before a waiting chunk gives up. Each poll is an L2 round trip, so this is tens of
+# seconds on the H100, far beyond any real wait; it is reached only if a hand-off never comes
+# (a bug), and then the carry is NaN: the outputs show the failure, and training's NaN guard
+# stops, instead of the GPU hanging.
+SPIN_LIMIT = 1 << 26
+
+
 @triton.jit
-def _await_link(ptrs, tag, mask):
-    """Spin (volatile loads) until every word at ptrs carries `tag`; -> their fp32 values.
-    Plain polls, never read-modify-writes: the program two chunks on polls the same ring slot
-    for its own tag."""
+def _await_link(ptrs, tag, mask, SPIN_LIMIT: tl.constexpr):
+    """Spin (volatile loads) until every word at ptrs carries `tag`; -> their fp32 values, or
+    NaN after SPIN_LIMIT polls. Plain polls, never read-modify-writes: the program two chunks on
+    polls the same ring slot for its own tag."""
     word = tl.load(ptrs, mask=mask, other=0, volatile=True)
-    while tl.min(tl.where(mask & ((word >> 32).to(tl.int32) != tag), 0, 1), 0) == 0:
+    waiting = tl.max(tl.where(mask & ((word >> 32).to(tl.int32) != tag), 1, 0), 0)
+    spins = 0
+    while (waiting != 0) & (spins < SPIN_LIMIT):
         word = tl.load(ptrs, mask=mask, other=0, volatile=True)
-    return (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        waiting = tl.max(tl.where(mask & ((word >> 32).to(tl.int32) != tag), 1, 0), 0)
+        spins += 1
+    value = (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(waiting != 0, float("nan"), value)
 
 
 @triton.jit
 def _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, ring_slot,
                C: tl.constexpr, HAS_H0: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr,
-               MASKED: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+               MASKED: tl.constexpr, FAST: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
     rows = tl.arange(0, R)
     offs = base + rows[:, None] * C + cols[None, :]  # C constexpr: row offsets are load immediates
     if MASKED:  # the last chunk past T, or ragged channels
@@ -167,7 +179,7 @@ def _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, rin
         else:
             carry = tl.zeros([BLOCK_C], dtype=tl.float32)
     else:
-        carry = _await_link(ring + ((k - 1) % 2) * ring_slot, k, col_ok)
+        carry = _await_link(ring + ((k - 1) % 2) * ring_slot, k, col_ok, SPIN_LIMIT)
     last = rows[:, None] == R - 1
     out = tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
     if k + 1 < n_chunks:
@@ -197,6 +209,7 @@ def _scan_fwd_chained(
     R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FAST: tl.constexpr,  # inline PTX (the GPU); off in the interpreter
+    SPIN_LIMIT: tl.constexpr,
 ):
     """Chunk k of a column waits for chunk k-1's last row, publishes its own and then writes h:
     the hand-off is one word per channel, so a chunk's loads and its scan overlap the wait.
@@ -222,10 +235,10 @@ def _scan_fwd_chained(
     base = (pid_b.to(tl.int64) * T + k * R) * C
     if (C % BLOCK_C != 0) or (k * R + R > T):
         _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, True,
-                   FAST)  # fmt: skip
+                   FAST, SPIN_LIMIT)  # fmt: skip
     else:
         _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, False,
-                   FAST)  # fmt: skip
+                   FAST, SPIN_LIMIT)  # fmt: skip
 
 
 @triton.jit
@@ -239,7 +252,8 @@ def _compose_excl(a_first, b_first, e_first, f_first, a_then, b_then, e_then, f_
 @triton.jit
 def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, ring_slot,
                C: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHLAST: tl.constexpr, R: tl.constexpr,
-               SUB: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+               SUB: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
+               SPIN_LIMIT: tl.constexpr):  # fmt: skip
     # Tile row i is chunk row R-1-i: the reverse walk as a forward scan (a reverse=True scan
     # lowers to shuffles). Row t maps v_{t+1} to v_t = a_t v_{t+1} + a_t dh_t.
     rows = tl.arange(0, R)
@@ -261,7 +275,7 @@ def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, 
         else:
             carry = tl.zeros([BLOCK_C], dtype=tl.float32)
     else:
-        carry = _await_link(ring + ((j - 1) % 2) * ring_slot, j, col_ok)
+        carry = _await_link(ring + ((j - 1) % 2) * ring_slot, j, col_ok, SPIN_LIMIT)
     last = rows[:, None] == R - 1
     out = tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
     if k > 0:
@@ -329,6 +343,7 @@ def _scan_bwd_chained(
     SUB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FAST: tl.constexpr,
+    SPIN_LIMIT: tl.constexpr,
 ):
     """The forward's chain run from the last chunk to the first: v_t = a_t g_t with
     g_t = dh_t + v_{t+1}; a chunk's carry is v of the next chunk's first row; dlog_a_t =
@@ -347,10 +362,10 @@ def _scan_bwd_chained(
     base = (pid_b.to(tl.int64) * T + k * R) * C
     if (C % BLOCK_C != 0) or (k * R + R > T):
         _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, B * C, C, HAS_H0,
-                   HAS_DHLAST, R, SUB, BLOCK_C, True, FAST)  # fmt: skip
+                   HAS_DHLAST, R, SUB, BLOCK_C, True, FAST, SPIN_LIMIT)  # fmt: skip
     else:
         _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, B * C, C, HAS_H0,
-                   HAS_DHLAST, R, SUB, BLOCK_C, False, FAST)  # fmt: skip
+                   HAS_DHLAST, R, SUB, BLOCK_C, False, FAST, SPIN_LIMIT)  # fmt: skip
 
 
 @triton.jit
@@ -538,7 +553,7 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
         grid = (n_chunks * bsz * triton.cdiv(width, block_c),)
         _scan_fwd_chained[grid](
             log_a, b, h0 if h0 is not None else b, h, h_last, link, bsz, steps, n_chunks, width,
-            HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c, FAST=not knobs.interpret,
+            HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c, FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT,
             num_warps=max(1, block_c // 64),
         )  # fmt: skip
         return h, h_last
@@ -581,7 +596,7 @@ def scan_bwd(
             log_a, h, h0 if h0 is not None else h, dh, dh_last if dh_last is not None else dh, dlog_a, db,
             dh0 if dh0 is not None else db, _link(bsz, width, h.device), bsz, steps, n_chunks, width,
             HAS_H0=h0 is not None, HAS_DHLAST=dh_last is not None, R=rows, SUB=sub, BLOCK_C=block_c,
-            FAST=not knobs.interpret, num_warps=max(1, block_c // 64),
+            FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT, num_warps=max(1, block_c // 64),
         )  # fmt: skip
         return dlog_a, db, dh0
     _launch(

@@ -103,6 +103,24 @@ def test_zero_steps_give_h0_and_pass_the_gradient_through(scan_kernels):
     assert torch.equal(dh0, dlast)
 
 
+def test_a_hand_off_that_never_comes_gives_nan_not_a_hang(monkeypatch):
+    # A ticket counter that starts one chunk late (standing in for any broken hand-off): every
+    # program waits for a chunk that no program runs. The polls give up after SPIN_LIMIT and
+    # the outputs are NaN, where a GPU would otherwise hang.
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
+    monkeypatch.setattr(kernel, "SPIN_LIMIT", 20)
+    log_a, b, h0 = make(1, 20, 16, torch.float32)  # 3 chunks of 8 rows, 1 channel block
+
+    def late_link(bsz, width, device):
+        link = torch.zeros(1 + 2 * bsz * width, dtype=torch.int64, device=device)
+        link[0] = 1  # one chunk's worth of tickets already taken
+        return link
+
+    monkeypatch.setattr(kernel, "_link", late_link)
+    h, h_last = kernel.scan_fwd(log_a, b, h0)
+    assert torch.isnan(h).all() and torch.isnan(h_last).all()
+
+
 def test_unknown_forward_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels.knobs, "scan_kernels", "fast")
     log_a, b, h0 = make(1, 3, 4, torch.float32)
