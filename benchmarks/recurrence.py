@@ -95,28 +95,7 @@ def linear_scan_section(quick: bool) -> None:
         err = rel_err(h[:1, :512], ref)
     assert err < 1e-2, f"linear_scan disagrees with the reference: rel err {err:.2e}"
 
-    n = bsz * steps * width
-    src = torch.randn(n, device="cuda", dtype=dtype)
-    dst = torch.empty_like(src)
-    copy = bench(lambda: dst.copy_(src))  # reads n, writes n elements
-    gbps = 2 * n * src.element_size() / copy / 1e6
-    # The scan's floor: forward reads log_a and b and writes h (3 passes); forward + backward
-    # adds dh, log_a, h read and dlog_a, db written (8 passes). A copy is 2 passes.
-    floor_f, floor_fb = copy * 3 / 2, copy * 8 / 2
-    row("scan", "copy-bandwidth floor", shape, dtype, floor_f, floor_fb, f"copy {gbps / 1e3:.2f} TB/s")
-
-    with torch.no_grad():
-        ours_f = bench(lambda: kernels.linear_scan(log_a, b))
-    ours_fb = bench(fwd_bwd_timer(lambda: kernels.linear_scan(log_a, b)[0], [log_a, b], [dh]))
-    row(
-        "scan",
-        "mmrec linear_scan (Triton)",
-        shape,
-        dtype,
-        ours_f,
-        ours_fb,
-        f"{ours_f / floor_f:.2f}x / {ours_fb / floor_fb:.2f}x floor",
-    )
+    ours_f, ours_fb = scan_rows_against_floor(log_a, b, dh)
 
     def accelerated():
         from accelerated_scan.scalar import scan
@@ -165,21 +144,31 @@ def linear_scan_section(quick: bool) -> None:
     attempt("scan kernels by width", lambda: scan_kernel_widths(quick))
 
 
+def scan_rows_against_floor(log_a: torch.Tensor, b: torch.Tensor, dh: torch.Tensor) -> tuple[float, float]:
+    """Rows for the copy-bandwidth floor and for ours, in b's dtype -> ours (fwd, fwd+bwd) ms."""
+    bsz, steps, width = b.shape
+    shape, dtype = f"B{bsz} T{steps} C{width}", b.dtype
+    src = torch.randn(b.numel(), device="cuda", dtype=dtype)
+    dst = torch.empty_like(src)
+    copy = bench(lambda: dst.copy_(src))  # reads n, writes n elements
+    gbps = 2 * b.numel() * src.element_size() / copy / 1e6
+    # The scan's floor: forward reads log_a and b and writes h (3 passes); forward + backward
+    # adds dh, log_a, h read and dlog_a, db written (8 passes). A copy is 2 passes.
+    floor_f, floor_fb = copy * 3 / 2, copy * 8 / 2
+    row("scan", "copy-bandwidth floor", shape, dtype, floor_f, floor_fb, f"copy {gbps / 1e3:.2f} TB/s")
+    with torch.no_grad():
+        ours_f = bench(lambda: kernels.linear_scan(log_a, b))
+    ours_fb = bench(fwd_bwd_timer(lambda: kernels.linear_scan(log_a, b)[0], [log_a, b], [dh]))
+    note = f"{ours_f / floor_f:.2f}x / {ours_fb / floor_fb:.2f}x floor"
+    row("scan", "mmrec linear_scan (Triton)", shape, dtype, ours_f, ours_fb, note)
+    return ours_f, ours_fb
+
+
 def scan_fp32_rows(bsz: int, steps: int, width: int) -> None:
     """Ours in fp32 against its own floor (a copy of fp32 elements)."""
     log_a = (-torch.rand(bsz, steps, width, device="cuda") * 0.5).requires_grad_()
     b = torch.randn(bsz, steps, width, device="cuda").requires_grad_()
-    dh = torch.randn_like(b)
-    src, dst = torch.randn_like(b).view(-1), torch.empty(b.numel(), device="cuda")
-    copy = bench(lambda: dst.copy_(src))
-    floor_f, floor_fb = copy * 3 / 2, copy * 8 / 2
-    shape = f"B{bsz} T{steps} C{width}"
-    row("scan", "copy-bandwidth floor", shape, torch.float32, floor_f, floor_fb, "")
-    with torch.no_grad():
-        f = bench(lambda: kernels.linear_scan(log_a, b))
-    fb = bench(fwd_bwd_timer(lambda: kernels.linear_scan(log_a, b)[0], [log_a, b], [dh]))
-    note = f"{f / floor_f:.2f}x / {fb / floor_fb:.2f}x floor"
-    row("scan", "mmrec linear_scan (Triton)", shape, torch.float32, f, fb, note)
+    scan_rows_against_floor(log_a, b, torch.randn_like(b))
 
 
 def scan_kernel_widths(quick: bool) -> None:
@@ -203,7 +192,6 @@ def scan_kernel_widths(quick: bool) -> None:
                 # host-bound wall clock shows as the gap between the two.
                 graphed = attempt(f"scan {mode} CUDA graph", lambda run=run: graph_time(run, bench))
                 times[mode] = (f, bench(run), graphed)
-            kernels.knobs.scan_kernels = saved
             (f, fb, g), (wf, wfb, wg) = times["chained"], times["walk"]
             graphs = "-" if g is None or wg is None else f"{g:.3f} / {wg:.3f}"
             note = (

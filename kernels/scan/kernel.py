@@ -158,6 +158,60 @@ def _await_link(ptrs, tag, mask, SPIN_LIMIT: tl.constexpr):
 
 
 @triton.jit
+def _chain_position(LINK, B, T, n_chunks, C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    REVERSE: tl.constexpr):  # fmt: skip
+    """A program's place in the chain, from its ticket: programs of chain position j - 1 took
+    their tickets before any of position j, so a waiting program's predecessor is running and
+    never waits on a later one (no deadlock whatever order the hardware starts programs in).
+    -> (j, the chunk k (j, or counted from the end when REVERSE), channels, their [B, C] state
+    offsets, their ring words, the chunk's first element)."""
+    n_ct: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+    per_chunk = B * n_ct
+    ticket = tl.atomic_add(LINK, 1)
+    j = ticket // per_chunk
+    k = n_chunks - 1 - j if REVERSE else j
+    rest = ticket % per_chunk
+    pid_b = rest // n_ct
+    cols = _chain_cols(rest % n_ct, BLOCK_C)
+    state = pid_b.to(tl.int64) * C + cols
+    # int64: B*T*C overflows int32 at the 7B config's segment length.
+    return j, k, cols, state, LINK + 1 + state, (pid_b.to(tl.int64) * T + k * R) * C
+
+
+@triton.jit
+def _carry_in(START, ring, j, state, col_ok, ring_slot, HAS_START: tl.constexpr, BLOCK_C: tl.constexpr,
+              SPIN_LIMIT: tl.constexpr):  # fmt: skip
+    """The state entering chain position j: START (h0, dh_last) or zeros at the head, else the
+    predecessor's word."""
+    if j == 0:
+        if HAS_START:
+            carry = tl.load(START + state, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    else:
+        carry = _await_link(ring + ((j - 1) % 2) * ring_slot, j, col_ok, SPIN_LIMIT)
+    return carry
+
+
+@triton.jit
+def _through_last_row(a_cum, b_cum, carry, rows, R: tl.constexpr):
+    """The carry taken through a scanned tile's last row: a_cum[R-1] carry + b_cum[R-1]."""
+    last = rows[:, None] == R - 1
+    return tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+
+
+@triton.jit
+def _carry_out(END, ring, j, n_chunks, out, state, col_ok, ring_slot, HAS_END: tl.constexpr):
+    """Hand `out` to chain position j + 1 (slot j % 2, tag j + 1; the next writer of that slot,
+    j + 2, publishes only after j + 1 has read it), or at the chain's end store it to END
+    (h_last, dh0)."""
+    if j + 1 < n_chunks:
+        tl.atomic_xchg(ring + (j % 2) * ring_slot, _pack_link(j + 1, out), mask=col_ok, sem="relaxed")
+    elif HAS_END:
+        tl.store(END + state, out.to(END.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, ring_slot,
                C: tl.constexpr, HAS_H0: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr,
                MASKED: tl.constexpr, FAST: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
@@ -173,19 +227,10 @@ def _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, rin
     # Rows past T load a = 1, b = 0: they copy the carry, so the last row is h_{T-1}.
     a_cum, b_cum = tl.associative_scan((_decay(la, FAST), x), 0, _compose)
     col_ok = cols < C
-    if k == 0:
-        if HAS_H0:
-            carry = tl.load(H0 + state, mask=col_ok, other=0.0).to(tl.float32)
-        else:
-            carry = tl.zeros([BLOCK_C], dtype=tl.float32)
-    else:
-        carry = _await_link(ring + ((k - 1) % 2) * ring_slot, k, col_ok, SPIN_LIMIT)
-    last = rows[:, None] == R - 1
-    out = tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
-    if k + 1 < n_chunks:
-        tl.atomic_xchg(ring + (k % 2) * ring_slot, _pack_link(k + 1, out), mask=col_ok, sem="relaxed")
-    else:
-        tl.store(HLAST + state, out.to(HLAST.dtype.element_ty), mask=col_ok)
+    carry = _carry_in(H0, ring, k, state, col_ok, ring_slot, HAS_H0, BLOCK_C, SPIN_LIMIT)
+    _carry_out(
+        HLAST, ring, k, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot, True
+    )
     h = (a_cum * carry[None, :] + b_cum).to(H.dtype.element_ty)
     if MASKED:
         tl.store(H + offs, h, mask=ok)
@@ -213,26 +258,11 @@ def _scan_fwd_chained(
 ):
     """Chunk k of a column waits for chunk k-1's last row, publishes its own and then writes h:
     the hand-off is one word per channel, so a chunk's loads and its scan overlap the wait.
-
-    Tickets, not program ids, name the chunk: programs of chunk k-1 took their tickets before
-    any of chunk k, so a waiting program's predecessor is running and never waits on a later
-    one (no deadlock whatever order the hardware starts programs in). Ring slots: chunk k
-    writes slot k % 2 with tag k + 1; the next writer of that slot is chunk k + 2, which
-    publishes only after chunk k + 1 has read it.
+    Tickets, not program ids, name the chunk (`_chain_position`).
 
     H100, B8 T4096 C2048 (`benchmarks/recurrence.py --only scan`): 1.15x the copy floor in bf16
     and 1.04x in fp32, against 1.32x / 1.08x for the tiled walk (BENCHMARKS.md)."""
-    n_ct: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
-    per_chunk = B * n_ct
-    ticket = tl.atomic_add(LINK, 1)
-    k = ticket // per_chunk
-    rest = ticket % per_chunk
-    pid_b = rest // n_ct
-    cols = _chain_cols(rest % n_ct, BLOCK_C)
-    state = pid_b.to(tl.int64) * C + cols
-    ring = LINK + 1 + state
-    # int64: B*T*C overflows int32 at the 7B config's segment length.
-    base = (pid_b.to(tl.int64) * T + k * R) * C
+    _, k, cols, state, ring, base = _chain_position(LINK, B, T, n_chunks, C, R, BLOCK_C, False)
     if (C % BLOCK_C != 0) or (k * R + R > T):
         _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, True,
                    FAST, SPIN_LIMIT)  # fmt: skip
@@ -250,7 +280,7 @@ def _compose_excl(a_first, b_first, e_first, f_first, a_then, b_then, e_then, f_
 
 
 @triton.jit
-def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, ring_slot,
+def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, n_chunks, ring_slot,
                C: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHLAST: tl.constexpr, R: tl.constexpr,
                SUB: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
                SPIN_LIMIT: tl.constexpr):  # fmt: skip
@@ -269,19 +299,11 @@ def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, 
     a = _decay(la, FAST)
     a_cum, b_cum = tl.associative_scan((a, a * dh), 0, _compose)
     col_ok = cols < C
-    if j == 0:  # the last chunk: v_T = dh_last (a_T = 1 past the end)
-        if HAS_DHLAST:
-            carry = tl.load(DHLAST + state, mask=col_ok, other=0.0).to(tl.float32)
-        else:
-            carry = tl.zeros([BLOCK_C], dtype=tl.float32)
-    else:
-        carry = _await_link(ring + ((j - 1) % 2) * ring_slot, j, col_ok, SPIN_LIMIT)
-    last = rows[:, None] == R - 1
-    out = tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
-    if k > 0:
-        tl.atomic_xchg(ring + (j % 2) * ring_slot, _pack_link(j + 1, out), mask=col_ok, sem="relaxed")
-    elif HAS_H0:
-        tl.store(DH0 + state, out.to(DH0.dtype.element_ty), mask=col_ok)
+    # At the head (the last chunk) v_T = dh_last (a_T = 1 past the end); at the end dh0 = v_0.
+    carry = _carry_in(DHLAST, ring, j, state, col_ok, ring_slot, HAS_DHLAST, BLOCK_C, SPIN_LIMIT)
+    _carry_out(
+        DH0, ring, j, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot, HAS_H0
+    )
     # The outputs, SUB rows at a time from the chunk's end, re-reading log_a and dh (cache hits
     # a microsecond after the first read) so that only SUB rows of the scan live in registers.
     sub_rows = tl.arange(0, SUB)
@@ -318,8 +340,7 @@ def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, 
         else:
             tl.store(DLA + offs, dla)
             tl.store(DX + offs, g.to(DX.dtype.element_ty))
-        last = sub_rows[:, None] == SUB - 1
-        carry = tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+        carry = _through_last_row(a_cum, b_cum, carry, sub_rows, SUB)
 
 
 @triton.jit
@@ -349,22 +370,12 @@ def _scan_bwd_chained(
     g_t = dh_t + v_{t+1}; a chunk's carry is v of the next chunk's first row; dlog_a_t =
     v_t h_{t-1}, db_t = g_t, dh0 = v_0. Reads log_a and dh twice (the second time from cache)
     and h once; writes dlog_a and db once."""
-    n_ct: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
-    per_chunk = B * n_ct
-    ticket = tl.atomic_add(LINK, 1)
-    j = ticket // per_chunk  # position in the chain
-    k = n_chunks - 1 - j  # the chunk
-    rest = ticket % per_chunk
-    pid_b = rest // n_ct
-    cols = _chain_cols(rest % n_ct, BLOCK_C)
-    state = pid_b.to(tl.int64) * C + cols
-    ring = LINK + 1 + state
-    base = (pid_b.to(tl.int64) * T + k * R) * C
+    j, k, cols, state, ring, base = _chain_position(LINK, B, T, n_chunks, C, R, BLOCK_C, True)
     if (C % BLOCK_C != 0) or (k * R + R > T):
-        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, B * C, C, HAS_H0,
+        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, n_chunks, B * C, C, HAS_H0,
                    HAS_DHLAST, R, SUB, BLOCK_C, True, FAST, SPIN_LIMIT)  # fmt: skip
     else:
-        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, B * C, C, HAS_H0,
+        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, n_chunks, B * C, C, HAS_H0,
                    HAS_DHLAST, R, SUB, BLOCK_C, False, FAST, SPIN_LIMIT)  # fmt: skip
 
 
@@ -527,6 +538,17 @@ def _link(bsz: int, width: int, device) -> Tensor:
     return torch.zeros(1 + 2 * bsz * width, dtype=torch.int64, device=device)
 
 
+def _chain_tile() -> tuple[int, int, int]:
+    """(channels, rows per chunk, rows per backward output pass) of a chained program. Small
+    under the interpreter, so the tests cross chunk, channel-block and sub-tile edges; on the
+    GPU 32 x 16 measured best for the backward (BENCHMARKS.md)."""
+    return (16, 8, 4) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R, 16)
+
+
+def _chain_warps(block_c: int) -> int:
+    return max(1, block_c // 64)  # a pair of channels per thread
+
+
 def _use_chained() -> bool:
     """The chained kernels, unless MMREC_SCAN=walk. The chained forward measured faster at every width
     tried on the H100 (B*C from 256 to 16384 channels at T 1024-4096; BENCHMARKS.md): the
@@ -546,15 +568,14 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
     if _use_chained():
         if steps == 0:  # no chunk to launch: h_last is the initial state
             return h, h_last.copy_(h0) if h0 is not None else h_last.zero_()
-        # Small under the interpreter, so the tests cross chunk and channel-block edges.
-        block_c, rows = (16, 8) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R)
+        block_c, rows, _ = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
         link = _link(bsz, width, b.device)
         grid = (n_chunks * bsz * triton.cdiv(width, block_c),)
         _scan_fwd_chained[grid](
             log_a, b, h0 if h0 is not None else b, h, h_last, link, bsz, steps, n_chunks, width,
             HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c, FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT,
-            num_warps=max(1, block_c // 64),
+            num_warps=_chain_warps(block_c),
         )  # fmt: skip
         return h, h_last
     _launch(
@@ -589,14 +610,13 @@ def scan_bwd(
             if dh0 is not None:
                 dh0.copy_(dh_last) if dh_last is not None else dh0.zero_()
             return dlog_a, db, dh0
-        # (rows, rows per output pass): 32 x 16 measured best on the H100 (BENCHMARKS.md).
-        block_c, rows, sub = (16, 8, 4) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R, 16)
+        block_c, rows, sub = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
         _scan_bwd_chained[(n_chunks * bsz * triton.cdiv(width, block_c),)](
             log_a, h, h0 if h0 is not None else h, dh, dh_last if dh_last is not None else dh, dlog_a, db,
             dh0 if dh0 is not None else db, _link(bsz, width, h.device), bsz, steps, n_chunks, width,
             HAS_H0=h0 is not None, HAS_DHLAST=dh_last is not None, R=rows, SUB=sub, BLOCK_C=block_c,
-            FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT, num_warps=max(1, block_c // 64),
+            FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT, num_warps=_chain_warps(block_c),
         )  # fmt: skip
         return dlog_a, db, dh0
     _launch(
