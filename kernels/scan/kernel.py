@@ -7,7 +7,7 @@ sequential `tl.associative_scan` inside the thread (two FMAs per element, no shu
 chunks of a column are chained through global memory: a program takes a ticket (an atomic
 counter), which orders programs so that a chunk's predecessor has always started; it loads and
 scans its chunk, waits for the predecessor's last row (a 64-bit word per channel, the fp32
-value and the chunk's tag, in a two-slot ring zeroed per launch), publishes its own last row,
+value and the chunk's tag, in a two-slot ring that every launch leaves zero), publishes its own last row,
 and only then applies the carry and writes h. Every load of a chunk is issued at once and
 thousands of programs are in flight, so DRAM is kept busy instead of one walker per column
 (`_scan_fwd_chained` says what it measured).
@@ -26,7 +26,7 @@ thread, so the recurrence is one FMA per element in registers (`_scan_bwd` says 
 
 From DRAM every input element is read once and every output written once: the forward moves
 3 x B*T*C elements, the backward 5 (it reads log_a, h, dh; writes dlog_a, db). The chained
-kernels add a zeroed ring of 16 bytes per channel (B*C) per launch.
+kernels add a ring of 16 bytes per channel (B*C), reused from launch to launch (`_link`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config import knobs, new_output
+from ..launch import Launcher
 
 LOG_A_MIN = tl.constexpr(-50.0)
 LOG_A_MAX = tl.constexpr(0.0)
@@ -167,7 +168,11 @@ def _chain_position(LINK, B, T, n_chunks, C: tl.constexpr, R: tl.constexpr, BLOC
     offsets, their ring words, the chunk's first element)."""
     n_ct: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
     per_chunk = B * n_ct
-    ticket = tl.atomic_add(LINK, 1)
+    # Relaxed: the counter's own modification order is all the ordering needed (hand-offs
+    # travel with their tags), and acq_rel costs a fence per program.
+    ticket = tl.atomic_add(LINK, 1, sem="relaxed")
+    if ticket == per_chunk * n_chunks - 1:  # every ticket is taken: zero for the next launch
+        tl.atomic_xchg(LINK, 0, sem="relaxed")
     j = ticket // per_chunk
     k = n_chunks - 1 - j if REVERSE else j
     rest = ticket % per_chunk
@@ -204,11 +209,17 @@ def _through_last_row(a_cum, b_cum, carry, rows, R: tl.constexpr):
 def _carry_out(END, ring, j, n_chunks, out, state, col_ok, ring_slot, HAS_END: tl.constexpr):
     """Hand `out` to chain position j + 1 (slot j % 2, tag j + 1; the next writer of that slot,
     j + 2, publishes only after j + 1 has read it), or at the chain's end store it to END
-    (h_last, dh0)."""
+    (h_last, dh0) and zero both slots: the last position has read the one, and its predecessor
+    (whose word it read) had read the other, so the ring is left as the next launch needs it."""
     if j + 1 < n_chunks:
         tl.atomic_xchg(ring + (j % 2) * ring_slot, _pack_link(j + 1, out), mask=col_ok, sem="relaxed")
-    elif HAS_END:
-        tl.store(END + state, out.to(END.dtype.element_ty), mask=col_ok)
+    else:
+        if HAS_END:
+            tl.store(END + state, out.to(END.dtype.element_ty), mask=col_ok)
+        if j > 0:
+            empty = tl.zeros(out.shape, dtype=tl.int64)
+            tl.store(ring, empty, mask=col_ok)
+            tl.store(ring + ring_slot, empty, mask=col_ok)
 
 
 @triton.jit
@@ -245,7 +256,7 @@ def _scan_fwd_chained(
     H0,
     H,
     HLAST,  # [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
-    LINK,  # int64 [1 + 2 * B * C], zeroed: the ticket counter, then a two-slot ring per channel
+    LINK,  # int64 [1 + 2 * B * C], zero, left zero: the ticket counter, then a two-slot ring per channel
     B,
     T,
     n_chunks,
@@ -353,7 +364,7 @@ def _scan_bwd_chained(
     DLA,
     DX,
     DH0,  # outputs: [B, T, C], [B, T, C], [B, C]
-    LINK,  # int64 [1 + 2 * B * C], zeroed (as in the forward)
+    LINK,  # int64 [1 + 2 * B * C], zero, left zero (as in the forward)
     B,
     T,
     n_chunks,
@@ -533,9 +544,30 @@ def _launch(tuned, plain, grid_b: int, width: int, *args, tile, interpret_tile, 
         tuned[lambda m: (grid_b, triton.cdiv(width, m["BLOCK_C"]))](*args, **meta)
 
 
+_launch_fwd_chained = Launcher(_scan_fwd_chained)
+_launch_bwd_chained = Launcher(_scan_bwd_chained)
+_RINGS: dict[tuple, Tensor] = {}
+
+
 def _link(bsz: int, width: int, device) -> Tensor:
-    """The chain's ticket counter and two-slot ring, zeroed (one small memset per launch)."""
-    return torch.zeros(1 + 2 * bsz * width, dtype=torch.int64, device=device)
+    """The chain's ticket counter and two-slot ring (int64, 1 + 2 B C words), all zero.
+
+    Every launch leaves them zero again (the last ticket resets the counter, each column's last
+    chunk clears its ring slots), so one buffer per device and stream is reused without a
+    memset per launch (4 us each in do_bench). Kernels on one stream run one at a time, so they
+    never share it concurrently. Under CUDA-graph capture each launch gets its own zeroed
+    buffer instead (a memset in the graph), since a graph may be replayed on any stream."""
+    need = 1 + 2 * bsz * width
+    if device.type == "cuda":  # the raw stream calls: a few us less than torch.cuda.current_stream()
+        if torch._C._cuda_isCurrentStreamCapturing():
+            return torch.zeros(need, dtype=torch.int64, device=device)
+        key = (device, torch._C._cuda_getCurrentRawStream(device.index))
+    else:
+        key = (device, 0)
+    ring = _RINGS.get(key)
+    if ring is None or ring.numel() < need:
+        ring = _RINGS[key] = torch.zeros(need, dtype=torch.int64, device=device)
+    return ring
 
 
 def _chain_tile() -> tuple[int, int, int]:
@@ -570,10 +602,9 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
             return h, h_last.copy_(h0) if h0 is not None else h_last.zero_()
         block_c, rows, _ = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
-        link = _link(bsz, width, b.device)
-        grid = (n_chunks * bsz * triton.cdiv(width, block_c),)
-        _scan_fwd_chained[grid](
-            log_a, b, h0 if h0 is not None else b, h, h_last, link, bsz, steps, n_chunks, width,
+        _launch_fwd_chained(
+            n_chunks * bsz * triton.cdiv(width, block_c),
+            log_a, b, h0 if h0 is not None else b, h, h_last, _link(bsz, width, b.device), bsz, steps, n_chunks, width,
             HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c, FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT,
             num_warps=_chain_warps(block_c),
         )  # fmt: skip
@@ -612,7 +643,8 @@ def scan_bwd(
             return dlog_a, db, dh0
         block_c, rows, sub = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
-        _scan_bwd_chained[(n_chunks * bsz * triton.cdiv(width, block_c),)](
+        _launch_bwd_chained(
+            n_chunks * bsz * triton.cdiv(width, block_c),
             log_a, h, h0 if h0 is not None else h, dh, dh_last if dh_last is not None else dh, dlog_a, db,
             dh0 if dh0 is not None else db, _link(bsz, width, h.device), bsz, steps, n_chunks, width,
             HAS_H0=h0 is not None, HAS_DHLAST=dh_last is not None, R=rows, SUB=sub, BLOCK_C=block_c,

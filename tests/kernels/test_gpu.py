@@ -63,6 +63,44 @@ def test_chained_scan_agrees_with_the_walk_elementwise(bsz, steps, width, monkey
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
 
 
+def test_direct_launches_keep_each_specialization_apart(monkeypatch):
+    """kernels.launch.Launcher reuses a compiled kernel per specialization: calls that alternate
+    dtype, width (a constexpr), h0 and pointer alignment must each get their own kernel, on the
+    first (Triton's path) and the later (direct) launches alike."""
+    from kernels.scan import kernel
+
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
+
+    def misaligned(t):  # same values, data pointer 2-4 bytes past a 16-byte boundary
+        flat = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    cases = []
+    for dtype, width, with_h0, shift in [(torch.bfloat16, 256, False, False), (torch.float32, 256, False, False),
+                                         (torch.bfloat16, 384, True, False), (torch.bfloat16, 256, False, True),
+                                         (torch.float32, 320, True, True)]:  # fmt: skip
+        log_a = (-torch.rand(2, 200, width, device="cuda") * 0.5).to(dtype)
+        b = torch.randn(2, 200, width, device="cuda", dtype=dtype)
+        h0 = torch.randn(2, width, device="cuda", dtype=dtype) if with_h0 else None
+        if shift:
+            log_a, b = misaligned(log_a), misaligned(b)
+            assert b.data_ptr() % 16 != 0
+        cases.append((log_a, b, h0))
+    for _ in range(3):
+        for log_a, b, h0 in cases:
+            h, h_last = kernel.scan_fwd(log_a, b, h0)
+            dh = torch.ones_like(h)
+            grads = kernel.scan_bwd(log_a, h, h0, dh, None)
+            f32 = [t.float() if t is not None else None for t in (log_a, b, h0)]
+            want_h, want_last = scan_ref.forward(*f32)
+            want = scan_ref.backward(f32[0], want_h, f32[2], dh.float(), torch.zeros_like(want_last))
+            limit = 1e-5 if b.dtype == torch.float32 else 1e-2
+            assert rel(h, want_h) < limit and rel(h_last, want_last) < limit, (b.dtype, b.shape)
+            assert rel(grads[0], want[0]) < 2 * limit and rel(grads[1], want[1]) < 2 * limit, (b.dtype, b.shape)
+
+
 @pytest.mark.parametrize(("dh", "dtype"), [(64, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)])
 def test_gated_recurrence_at_benchmark_size(dh, dtype):
     bsz, steps, heads = 16, 1024, 16

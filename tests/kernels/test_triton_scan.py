@@ -104,9 +104,10 @@ def test_zero_steps_give_h0_and_pass_the_gradient_through(scan_kernels):
 
 
 def test_a_hand_off_that_never_comes_gives_nan_not_a_hang(monkeypatch):
-    # A ticket counter that starts one chunk late (standing in for any broken hand-off): every
-    # program waits for a chunk that no program runs. The polls give up after SPIN_LIMIT and
-    # the outputs are NaN, where a GPU would otherwise hang.
+    # A ticket counter that starts one chunk late (standing in for any broken hand-off): chunk
+    # 1 waits for chunk 0, which the interpreter runs only last (the last ticket wraps the
+    # counter to 0). The polls give up after SPIN_LIMIT and chunks 1 and 2 are NaN, where a
+    # GPU would otherwise hang.
     monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
     monkeypatch.setattr(kernel, "SPIN_LIMIT", 20)
     log_a, b, h0 = make(1, 20, 16, torch.float32)  # 3 chunks of 8 rows, 1 channel block
@@ -118,7 +119,24 @@ def test_a_hand_off_that_never_comes_gives_nan_not_a_hang(monkeypatch):
 
     monkeypatch.setattr(kernel, "_link", late_link)
     h, h_last = kernel.scan_fwd(log_a, b, h0)
-    assert torch.isnan(h).all() and torch.isnan(h_last).all()
+    assert torch.isnan(h[:, 8:]).all() and torch.isnan(h_last).all()
+
+
+def test_chained_launches_leave_the_ring_zero_for_the_next(monkeypatch):
+    # The ticket counter and ring are reused without a memset: each launch must hand them on
+    # all zero, whatever its shape (one chunk, several, ragged channels, h0 or not).
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
+    monkeypatch.setattr(kernel, "_RINGS", {})
+    for bsz, steps, width, with_h0 in ((2, 20, 33, True), (1, 5, 16, False), (3, 17, 40, False)):
+        log_a, b, h0 = make(bsz, steps, width, torch.float32)
+        h0 = h0 if with_h0 else None
+        h, h_last = kernel.scan_fwd(log_a, b, h0)
+        (ring,) = kernel._RINGS.values()
+        assert not ring.any(), f"forward B{bsz} T{steps} C{width} left {int(ring.count_nonzero())} words set"
+        want_h, _ = reference.forward(log_a, b, h0)
+        torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+        kernel.scan_bwd(log_a, h, h0, torch.randn_like(h), torch.randn_like(h_last))
+        assert not ring.any(), f"backward B{bsz} T{steps} C{width} left {int(ring.count_nonzero())} words set"
 
 
 def test_unknown_forward_kernel_is_a_clear_error(monkeypatch):
