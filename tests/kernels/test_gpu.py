@@ -88,6 +88,8 @@ def test_direct_launches_keep_each_specialization_apart(monkeypatch):
             log_a, b = misaligned(log_a), misaligned(b)
             assert b.data_ptr() % 16 != 0
         cases.append((log_a, b, h0))
+    monkeypatch.setattr(kernel._launch_fwd_chained, "compiled", {})
+    before = kernel._launch_fwd_chained.direct_calls
     for _ in range(3):
         for log_a, b, h0 in cases:
             h, h_last = kernel.scan_fwd(log_a, b, h0)
@@ -99,6 +101,9 @@ def test_direct_launches_keep_each_specialization_apart(monkeypatch):
             limit = 1e-5 if b.dtype == torch.float32 else 1e-2
             assert rel(h, want_h) < limit and rel(h_last, want_last) < limit, (b.dtype, b.shape)
             assert rel(grads[0], want[0]) < 2 * limit and rel(grads[1], want[1]) < 2 * limit, (b.dtype, b.shape)
+    # The direct path was taken, with one compiled kernel per case.
+    assert kernel._launch_fwd_chained.direct_calls - before == 3 * len(cases)
+    assert len(kernel._launch_fwd_chained.compiled) == len(cases)
 
 
 @pytest.mark.parametrize(("dh", "dtype"), [(64, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)])
