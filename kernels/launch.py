@@ -18,6 +18,8 @@ from triton import knobs as triton_knobs
 
 from .config import knobs
 
+_UNKNOWN = object()
+
 
 def _spec(value):
     if isinstance(value, torch.Tensor):
@@ -26,7 +28,9 @@ def _spec(value):
         return value
     if isinstance(value, int):
         return -(2**31) <= value < 2**31, value == 1, value % 16 == 0
-    return value  # a constexpr (float, str, dtype)
+    if isinstance(value, float):  # fp32, never specialized
+        return float
+    return _UNKNOWN  # a TMA descriptor or other object: Triton's own path
 
 
 def _hooked(hook) -> bool:
@@ -35,30 +39,40 @@ def _hooked(hook) -> bool:
 
 
 class Launcher:
-    """`Launcher(kernel)(grid, *args, num_warps=w, **constexprs)` launches `kernel` on a 1-D grid
-    with the arguments in its signature order (constexprs may be passed by name)."""
+    """`Launcher(kernel)(grid, *args, num_warps=w, num_stages=s, **named)` launches `kernel` as
+    `kernel[grid](*args, **named, num_warps=w, num_stages=s)` would: grid a tuple of 1-3 ints,
+    the remaining parameters (constexprs included) by name or by their defaults."""
 
     def __init__(self, fn):
         self.fn = fn
         self.names = list(fn.arg_names)
+        params = getattr(fn, "params", [])
         # Constexprs enter the key by value; other arguments by their specialization.
-        self.by_value = [getattr(p, "is_constexpr", True) for p in getattr(fn, "params", [])]
+        self.by_value = [p.is_constexpr for p in params]
+        self.defaults = [p.default for p in params]
         self.compiled: dict[tuple, object] = {}
         self.direct_calls = 0  # calls that took this path (tests check it is taken)
 
-    def __call__(self, grid: int, *args, num_warps: int, **constexprs):
+    def __call__(self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, **named):
+        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         hooks = triton_knobs.runtime.launch_enter_hook, triton_knobs.runtime.launch_exit_hook
-        first = args[0]
-        if knobs.interpret or not first.is_cuda or any(map(_hooked, hooks)):
-            self.fn[(grid,)](*args, **constexprs, num_warps=num_warps)
+        if knobs.interpret or not args[0].is_cuda or any(map(_hooked, hooks)):
+            self.fn[grid](*args, **named, **options)
             return
-        full = (*args, *(constexprs[name] for name in self.names[len(args) :]))
+        full = list(args)
+        for i in range(len(args), len(self.names)):
+            full.append(named[self.names[i]] if self.names[i] in named else self.defaults[i])
+        spec = [v if const else _spec(v) for v, const in zip(full, self.by_value, strict=True)]
+        if _UNKNOWN in spec:
+            self.fn[grid](*args, **named, **options)
+            return
         device = torch.cuda.current_device()  # where Triton compiles and launches
-        key = (device, num_warps, *(v if const else _spec(v) for v, const in zip(full, self.by_value, strict=True)))
+        key = (device, num_warps, num_stages, *spec)
         self.direct_calls += 1
         kernel = self.compiled.get(key)
         if kernel is None:  # compile (or find in Triton's cache) and launch through Triton
-            self.compiled[key] = self.fn[(grid,)](*args, **constexprs, num_warps=num_warps)
+            self.compiled[key] = self.fn[grid](*args, **named, **options)
             return
+        grid = (*grid, 1, 1)
         stream = torch._C._cuda_getCurrentRawStream(device)
-        kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)

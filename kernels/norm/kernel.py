@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config import knobs, new_output
+from ..launch import Launcher
 
 
 @triton.jit
@@ -57,6 +58,10 @@ def _add_rmsnorm_bwd(S, W, RSTD, DS, DU, DX, DW_PART, N, D, ROWS_PER_PROG, HAS_D
     tl.store(DW_PART + pid * D + cols, dw, mask=ok)
 
 
+_launch_fwd = Launcher(_add_rmsnorm_fwd)
+_launch_bwd = Launcher(_add_rmsnorm_bwd)
+
+
 def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -72,8 +77,8 @@ def add_rmsnorm_fwd(a: Tensor, b: Tensor | None, weight: Tensor, eps: float) -> 
     u = new_output(a)
     rstd = torch.empty(a.numel() // width, device=a.device, dtype=torch.float32)
     block = triton.next_power_of_2(width)
-    _add_rmsnorm_fwd[(rstd.shape[0],)](
-        _rows(a), _rows(b) if b is not None else a, weight, s, u, rstd, width, eps,
+    _launch_fwd(
+        (rstd.shape[0],), _rows(a), _rows(b) if b is not None else a, weight, s, u, rstd, width, eps,
         HAS_B=b is not None, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return s, u, rstd
@@ -88,8 +93,8 @@ def add_rmsnorm_bwd(s: Tensor, weight: Tensor, rstd: Tensor, ds: Tensor | None, 
     programs = triton.cdiv(rows, per_prog)
     dw_part = torch.empty(programs, width, device=s.device, dtype=torch.float32)
     block = triton.next_power_of_2(width)
-    _add_rmsnorm_bwd[(programs,)](
-        s, weight, rstd, ds if ds is not None else du, du, dx, dw_part, rows, width,
+    _launch_bwd(
+        (programs,), s, weight, rstd, ds if ds is not None else du, du, dx, dw_part, rows, width,
         per_prog, HAS_DS=ds is not None, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return dx, dw_part.sum(0).to(weight.dtype)

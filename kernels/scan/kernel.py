@@ -603,7 +603,7 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
         block_c, rows, _ = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
         _launch_fwd_chained(
-            n_chunks * bsz * triton.cdiv(width, block_c),
+            (n_chunks * bsz * triton.cdiv(width, block_c),),
             log_a, b, h0 if h0 is not None else b, h, h_last, _link(bsz, width, b.device), bsz, steps, n_chunks, width,
             HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c, FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT,
             num_warps=_chain_warps(block_c),
@@ -644,7 +644,7 @@ def scan_bwd(
         block_c, rows, sub = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
         _launch_bwd_chained(
-            n_chunks * bsz * triton.cdiv(width, block_c),
+            (n_chunks * bsz * triton.cdiv(width, block_c),),
             log_a, h, h0 if h0 is not None else h, dh, dh_last if dh_last is not None else dh, dlog_a, db,
             dh0 if dh0 is not None else db, _link(bsz, width, h.device), bsz, steps, n_chunks, width,
             HAS_H0=h0 is not None, HAS_DHLAST=dh_last is not None, R=rows, SUB=sub, BLOCK_C=block_c,
