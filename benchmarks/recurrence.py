@@ -167,7 +167,10 @@ def scan_rows_against_floor(log_a: torch.Tensor, b: torch.Tensor, dh: torch.Tens
         graph_f = attempt("scan forward CUDA graph", lambda: graph_time(lambda: kernels.linear_scan(log_a, b), bench))
     graph_fb = attempt("scan fwd+bwd CUDA graph", lambda: graph_time(run, bench))
     if graph_f is not None and graph_fb is not None:
-        note += f"; as CUDA-graph replays {graph_f:.3f} / {graph_fb:.3f} ms = {graph_f / floor_f:.2f}x / {graph_fb / floor_fb:.2f}x"
+        note += (
+            f"; as CUDA-graph replays {graph_f:.3f} / {graph_fb:.3f} ms"
+            f" = {graph_f / floor_f:.2f}x / {graph_fb / floor_fb:.2f}x"
+        )
     row("scan", "mmrec linear_scan (Triton)", shape, dtype, ours_f, ours_fb, note)
     return ours_f, ours_fb
 
