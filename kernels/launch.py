@@ -55,24 +55,31 @@ class Launcher:
 
     def __call__(self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, **named):
         options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+        keyed = self._key(args, named, num_warps, num_stages)
+        kernel = self.compiled.get(keyed[0]) if keyed is not None else None
+        if kernel is None:  # Triton's own path: compiles (or finds in its cache) and launches
+            compiled = self.fn[grid](*args, **named, **options)
+            if keyed is not None:
+                self.compiled[keyed[0]] = compiled
+            return
+        key, full = keyed
+        grid = (*grid, 1, 1)
+        stream = torch._C._cuda_getCurrentRawStream(key[0])
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
+
+    def _key(self, args, named, num_warps, num_stages) -> tuple[tuple, list] | None:
+        """(the specialization key, every argument in signature order), or None where only
+        Triton's own path will do (the interpreter, CPU tensors, a launch hook, an argument
+        that cannot be keyed)."""
         hooks = triton_knobs.runtime.launch_enter_hook, triton_knobs.runtime.launch_exit_hook
         if knobs.interpret or not args[0].is_cuda or any(map(_hooked, hooks)):
-            self.fn[grid](*args, **named, **options)
-            return
+            return None
         full = list(args)
         for i in range(len(args), len(self.names)):
             full.append(named[self.names[i]] if self.names[i] in named else self.defaults[i])
         spec = [v if const else _spec(v) for v, const in zip(full, self.by_value, strict=True)]
         if _UNKNOWN in spec:
-            self.fn[grid](*args, **named, **options)
-            return
-        device = torch.cuda.current_device()  # where Triton compiles and launches
-        key = (device, num_warps, num_stages, *spec)
+            return None
         self.direct_calls += 1
-        kernel = self.compiled.get(key)
-        if kernel is None:  # compile (or find in Triton's cache) and launch through Triton
-            self.compiled[key] = self.fn[grid](*args, **named, **options)
-            return
-        grid = (*grid, 1, 1)
-        stream = torch._C._cuda_getCurrentRawStream(device)
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
+        # The current device: where Triton compiles and launches.
+        return (torch.cuda.current_device(), num_warps, num_stages, *spec), full

@@ -469,7 +469,7 @@ def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Te
     meta = _meta(dim, q.dtype)
     descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
-    _LAUNCH['_attend_fwd'](
+    _launch_fwd(
         grid,
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), out, lse,
         steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim),
@@ -494,7 +494,7 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     tiles = _tiles("dq", q.dtype, tma)
     descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
-    _LAUNCH['_attend_bwd_dq'](
+    _launch_bwd_dq(
         grid,
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), lse, out, stats, dout,
         dq, dbeta, *common, **tiles, **meta, TMA=descs is not None,
@@ -502,7 +502,7 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     tiles = _tiles("dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
     grid = (tile_level.numel(), bsz * kv_heads)
-    _LAUNCH['_attend_bwd_dkv'](
+    _launch_bwd_dkv(
         grid,
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, tile_level, tile_i0, stats, dout,
         dkeys, dvalues, *common, **tiles, **meta,
@@ -541,12 +541,10 @@ def _block_sums(
     tl.store(OUT + (b * n_out + j).to(tl.int64) * W + w, tl.sum(acc, axis=0), mask=w_ok)
 
 
-_LAUNCH = {
-    "_attend_fwd": Launcher(_attend_fwd),
-    "_attend_bwd_dq": Launcher(_attend_bwd_dq),
-    "_attend_bwd_dkv": Launcher(_attend_bwd_dkv),
-    "_block_sums": Launcher(_block_sums),
-}
+_launch_fwd = Launcher(_attend_fwd)
+_launch_bwd_dq = Launcher(_attend_bwd_dq)
+_launch_bwd_dkv = Launcher(_attend_bwd_dkv)
+_launch_block_sums = Launcher(_block_sums)
 
 
 def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
@@ -555,7 +553,7 @@ def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
     n_out = -(-steps // span) + 1
     out = new_output(x, (bsz, n_out, width), torch.float32)
     block_t, block_w = (16, 16) if knobs.interpret else (32, 512)  # memory_sweep.py --only sums
-    _LAUNCH["_block_sums"](
+    _launch_block_sums(
         (bsz * n_out, triton.cdiv(width, block_w)),
         x,
         pos,
