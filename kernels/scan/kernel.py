@@ -271,8 +271,10 @@ def _scan_fwd_chained(
     the hand-off is one word per channel, so a chunk's loads and its scan overlap the wait.
     Tickets, not program ids, name the chunk (`_chain_position`).
 
-    H100, B8 T4096 C2048 (`benchmarks/recurrence.py --only scan`): 1.15x the copy floor in bf16
-    and 1.04x in fp32, against 1.32x / 1.08x for the tiled walk (BENCHMARKS.md)."""
+    H100, B8 T4096 C2048 (`benchmarks/recurrence.py --only scan`): 1.09x the copy floor in bf16
+    and 1.05x in fp32, against 1.32x / 1.08x for the tiled walk. The same kernel with a zero
+    carry instead of the wait reads 1.03x / 1.01x: the hand-offs (0.68 us each, one after
+    another down a column) cost the rest, at the launch's ends (BENCHMARKS.md, session 10)."""
     _, k, cols, state, ring, base = _chain_position(LINK, B, T, n_chunks, C, R, BLOCK_C, False)
     if (C % BLOCK_C != 0) or (k * R + R > T):
         _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, True,
