@@ -60,12 +60,12 @@ def main() -> None:
         descs = kernel._descriptors(keys, values, bs, meta["BLOCK_D"]) if kernel._tma_ok(keys, values, tma) else None
         return (*(descs or (keys, values)),), {"TMA": descs is not None}
 
-    def run_fwd(bt, bs, w, st, tma=False):
+    def run_fwd(bt, bs, w, st, tma=False, reg=None):
         o, ls = torch.empty_like(out), torch.empty_like(lse)
         grid = (triton.cdiv(steps, bt), bsz * heads)
         descs, flag = slot_args(bs, tma)
         args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, o, ls, *common[:-1])
-        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag)
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag, **({"maxnreg": reg} if reg else {}))
         return (lambda: kernel._attend_fwd[grid](*args, **tiles, **meta)), o, out
 
     def run_dq(bt, bs, w, st, tma=False):
@@ -76,19 +76,27 @@ def main() -> None:
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag)
         return (lambda: kernel._attend_bwd_dq[grid](*args, *common, **tiles, **meta)), dq, want[0]
 
-    def run_dkv(bt, bs, w, st):
+    def run_dkv(bt, bs, w, st, reg=None):
         dk, dv = torch.empty_like(keys), torch.empty_like(values)
         level, i0 = lv.tiles(bs)
         grid = (level.numel(), bsz * heads)
         args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, level, i0, stats, dout, dk, dv)
-        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st)
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **({"maxnreg": reg} if reg else {}))
         return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta)), dk, want[1]
 
     sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
     configs = {
-        "fwd": [(*c, w, st, tma) for c in sizes if c[0] >= 64 for w in (4, 8) for st in (2, 3) for tma in (0, 1)],
+        "fwd": [
+            (*c, w, st, tma, reg)
+            for c in sizes
+            if c[0] >= 64
+            for w in (4, 8)
+            for st in (2, 3)
+            for tma in (0, 1)
+            for reg in (None, 128)
+        ],
         "dq": [(*c, w, st, tma) for c in sizes if c[1] <= 64 for w in (4, 8) for st in (2, 3) for tma in (0, 1)],
-        "dkv": [(*c, w, st) for c in sizes for w in (4, 8) for st in (2, 3)],
+        "dkv": [(*c, w, st, reg) for c in sizes for w in (4, 8) for st in (2, 3) for reg in (None, 128)],
     }
     launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv}
     run_dq(64, 32, 4, 3)[0]()  # fills stats for the dk/dv configs
@@ -98,7 +106,8 @@ def main() -> None:
         best = None
         for c in configs[name]:
             label = f"{name:4} BLOCK_T {c[0]:3} BLOCK_S {c[1]:3} warps {c[2]} stages {c[3]}"
-            label += " TMA" if c[4:] and c[4] else ""
+            label += " TMA" if name != "dkv" and c[4:] and c[4] else ""
+            label += f" maxnreg {c[-1]}" if len(c) > 4 and c[-1] and c[-1] > 1 else ""
             ms = checked_time(label, lambda launcher=launcher, c=c: launcher(*c), bench, 1e-2)
             if ms is None:
                 continue

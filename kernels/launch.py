@@ -39,9 +39,10 @@ def _hooked(hook) -> bool:
 
 
 class Launcher:
-    """`Launcher(kernel)(grid, *args, num_warps=w, num_stages=s, **named)` launches `kernel` as
-    `kernel[grid](*args, **named, num_warps=w, num_stages=s)` would: grid a tuple of 1-3 ints,
-    the remaining parameters (constexprs included) by name or by their defaults."""
+    """`Launcher(kernel)(grid, *args, num_warps=w, num_stages=s, maxnreg=r, **named)` launches
+    `kernel` as `kernel[grid](*args, **named, num_warps=w, num_stages=s, maxnreg=r)` would: grid a
+    tuple of 1-3 ints, the remaining parameters (constexprs included) by name or by their
+    defaults; maxnreg (a register cap per thread, so more programs share an SM) only when set."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -53,9 +54,12 @@ class Launcher:
         self.compiled: dict[tuple, object] = {}
         self.direct_calls = 0  # calls that took this path (tests check it is taken)
 
-    def __call__(self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, **named):
-        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-        keyed = self._key(args, named, num_warps, num_stages)
+    def __call__(
+        self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, maxnreg: int | None = None, **named
+    ):
+        options = {"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg}
+        options = {k: v for k, v in options.items() if v is not None}
+        keyed = self._key(args, named, num_warps, num_stages, maxnreg)
         kernel = self.compiled.get(keyed[0]) if keyed is not None else None
         if kernel is None:  # Triton's own path: compiles (or finds in its cache) and launches
             compiled = self.fn[grid](*args, **named, **options)
@@ -67,7 +71,7 @@ class Launcher:
         stream = torch._C._cuda_getCurrentRawStream(key[0])
         kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
 
-    def _key(self, args, named, num_warps, num_stages) -> tuple[tuple, list] | None:
+    def _key(self, args, named, num_warps, num_stages, maxnreg) -> tuple[tuple, list] | None:
         """(the specialization key, every argument in signature order), or None where only
         Triton's own path will do (the interpreter, CPU tensors, a launch hook, an argument
         that cannot be keyed)."""
@@ -82,4 +86,4 @@ class Launcher:
             return None
         self.direct_calls += 1
         # The current device: where Triton compiles and launches.
-        return (torch.cuda.current_device(), num_warps, num_stages, *spec), full
+        return (torch.cuda.current_device(), num_warps, num_stages, maxnreg, *spec), full

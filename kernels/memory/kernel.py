@@ -132,6 +132,76 @@ def _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST: 
 
 
 @triton.jit
+def _reference_max(
+    q, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
+    col_ok, qk_scale, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """A base-2 logit per token to shift the softmax by, fixed for the whole walk: the largest
+    visible logit of level 0's first slot tile (0 where that tile shows the token nothing).
+    Any value works as long as 2^(logit - shift) neither overflows nor underflows over the walk;
+    the caller checks that and falls back to the online softmax where it does not hold."""
+    lo, hi, lo_first, hi_last, _, _, start, bias2 = _level_walk(
+        POS, RING, SPAN, START, BETA, b, head, 0, n_levels, t, t_last, BLOCK_T
+    )
+    k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
+    i = lo_first + tl.arange(0, BLOCK_S)
+    kt, _ = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
+    qk = tl.where(_band_mask(lo, hi, i), tl.dot(q, tl.trans(kt), input_precision=PRECISION), float("-inf"))
+    shift = tl.max(qk, axis=1) * qk_scale + bias2
+    return tl.where(shift == float("-inf"), 0.0, shift)
+
+
+@triton.jit
+def _attend_walk(
+    q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
+    col_ok, qk_scale, ONLINE: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """The softmax walk over every level's visible slots: (shift m, sum l, accumulator acc,
+    whether the token sees any slot). ONLINE: the running-max softmax, which rescales l and acc
+    whenever the max grows. Otherwise every probability is 2^(logit - m) for the given m: no max,
+    no rescaling, and acc is a plain accumulating product."""
+    if ONLINE:
+        m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    seen = t < 0
+    for lvl in range(n_levels):
+        lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
+            POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
+        )
+        seen = seen | (hi > lo)
+        k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
+        for i0 in range(lo_first, hi_last, BLOCK_S):
+            i = i0 + tl.arange(0, BLOCK_S)
+            kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
+            qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+            if _edge(i0, lo_all, hi_all, BLOCK_S):
+                qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
+                if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
+                    vt = tl.where((i < hi_last)[:, None], vt, 0.0)
+            if ONLINE:
+                # Base-2 logits are qk * qk_scale + bias2 (a positive scale: the max commutes with it).
+                m_new = tl.maximum(m, tl.max(qk, axis=1) * qk_scale + bias2)
+                # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(qk * qk_scale + (bias2 - shift)[:, None])
+                alpha = tl.math.exp2(m - shift)
+                l = l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+                m = m_new
+            else:
+                p = tl.math.exp2(qk * qk_scale + (bias2 - m)[:, None])
+                l += tl.sum(p, axis=1)
+                acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=PRECISION)
+            k_ptrs += BLOCK_S * DH
+            v_ptrs += BLOCK_S * DH
+            row += BLOCK_S
+    return m, l, acc, seen
+
+
+@triton.jit
 def _attend_fwd(
     Q,
     KEYS,
@@ -158,38 +228,34 @@ def _attend_fwd(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
     TMA: tl.constexpr = False,  # slot tiles by tensor-memory-accelerator loads (Hopper)
+    FIXED_SHIFT: tl.constexpr = True,  # softmax by a fixed shift, online only where it fails
 ):
     b, head, t, cols, t_ok, col_ok, q_offs, kv_row, t_last = _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D)
     q = operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
-
-    m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for lvl in range(n_levels):
-        lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
-            POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
-        )
-        k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
-        for i0 in range(lo_first, hi_last, BLOCK_S):
-            i = i0 + tl.arange(0, BLOCK_S)
-            kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
-            qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
-            if _edge(i0, lo_all, hi_all, BLOCK_S):
-                qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
-                if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
-                    vt = tl.where((i < hi_last)[:, None], vt, 0.0)
-            # Base-2 logits are qk * qk_scale + bias2 (a positive scale: the max commutes with it).
-            m_new = tl.maximum(m, tl.max(qk, axis=1) * qk_scale + bias2)
-            # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk * qk_scale + (bias2 - shift)[:, None])
-            alpha = tl.math.exp2(m - shift)
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-            m = m_new
-            k_ptrs += BLOCK_S * DH
-            v_ptrs += BLOCK_S * DH
-            row += BLOCK_S
+    if FIXED_SHIFT:
+        m = _reference_max(
+            q, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
+            col_ok, qk_scale, DH, BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
+        )  # fmt: skip
+        m, l, acc, seen = _attend_walk(
+            q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row,
+            cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
+        )  # fmt: skip
+        # The fixed shift fails where 2^(logit - m) left fp32's range for some visible logit (a
+        # logit over 100 octaves above level 0's first tile, or every one 60 below it). Then the
+        # whole tile is walked again with the online softmax, so the result never depends on it.
+        fine = (l >= 2.0**-60) & (l <= 2.0**100) & (tl.max(tl.abs(acc), axis=1) <= 2.0**120)
+        if tl.max((seen & t_ok & ~fine).to(tl.int32), axis=0) > 0:
+            m, l, acc, seen = _attend_walk(
+                q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last,
+                kv_row, cols, col_ok, qk_scale, True, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
+            )  # fmt: skip
+    else:
+        m, l, acc, seen = _attend_walk(
+            q, tl.zeros([BLOCK_T], dtype=tl.float32), KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b,
+            head, n_levels, t, t_last, kv_row, cols, col_ok, qk_scale, True, DH, BLOCK_T, BLOCK_S, BLOCK_D,
+            PRECISION, UPCAST, TMA,
+        )  # fmt: skip
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])
     # Natural-log LSE (what the reference returns); -inf where nothing is visible.
@@ -412,13 +478,15 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
     }
 
 
-# Launch tiles (BLOCK_T, BLOCK_S, num_warps, num_stages): the best of benchmarks/memory_sweep.py
-# on the H100 at B8 H16 T4096 Dh64 over 1024 slots (BENCHMARKS.md), bf16 and fp32 (TF32), with
-# TMA slot loads ("+tma": opt-in, knobs.memory_tma) and without. Without TMA, small bf16 token tiles
-# win: four programs share an SM and hide each other's dot -> softmax -> dot chain; TMA frees the
-# registers of the load addresses (195 -> 145 a thread at 64x64), so bigger tiles fit.
+# Launch tiles (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg]): the best of
+# benchmarks/memory_sweep.py at B8 H16 T4096 Dh64 over 1024 slots (BENCHMARKS.md), bf16 and fp32
+# (TF32), with TMA slot loads ("+tma": opt-in, knobs.memory_tma) and without. Without TMA, small
+# bf16 token tiles win: four programs share an SM and hide each other's dot -> softmax -> dot
+# chain; TMA frees the registers of the load addresses (195 -> 145 a thread at 64x64), so bigger
+# tiles fit. The bf16 forward's fallback walk (the online softmax) needs 136 registers a thread,
+# three programs an SM; capped at 128 (no spill) four fit again (H200, 2026-12-01).
 _TILES = {
-    "wide": {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkv": (32, 64, 4, 3)},
+    "wide": {"fwd": (64, 32, 4, 3, 128), "dq": (64, 32, 4, 3), "dkv": (32, 64, 4, 3)},
     "wide+tma": {"fwd": (128, 64, 4, 3), "dq": (128, 64, 4, 3)},
     "fp32": {"fwd": (128, 64, 4, 2), "dq": (128, 64, 8, 2), "dkv": (64, 128, 8, 2)},
     "fp32+tma": {"fwd": (128, 32, 4, 3), "dq": (128, 64, 8, 3)},
@@ -432,8 +500,14 @@ def _tiles(kind: str, dtype: torch.dtype, tma: bool = False) -> dict:
     table = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "wide")
     if tma and kind in _TILES.get(table + "+tma", {}):  # the dk/dv kernel loads no slot tiles in its loop
         table += "+tma"
-    block_t, block_s, warps, stages = _TILES[table][kind]
-    return {"BLOCK_T": block_t, "BLOCK_S": block_s, "num_warps": warps, "num_stages": stages}
+    block_t, block_s, warps, stages, *cap = _TILES[table][kind]
+    return {
+        "BLOCK_T": block_t,
+        "BLOCK_S": block_s,
+        "num_warps": warps,
+        "num_stages": stages,
+        "maxnreg": cap[0] if cap else None,
+    }
 
 
 def _tma_ok(keys: Tensor, values: Tensor, enabled: bool | None = None) -> bool:

@@ -121,6 +121,34 @@ def test_non_finite_slots_of_one_row_stay_in_that_row(tma, monkeypatch):
         assert_close(g[[0, 2]].cpu(), w[[0, 2]], rtol=1e-4, atol=1e-5, what=f"d{name} of rows 0 and 2")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_too_spread_for_the_fixed_shift_take_the_online_softmax(dtype):
+    # The forward shifts every logit by level 0's first visible one and checks afterwards that no
+    # probability left fp32's range. Row 1's query lines up with the level-2 ring's keys, 100
+    # natural units (144 octaves) above anything level 0 shows: 2^(logit - shift) overflows, the
+    # tile is walked again with the online softmax, and the result still matches the reference.
+    # Rows 0 and 2 stay on the fixed shift.
+    torch.manual_seed(0)
+    mem = kernels.Memory.empty(WIDE, 3)
+    mem.keys, mem.values = [torch.randn_like(t) for t in mem.keys], [torch.randn_like(t) for t in mem.values]
+    mem.pos = torch.tensor([1000, 1000, 1000])
+    kd, qd = WIDE.heads * WIDE.dim, HEADS * WIDE.dim
+    q, k, v = (torch.randn(3, 45, d) for d in (qd, kd, kd))
+    u = torch.nn.functional.normalize(torch.randn(WIDE.dim), dim=0)
+    mem.keys[2][1] = 20 * u  # every level-2 slot of row 1, every memory head
+    q[1] = (20 * u).repeat(HEADS)
+    beta = torch.randn(HEADS, 3)
+    mem = mem.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    q, k, v, beta = (t.to(dtype) for t in (q, k, v, beta))
+    out = kernels.hds_query(*(t.to(TRITON_DEVICE) for t in (q, k, v, beta)), to_device(mem), HEADS).cpu()
+    want = ref.hds_query(
+        *(t.double() for t in (q, k, v, beta)), mem.map(lambda t: t.double() if t.is_floating_point() else t), HEADS
+    )
+    assert torch.isfinite(out).all()
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    assert_close(out, want, what="m", **tol)
+
+
 def test_triton_query_matches_the_naive_loop():
     mem, hist_k, hist_v = build_history([21], {}, dtype=torch.float32)
     kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
