@@ -14,9 +14,17 @@ each token tile walks only the slot tiles its band touches (like causal attentio
 tiles above the diagonal). Both bounds only move forward with t, so every token of a tile sees
 [lo of its last token, hi of its first): slot tiles inside that range skip the mask (a
 tile-uniform branch), which leaves the mask on the few tiles at a band's two edges. The logits
-carry the level bias beta[head, level] and the softmax runs online in base 2, with the scale,
-bias and running max folded into one FMA per logit; products take the inputs' dtype on tensor
-cores (exact fp32 for fp32 inputs) with fp32 accumulation.
+carry the level bias beta[head, level] and the softmax runs in base 2, with the scale, bias and
+shift folded into one FMA per logit; products take the inputs' dtype on tensor cores (exact fp32
+for fp32 inputs) with fp32 accumulation.
+
+Forward softmax by a fixed shift: every token's probabilities are 2^(logit - m) with m the
+largest logit level 0's first slot tile shows it, fixed for the whole walk, so the loop keeps no
+running max and never rescales its sums (on sm_90, 154 instructions per 64 x 32 tile instead of
+235). The result does not depend on m as long as no 2^(logit - m) overflows or underflows fp32;
+after the walk the program checks that (the sums in [2^-60, 2^100], |acc| <= 2^120) and walks the
+tile again with the online softmax where it fails, so the output is the online softmax's in
+every case; only the time differs (a 100-octave spread of logits costs the second walk).
 
 Backward (FlashAttention-2 style, probabilities recomputed from the saved log-sum-exp):
 - `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (one atomic add per level),
