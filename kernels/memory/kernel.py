@@ -21,10 +21,12 @@ for fp32 inputs) with fp32 accumulation.
 Forward softmax by a fixed shift: every token's probabilities are 2^(logit - m) with m the
 largest logit level 0's first slot tile shows it, fixed for the whole walk, so the loop keeps no
 running max and never rescales its sums (on sm_90, 154 instructions per 64 x 32 tile instead of
-235). The result does not depend on m as long as no 2^(logit - m) overflows or underflows fp32;
-after the walk the program checks that (the sums in [2^-60, 2^100], |acc| <= 2^120) and walks the
-tile again with the online softmax where it fails, so the output is the online softmax's in
-every case; only the time differs (a 100-octave spread of logits costs the second walk).
+235 with the running max). The result does not depend on m as long as no 2^(logit - m) leaves
+the range of fp32 (and of the probabilities' bf16/fp16 for the value product): m is a visible
+logit, so the largest probability is 1, and after the walk the program checks the rest (the sum
+in [1/2, 2^100], |acc| <= 2^120, m known) and walks the tile again with the online softmax where
+it fails. So the output is the online softmax's in every case; only the time differs (a
+100-octave spread of logits costs the second walk).
 
 Backward (FlashAttention-2 style, probabilities recomputed from the saved log-sum-exp):
 - `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (one atomic add per level),
@@ -146,7 +148,7 @@ def _reference_max(
     UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """A base-2 logit per token to shift the softmax by, fixed for the whole walk: the largest
-    visible logit of level 0's first slot tile (0 where that tile shows the token nothing).
+    visible logit of level 0's first slot tile (-inf where that tile shows the token nothing).
     Any value works as long as 2^(logit - shift) neither overflows nor underflows over the walk;
     the caller checks that and falls back to the online softmax where it does not hold."""
     lo, hi, lo_first, hi_last, _, _, start, bias2 = _level_walk(
@@ -156,8 +158,7 @@ def _reference_max(
     i = lo_first + tl.arange(0, BLOCK_S)
     kt, _ = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
     qk = tl.where(_band_mask(lo, hi, i), tl.dot(q, tl.trans(kt), input_precision=PRECISION), float("-inf"))
-    shift = tl.max(qk, axis=1) * qk_scale + bias2
-    return tl.where(shift == float("-inf"), 0.0, shift)
+    return tl.max(qk, axis=1) * qk_scale + bias2
 
 
 @triton.jit
@@ -197,12 +198,13 @@ def _attend_walk(
                 p = tl.math.exp2(qk * qk_scale + (bias2 - shift)[:, None])
                 alpha = tl.math.exp2(m - shift)
                 l = l * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+                pv = operand(p.to(VALUES.dtype.element_ty), UPCAST)  # rounded as on the GPU, also when upcast
+                acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=PRECISION)
                 m = m_new
             else:
                 p = tl.math.exp2(qk * qk_scale + (bias2 - m)[:, None])
                 l += tl.sum(p, axis=1)
-                acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=PRECISION)
+                acc = tl.dot(operand(p.to(VALUES.dtype.element_ty), UPCAST), vt, acc, input_precision=PRECISION)
             k_ptrs += BLOCK_S * DH
             v_ptrs += BLOCK_S * DH
             row += BLOCK_S
@@ -245,14 +247,18 @@ def _attend_fwd(
             q, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
             col_ok, qk_scale, DH, BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
         )  # fmt: skip
+        known = m > float("-inf")
         m, l, acc, seen = _attend_walk(
-            q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row,
-            cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
+            q, tl.where(known, m, 0.0), KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels,
+            t, t_last, kv_row, cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
         )  # fmt: skip
-        # The fixed shift fails where 2^(logit - m) left fp32's range for some visible logit (a
-        # logit over 100 octaves above level 0's first tile, or every one 60 below it). Then the
-        # whole tile is walked again with the online softmax, so the result never depends on it.
-        fine = (l >= 2.0**-60) & (l <= 2.0**100) & (tl.max(tl.abs(acc), axis=1) <= 2.0**120)
+        # With m one of the token's visible logits its largest probability is 1, so l >= 1 and
+        # the bf16/fp16 probabilities of the value product keep their precision; the shift fails
+        # where some visible logit lies over 100 octaves above m (l or acc out of range, inf or
+        # NaN), or where level 0's first tile showed the token nothing (m unknown: possible when
+        # level 0's slots span at most BLOCK_T / BLOCK_S tokens). Then the whole tile is walked
+        # again with the online softmax, so the result never depends on the shift.
+        fine = known & (l >= 0.5) & (l <= 2.0**100) & (tl.max(tl.abs(acc), axis=1) <= 2.0**120)
         if tl.max((seen & t_ok & ~fine).to(tl.int32), axis=0) > 0:
             m, l, acc, seen = _attend_walk(
                 q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last,
@@ -491,10 +497,11 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
 # (TF32), with TMA slot loads ("+tma": opt-in, knobs.memory_tma) and without. Without TMA, small
 # bf16 token tiles win: four programs share an SM and hide each other's dot -> softmax -> dot
 # chain; TMA frees the registers of the load addresses (195 -> 145 a thread at 64x64), so bigger
-# tiles fit. The bf16 forward's fallback walk (the online softmax) needs 136 registers a thread,
-# three programs an SM; capped at 128 (no spill) four fit again (H200, 2026-12-01).
+# tiles fit. The bf16 forward (its fallback walk, the online softmax, needs 136 registers a thread)
+# and dq (157 with Triton 3.6) run three programs an SM; capped at 128 registers, four fit again:
+# fwd 0.425 -> 0.395 ms, dq 0.578 -> 0.529 (H200, 2026-12-01; a cap slows dk/dv, 0.712 -> 0.776).
 _TILES = {
-    "wide": {"fwd": (64, 32, 4, 3, 128), "dq": (64, 32, 4, 3), "dkv": (32, 64, 4, 3)},
+    "wide": {"fwd": (64, 32, 4, 3, 128), "dq": (64, 32, 4, 3, 128), "dkv": (32, 64, 4, 3)},
     "wide+tma": {"fwd": (128, 64, 4, 3), "dq": (128, 64, 4, 3)},
     "fp32": {"fwd": (128, 64, 4, 2), "dq": (128, 64, 8, 2), "dkv": (64, 128, 8, 2)},
     "fp32+tma": {"fwd": (128, 32, 4, 3), "dq": (128, 64, 8, 3)},

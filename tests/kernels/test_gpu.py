@@ -210,6 +210,32 @@ def test_memory_query_at_gpu_tile_sizes(dtype, tma, monkeypatch):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
+def test_fp16_memory_query_where_the_fixed_shift_is_unknown():
+    # Level-0 slots of one token: a 64-token tile's band moves past the first 32-slot tile, so
+    # level 0's first tile shows the tile's late tokens nothing and gives them no shift; their
+    # logits lie about 40 octaves below 0, where fp16 probabilities shifted by 0 would round to
+    # 0. Those tokens must take the online softmax (written 2026-12-01; not yet run on a GPU).
+    from kernels.memory import reference as mem_ref
+
+    torch.manual_seed(0)
+    spec = kernels.MemorySpec(heads=2, dim=64, block=1, ratio=2, slots=(8, 4))
+    u = F.normalize(torch.randn(64, device="cuda"), dim=0)
+    mem = kernels.Memory.empty(spec, 2, device="cuda", dtype=torch.float16)
+    mem.keys = [(torch.zeros_like(t) + 6 * u).half() for t in mem.keys]
+    mem.values = [torch.randn_like(t) for t in mem.values]
+    mem.pos = torch.tensor([0, 1000], device="cuda")
+    q = (-37 * u).repeat(2, 300, 4).half()  # logits about -37 * 6 / 8 = -27.7 (-40 octaves)
+    k = ((6 * u).repeat(2, 300, 2) + 0.01 * torch.randn(2, 300, 128, device="cuda")).half()
+    v = torch.randn(2, 300, 128, device="cuda", dtype=torch.float16)
+    beta = torch.zeros(4, 2, device="cuda", dtype=torch.float16)
+    out = kernels.hds_query(q, k, v, beta, mem, 4)
+    want = mem_ref.hds_query(
+        *(t.double() for t in (q, k, v, beta)), mem.map(lambda t: t.double() if t.is_floating_point() else t), 4
+    )
+    assert want.abs().amax() > 0.1
+    assert rel(out, want) < 2e-2
+
+
 def test_fp32_memory_query_with_tf32_allowed():
     # torch.set_float32_matmul_precision("high") switches our fp32 dots to TF32, as it does
     # torch.matmul's: the query and its gradients stay within TF32's error of the fp64 reference.
