@@ -68,15 +68,15 @@ def main() -> None:
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag, **({"maxnreg": reg} if reg else {}))
         return (lambda: kernel._attend_fwd[grid](*args, **tiles, **meta)), o, out
 
-    def run_dq(bt, bs, w, st, tma=False):
+    def run_dq(bt, bs, w, st, tma=False, reg=None):
         dq, db = torch.empty_like(q), torch.zeros(heads, 3, device="cuda")
         grid = (triton.cdiv(steps, bt), bsz * heads)
         descs, flag = slot_args(bs, tma)
         args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, lse, out, stats, dout, dq, db)
-        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag)
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag, **({"maxnreg": reg} if reg else {}))
         return (lambda: kernel._attend_bwd_dq[grid](*args, *common, **tiles, **meta)), dq, want[0]
 
-    def run_dkv(bt, bs, w, st, reg=None):
+    def run_dkv(bt, bs, w, st, tma=False, reg=None):  # no TMA: its loop loads no slot tiles
         dk, dv = torch.empty_like(keys), torch.empty_like(values)
         level, i0 = lv.tiles(bs)
         grid = (level.numel(), bsz * heads)
@@ -85,18 +85,12 @@ def main() -> None:
         return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta)), dk, want[1]
 
     sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
+    # (BLOCK_T, BLOCK_S, warps, stages, TMA, maxnreg); caps of 128 registers let four 4-warp programs share an SM.
+    tiling = [(w, st, reg) for w in (4, 8) for st in (2, 3) for reg in (None, 128)]
     configs = {
-        "fwd": [
-            (*c, w, st, tma, reg)
-            for c in sizes
-            if c[0] >= 64
-            for w in (4, 8)
-            for st in (2, 3)
-            for tma in (0, 1)
-            for reg in (None, 128)
-        ],
-        "dq": [(*c, w, st, tma) for c in sizes if c[1] <= 64 for w in (4, 8) for st in (2, 3) for tma in (0, 1)],
-        "dkv": [(*c, w, st, reg) for c in sizes for w in (4, 8) for st in (2, 3) for reg in (None, 128)],
+        "fwd": [(*c, *t[:2], tma, t[2]) for c in sizes if c[0] >= 64 for t in tiling for tma in (0, 1)],
+        "dq": [(*c, *t[:2], tma, t[2]) for c in sizes if c[1] <= 64 for t in tiling for tma in (0, 1)],
+        "dkv": [(*c, *t[:2], 0, t[2]) for c in sizes for t in tiling],
     }
     launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv}
     run_dq(64, 32, 4, 3)[0]()  # fills stats for the dk/dv configs
@@ -106,8 +100,7 @@ def main() -> None:
         best = None
         for c in configs[name]:
             label = f"{name:4} BLOCK_T {c[0]:3} BLOCK_S {c[1]:3} warps {c[2]} stages {c[3]}"
-            label += " TMA" if name != "dkv" and c[4:] and c[4] else ""
-            label += f" maxnreg {c[-1]}" if len(c) > 4 and c[-1] and c[-1] > 1 else ""
+            label += (" TMA" if c[4] else "") + (f" maxnreg {c[5]}" if c[5] else "")
             ms = checked_time(label, lambda launcher=launcher, c=c: launcher(*c), bench, 1e-2)
             if ms is None:
                 continue

@@ -238,37 +238,29 @@ def _attend_fwd(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
     TMA: tl.constexpr = False,  # slot tiles by tensor-memory-accelerator loads (Hopper)
-    FIXED_SHIFT: tl.constexpr = True,  # softmax by a fixed shift, online only where it fails
 ):
     b, head, t, cols, t_ok, col_ok, q_offs, kv_row, t_last = _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D)
     q = operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
-    if FIXED_SHIFT:
-        m = _reference_max(
-            q, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
-            col_ok, qk_scale, DH, BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
-        )  # fmt: skip
-        known = m > float("-inf")
+    m = _reference_max(
+        q, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
+        col_ok, qk_scale, DH, BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
+    )  # fmt: skip
+    known = m > float("-inf")
+    m, l, acc, seen = _attend_walk(
+        q, tl.where(known, m, 0.0), KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels,
+        t, t_last, kv_row, cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
+    )  # fmt: skip
+    # With m one of the token's visible logits its largest probability is 1, so l >= 1 and the
+    # bf16/fp16 probabilities of the value product keep their precision; the shift fails where
+    # some visible logit lies over 100 octaves above m (l or acc out of range, inf or NaN), or
+    # where level 0's first tile showed the token nothing (m unknown: possible when level 0's
+    # slots span at most BLOCK_T / BLOCK_S tokens). Then the whole tile is walked again with the
+    # online softmax, so the result never depends on the shift.
+    fine = known & (l >= 0.5) & (l <= 2.0**100) & (tl.max(tl.abs(acc), axis=1) <= 2.0**120)
+    if tl.max((seen & t_ok & ~fine).to(tl.int32), axis=0) > 0:
         m, l, acc, seen = _attend_walk(
-            q, tl.where(known, m, 0.0), KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels,
-            t, t_last, kv_row, cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
-        )  # fmt: skip
-        # With m one of the token's visible logits its largest probability is 1, so l >= 1 and
-        # the bf16/fp16 probabilities of the value product keep their precision; the shift fails
-        # where some visible logit lies over 100 octaves above m (l or acc out of range, inf or
-        # NaN), or where level 0's first tile showed the token nothing (m unknown: possible when
-        # level 0's slots span at most BLOCK_T / BLOCK_S tokens). Then the whole tile is walked
-        # again with the online softmax, so the result never depends on the shift.
-        fine = known & (l >= 0.5) & (l <= 2.0**100) & (tl.max(tl.abs(acc), axis=1) <= 2.0**120)
-        if tl.max((seen & t_ok & ~fine).to(tl.int32), axis=0) > 0:
-            m, l, acc, seen = _attend_walk(
-                q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last,
-                kv_row, cols, col_ok, qk_scale, True, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
-            )  # fmt: skip
-    else:
-        m, l, acc, seen = _attend_walk(
-            q, tl.zeros([BLOCK_T], dtype=tl.float32), KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b,
-            head, n_levels, t, t_last, kv_row, cols, col_ok, qk_scale, True, DH, BLOCK_T, BLOCK_S, BLOCK_D,
-            PRECISION, UPCAST, TMA,
+            q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row,
+            cols, col_ok, qk_scale, True, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
         )  # fmt: skip
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])
