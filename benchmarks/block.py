@@ -18,7 +18,7 @@ after the pipeline (passes/report.py's cost model: the kernels each op launches,
 its per-token inputs and writing its outputs once). With --model 125m, the same four variants time the whole
 125M model's training step (forward, cross-entropy, backward) at its config's batch and length.
 
-    python benchmarks/block.py [--model 125m] [--profile] [--json out.json]
+    python benchmarks/block.py [--model 125m [--no-block]] [--profile] [--json out.json]
 
 The issue's target compares against the first row. The third row (torch.compile around our
 Triton ops, without our graph passes) isolates what the passes themselves add.
@@ -175,7 +175,7 @@ def model_variants(cfg: Config) -> dict:
 
         ms = bench(train_step)
         results[name] = {"train_step": ms}
-        print(f"  {name:<42} train step {ms:8.2f} ms ({bsz * steps / ms / 1e3:,.0f}k tokens/s)", flush=True)
+        print(f"  {name:<42} train step {ms:8.2f} ms ({bsz * steps / ms:,.0f}k tokens/s)", flush=True)
         del model
         torch.cuda.empty_cache()
     kernels.knobs.use_triton = True
@@ -193,22 +193,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="also time this model's training step (e.g. 125m)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the fused variants")
+    parser.add_argument("--no-block", action="store_true", help="with --model: time the model's step only")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     info = run_info("benchmarks/block.py")
     torch.set_float32_matmul_precision("high")  # TF32 GEMMs, as fp32 training on Hopper runs them
     torch.manual_seed(0)
-    cfg = block_config()
-    bsz, steps = 8, 4096
-    shape = f"B{bsz} T{steps} D{cfg.d_model} H{cfg.n_heads} ffn {cfg.ffn_hidden}"
-    print(f"one block: {shape} fp32 ({cfg.recurrence} recurrence)")
-    profiled = ("fused, eager", "fused + torch.compile") if args.profile else ()
-    payload = {"info": info, "block": block_variants(cfg, bsz, steps, profiled)}
-    ratios(payload["block"], "fwd_bwd")
-    unfused = payload["block"]["unfused, eager"]["bytes_per_token"]
-    for name in ("fused, eager", "fused + fuse-epilogue + torch.compile"):
-        saved = unfused / payload["block"][name]["bytes_per_token"]
-        print(f"  counted activation bytes/token: unfused / {name} = {saved:.2f}x")
+    payload = {"info": info}
+    if not (args.no_block and args.model):
+        cfg = block_config()
+        bsz, steps = 8, 4096
+        shape = f"B{bsz} T{steps} D{cfg.d_model} H{cfg.n_heads} ffn {cfg.ffn_hidden}"
+        print(f"one block: {shape} fp32 ({cfg.recurrence} recurrence)")
+        profiled = ("fused, eager", "fused + torch.compile") if args.profile else ()
+        payload["block"] = block_variants(cfg, bsz, steps, profiled)
+        ratios(payload["block"], "fwd_bwd")
+        unfused = payload["block"]["unfused, eager"]["bytes_per_token"]
+        for name in ("fused, eager", "fused + fuse-epilogue + torch.compile"):
+            saved = unfused / payload["block"][name]["bytes_per_token"]
+            print(f"  counted activation bytes/token: unfused / {name} = {saved:.2f}x")
     if args.model:
         model_cfg = load_config(args.model)
         print(f"{model_cfg.name}: training step B{model_cfg.train.batch_size} T{model_cfg.train.seq_len} fp32")

@@ -64,7 +64,7 @@ def main() -> None:
         o, ls = torch.empty_like(out), torch.empty_like(lse)
         grid = (triton.cdiv(steps, bt), bsz * heads)
         descs, flag = slot_args(bs, tma)
-        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, o, ls, *common[:-1])
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, o, ls, *common[:-1], q)
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag, **({"maxnreg": reg} if reg else {}))
         return (lambda: kernel._attend_fwd[grid](*args, **tiles, **meta)), o, out
 
@@ -74,7 +74,7 @@ def main() -> None:
         descs, flag = slot_args(bs, tma)
         args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, lse, out, stats, dout, dq, db)
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag, **({"maxnreg": reg} if reg else {}))
-        return (lambda: kernel._attend_bwd_dq[grid](*args, *common, **tiles, **meta)), dq, want[0]
+        return (lambda: kernel._attend_bwd_dq[grid](*args, *common, q, **tiles, **meta)), dq, want[0]
 
     def run_dkv(bt, bs, w, st, tma=False, reg=None):  # no TMA: its loop loads no slot tiles
         dk, dv = torch.empty_like(keys), torch.empty_like(values)

@@ -134,6 +134,18 @@ def _linear(x, weights, splits):
     return [x.with_shape((*x.shape[:-1], s)) for s in sizes]
 
 
+@op("linear_add", ("x", "residual", "weight"))
+def _linear_add(x, residual, weight):
+    """residual + x @ weight^T: one GEMM that reads the residual in its epilogue (cuBLAS addmm,
+    beta = 1), made by fuse-residual-epilogue."""
+    x = floating("x", x)
+    w = tensor("weight", weight, rank=2)
+    expect("weight", w, (w.shape[0], x.shape[-1]), x.dtype)
+    out = x.with_shape((*x.shape[:-1], w.shape[0]))
+    expect("residual", residual, out.shape, out.dtype)
+    return [out]
+
+
 @op("linear_swiglu", ("x", "w_gate", "w_up"))
 def _linear_swiglu(x, w_gate, w_up):
     """silu(x @ w_gate^T) * (x @ w_up^T): one GEMM with the SwiGLU epilogue (fuse-epilogue)."""
@@ -316,10 +328,11 @@ def _memory_write(mem, k, v):
     return [mem]
 
 
-@op("hds_query", ("q", "k", "v", "beta", "mem"), heads=REQUIRED)
-def _hds_query(q, k, v, beta, mem, heads):
+@op("hds_query", ("q", "k", "v", "beta", "mem", "residual?"), heads=REQUIRED)
+def _hds_query(q, k, v, beta, mem, residual, heads):
     """SPEC §4: one softmax over visible slots of all levels (carried rings + slots completed in
-    this segment), logit bias beta[head, level]; rows with no visible slot give 0."""
+    this segment), logit bias beta[head, level]; rows with no visible slot give 0. With a
+    residual (fuse-residual-epilogue) the result is residual + m, the add in the kernel."""
     mem = _memory(mem)
     k = _memory_kv(mem, k, v)
     q = seq("q", q)
@@ -327,6 +340,8 @@ def _hds_query(q, k, v, beta, mem, heads):
     if heads % mem.heads:
         raise ShapeError(f"attribute heads={heads} is not a multiple of memory heads {mem.heads}")
     expect("beta", beta, (heads, mem.levels), q.dtype)
+    if residual is not None:
+        expect("residual", residual, q.shape, q.dtype)
     return [q]
 
 

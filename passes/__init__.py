@@ -6,6 +6,7 @@ from .dce import DCE
 from .fuse_decay_recurrence import FuseDecayRecurrence
 from .fuse_epilogue import FuseEpilogue
 from .fuse_projections import FuseProjections
+from .fuse_residual_epilogue import FuseResidualEpilogue
 from .fuse_residual_norm import FuseResidualNorm
 from .infer_shapes import InferShapes
 from .inspect import RenderError, dump_stages, render_pipeline, render_svg
@@ -21,6 +22,7 @@ __all__ = [
     "FuseDecayRecurrence",
     "FuseEpilogue",
     "FuseProjections",
+    "FuseResidualEpilogue",
     "FuseResidualNorm",
     "InferShapes",
     "LowerLinearRecurrence",

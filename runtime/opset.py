@@ -54,7 +54,11 @@ class ReferenceOps:
     add_rmsnorm = staticmethod(kernels.add_rmsnorm)
 
     memory_write = staticmethod(lambda mem, k, v: _one(kernels.memory_write(mem, k, v)))
-    hds_query = staticmethod(lambda q, k, v, beta, mem, heads: _one(kernels.hds_query(q, k, v, beta, mem, heads)))
+
+    @staticmethod
+    def hds_query(q, k, v, beta, mem, residual=None, *, heads):
+        return _one(kernels.hds_query(q, k, v, beta, mem, heads, residual))
+
     ffn = staticmethod(lambda x, w_gate, w_up, w_down: _one(kernels.swiglu(x, w_gate, w_up, w_down)))
     lm_head = staticmethod(lambda x, table: _one(F.linear(x, table)))
     uboo_loss = staticmethod(lambda h, h0, p, q: _one(kernels.uboo_loss(h, h0, p, q)))
@@ -71,6 +75,13 @@ class ReferenceOps:
             return tuple(torch.split(y, sizes, dim=-1)) if len(sizes) > 1 else (y,)
         ys = [F.linear(x, w) for w in weights]
         return tuple(ys) if sizes == rows else tuple(torch.split(torch.cat(ys, dim=-1), sizes, dim=-1))
+
+    @staticmethod
+    def linear_add(x, residual, weight):
+        # cuBLAS's addmm with beta = 1 reads the residual in the GEMM's epilogue: the product
+        # is never written and read back by a separate add.
+        rows = residual.reshape(-1, weight.shape[0])
+        return (torch.addmm(rows, x.reshape(-1, x.shape[-1]), weight.t()).view(residual.shape),)
 
     linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
 

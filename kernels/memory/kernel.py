@@ -37,6 +37,11 @@ Backward (FlashAttention-2 style, probabilities recomputed from the saved log-su
   registers and are stored once, no atomics.
 
 With MMREC_MEMORY_TMA=1 the forward and dq kernels load slot tiles by TMA on Hopper (`_tma_ok`).
+
+With a residual (HAS_RES; the block's h + m, moved here by fuse-residual-epilogue) the forward
+stores residual + m and m never reaches HBM alone; the dq kernel takes the residual off the
+saved output again for delta. In bf16/fp16 that difference carries the rounding of the sum,
+2^-9 |h + m| instead of 2^-9 |m| (the delta of FlashAttention-2 from its rounded output).
 """
 
 from __future__ import annotations
@@ -231,6 +236,7 @@ def _attend_fwd(
     HEADS,
     GROUP,
     qk_scale,  # log2(e) / sqrt(Dh)
+    RES,  # [B, T, H*Dh]: added to the output with HAS_RES (fuse-residual-epilogue; else unused)
     DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -238,6 +244,7 @@ def _attend_fwd(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
     TMA: tl.constexpr = False,  # slot tiles by tensor-memory-accelerator loads (Hopper)
+    HAS_RES: tl.constexpr = False,
 ):
     b, head, t, cols, t_ok, col_ok, q_offs, kv_row, t_last = _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D)
     q = operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
@@ -263,6 +270,8 @@ def _attend_fwd(
             cols, col_ok, qk_scale, True, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
         )  # fmt: skip
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if HAS_RES:  # the residual add of the block (h + m) in the epilogue: m is never written alone
+        out += tl.load(RES + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     tl.store(OUT + q_offs, out.to(OUT.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])
     # Natural-log LSE (what the reference returns); -inf where nothing is visible.
     lse = tl.where(l > 0, (m + tl.math.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -294,6 +303,7 @@ def _attend_bwd_dq(
     GROUP,
     qk_scale,
     scale,  # 1 / sqrt(Dh)
+    RES,  # with HAS_RES: the residual the forward added to OUT, taken off again for delta
     DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -301,6 +311,7 @@ def _attend_bwd_dq(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
     TMA: tl.constexpr = False,  # slot tiles by tensor-memory-accelerator loads (Hopper)
+    HAS_RES: tl.constexpr = False,
 ):
     b, head, t, cols, t_ok, col_ok, q_offs, kv_row, t_last = _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D)
     row_ok = t_ok[:, None] & col_ok[None, :]
@@ -311,8 +322,10 @@ def _attend_bwd_dq(
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
     # Padding tokens (t >= T) give p = 0 everywhere, so a large bias cannot make inf * 0 there.
     lse2 = tl.where(t_ok, lse2, float("inf"))
-    out = tl.load(OUT + q_offs, mask=row_ok, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), axis=1)
+    out = tl.load(OUT + q_offs, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        out -= tl.load(RES + q_offs, mask=row_ok, other=0.0).to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * out, axis=1)
     tl.store(STATS + stat_offs, delta, mask=t_ok)
     tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, lse2, mask=t_ok)
 
@@ -538,7 +551,8 @@ def _descriptors(keys: Tensor, values: Tensor, block_s: int, block_d: int) -> tu
     return tuple(TensorDescriptor.from_tensor(t.view(-1, dim), [block_s, block_d]) for t in (keys, values))
 
 
-def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Tensor, Tensor]:
+def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int, residual=None) -> tuple[Tensor, Tensor]:
+    """-> (out, lse); with `residual` ([B, T, H*Dh], like q) out is residual + the query's result."""
     bsz, steps, _ = q.shape
     kv_heads, n_slots, dim = keys.shape[1], keys.shape[2], keys.shape[3]
     lv = Levels.get(rings, spans, steps, q.device)
@@ -554,12 +568,15 @@ def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int) -> tuple[Te
         grid,
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), out, lse,
         steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim),
-        **tiles, **meta, TMA=descs is not None,
+        residual if residual is not None else q,
+        **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
     )  # fmt: skip
     return out, lse
 
 
-def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: int):
+def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: int, residual=None):
+    """-> (dq, dkeys, dvalues, dbeta). `residual`: the one attend_fwd added to `out` (its own
+    gradient is dout, the caller's)."""
     bsz, steps, _ = q.shape
     kv_heads, n_slots, dim = keys.shape[1], keys.shape[2], keys.shape[3]
     lv = Levels.get(rings, spans, steps, q.device)
@@ -578,7 +595,8 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     _launch_bwd_dq(
         grid,
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), lse, out, stats, dout,
-        dq, dbeta, *common, **tiles, **meta, TMA=descs is not None,
+        dq, dbeta, *common, residual if residual is not None else q,
+        **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
     )  # fmt: skip
     tiles = _tiles("dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])

@@ -22,8 +22,9 @@ def _candidates(q: Tensor, keys: Tensor, values: Tensor, pos: Tensor, rings, spa
     return Candidates(keys, values, slot, level, span, ring)
 
 
-def _fwd_reference(q, keys, values, beta, pos, rings, spans, heads):
-    return reference.attend_with_lse(q, _candidates(q, keys, values, pos, rings, spans), beta, pos, heads)
+def _fwd_reference(q, keys, values, beta, pos, rings, spans, heads, residual=None):
+    out, lse = reference.attend_with_lse(q, _candidates(q, keys, values, pos, rings, spans), beta, pos, heads)
+    return (out if residual is None else residual + out), lse
 
 
 def _bwd_reference(q, keys, values, beta, pos, rings, spans, dout, heads):
@@ -40,22 +41,24 @@ def hds_attend_fwd(
     rings: list[int],
     spans: list[int],
     heads: int,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One softmax per token and query head over its visible candidate slots (levels
     concatenated, each [ring ; segment]; ring sizes and spans per level) ->
-    (out [B, T, H*Dh], log-sum-exp [B, H, T] fp32)."""
-    return _fwd_reference(q, keys, values, beta, pos, rings, spans, heads)
+    (out [B, T, H*Dh], log-sum-exp [B, H, T] fp32); with `residual` ([B, T, H*Dh]) out is
+    residual + the query's result, added in the kernel's epilogue."""
+    return _fwd_reference(q, keys, values, beta, pos, rings, spans, heads, residual)
 
 
 @hds_attend_fwd.register_kernel("cuda")
-def _fwd_cuda(q, keys, values, beta, pos, rings, spans, heads):
+def _fwd_cuda(q, keys, values, beta, pos, rings, spans, heads, residual=None):
     if not knobs.use_triton:
-        return _fwd_reference(q, keys, values, beta, pos, rings, spans, heads)
-    return kernel.attend_fwd(q, keys, values, beta, pos, rings, spans, heads)
+        return _fwd_reference(q, keys, values, beta, pos, rings, spans, heads, residual)
+    return kernel.attend_fwd(q, keys, values, beta, pos, rings, spans, heads, residual)
 
 
 @hds_attend_fwd.register_fake
-def _fwd_fake(q, keys, values, beta, pos, rings, spans, heads):
+def _fwd_fake(q, keys, values, beta, pos, rings, spans, heads, residual=None):
     return torch.empty_like(q), q.new_empty(q.shape[0], heads, q.shape[1], dtype=torch.float32)
 
 
@@ -72,34 +75,37 @@ def hds_attend_bwd(
     lse: Tensor,
     dout: Tensor,
     heads: int,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dkeys, dvalues, dbeta); `residual` is the forward's (the kernel takes it off `out`)."""
     return _bwd_reference(q, keys, values, beta, pos, rings, spans, dout, heads)
 
 
 @hds_attend_bwd.register_kernel("cuda")
-def _bwd_cuda(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads):
+def _bwd_cuda(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads, residual=None):
     if not knobs.use_triton:
         return _bwd_reference(q, keys, values, beta, pos, rings, spans, dout, heads)
-    return kernel.attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads)
+    return kernel.attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads, residual)
 
 
 @hds_attend_bwd.register_fake
-def _bwd_fake(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads):
+def _bwd_fake(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads, residual=None):
     return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values), torch.empty_like(beta)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, keys, values, beta, pos, rings, spans, heads = inputs
-    ctx.save_for_backward(q, keys, values, beta, pos, *output)
+    q, keys, values, beta, pos, rings, spans, heads, residual = inputs
+    ctx.save_for_backward(q, keys, values, beta, pos, *output, residual)
     ctx.rings, ctx.spans, ctx.heads = rings, spans, heads
 
 
 def _backward(ctx, dout: Tensor, _dlse: Tensor):
-    q, keys, values, beta, pos, out, lse = ctx.saved_tensors
+    q, keys, values, beta, pos, out, lse, residual = ctx.saved_tensors
+    dout = dout.contiguous()
     dq, dkeys, dvalues, dbeta = torch.ops.mmrec.hds_attend_bwd(
-        q, keys, values, beta, pos, ctx.rings, ctx.spans, out, lse, dout.contiguous(), ctx.heads
+        q, keys, values, beta, pos, ctx.rings, ctx.spans, out, lse, dout, ctx.heads, residual
     )
-    return dq, dkeys, dvalues, dbeta, None, None, None, None
+    return dq, dkeys, dvalues, dbeta, None, None, None, None, (dout if residual is not None else None)
 
 
 hds_attend_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -109,17 +115,18 @@ class _Interpreted(torch.autograd.Function):
     """The Triton kernels through the interpreter, with the same autograd as the op."""
 
     @staticmethod
-    def forward(ctx, q, keys, values, beta, pos, rings, spans, heads):
-        out, lse = kernel.attend_fwd(q, keys, values, beta, pos, rings, spans, heads)
-        ctx.save_for_backward(q, keys, values, beta, pos, out, lse)
+    def forward(ctx, q, keys, values, beta, pos, rings, spans, heads, residual):
+        out, lse = kernel.attend_fwd(q, keys, values, beta, pos, rings, spans, heads, residual)
+        ctx.save_for_backward(q, keys, values, beta, pos, out, lse, residual)
         ctx.rings, ctx.spans, ctx.heads = rings, spans, heads
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, keys, values, beta, pos, out, lse = ctx.saved_tensors
-        grads = kernel.attend_bwd(q, keys, values, beta, pos, ctx.rings, ctx.spans, out, lse, dout, ctx.heads)
-        return *grads, None, None, None, None
+        q, keys, values, beta, pos, out, lse, residual = ctx.saved_tensors
+        dout = dout.contiguous()
+        grads = kernel.attend_bwd(q, keys, values, beta, pos, ctx.rings, ctx.spans, out, lse, dout, ctx.heads, residual)
+        return *grads, None, None, None, None, (dout if residual is not None else None)
 
 
 @torch.library.custom_op("mmrec::block_sums", mutates_args=())
@@ -268,20 +275,29 @@ def memory_write_(mem: Memory, k: Tensor, v: Tensor) -> Memory:
     return mem
 
 
-def hds_query(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:
-    """SPEC §4 query. q [B, T, H*Dh], k/v [B, T, K*Dh], beta [H, L] -> m [B, T, H*Dh]."""
+def hds_query(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: Memory, heads: int, residual: Tensor | None = None
+) -> Tensor:
+    """SPEC §4 query. q [B, T, H*Dh], k/v [B, T, K*Dh], beta [H, L] -> m [B, T, H*Dh]; with
+    `residual` (like q) -> residual + m, the add done in the kernel's epilogue on CUDA."""
     spec = mem.spec
     if heads % spec.heads or q.shape[-1] != heads * spec.dim or tuple(beta.shape) != (heads, len(spec.slots)):
         raise KernelInputError(
             f"hds_query: expected q [B, T, {heads * spec.dim}] and beta [{heads}, {len(spec.slots)}] for "
             f"{heads} heads over {spec.heads} memory heads, got q {list(q.shape)} and beta {list(beta.shape)}"
         )
+    if residual is not None and (residual.shape != q.shape or residual.dtype != q.dtype):
+        raise KernelInputError(
+            f"hds_query: residual: expected {list(q.shape)} {q.dtype}, got {list(residual.shape)} {residual.dtype}"
+        )
     if q.shape[1] == 1 and not _wants_grad(q, k, v, beta, *mem.keys, *mem.values):
-        return hds_decode(q, beta, mem, heads)  # decoding: the rings alone, read in place
+        m = hds_decode(q, beta, mem, heads)  # decoding: the rings alone, read in place
+        return m if residual is None else residual + m
     keys, values = reference.candidate_kv(mem, k, v, sums0=block_sums)
     rings = list(spec.slots)
     spans = [spec.span(level) for level in range(len(rings))]
     args = (q.contiguous(), keys.contiguous(), values.contiguous(), beta.contiguous(), mem.pos.contiguous())
+    residual = residual.contiguous() if residual is not None else None
     if interpreting(q):
-        return _Interpreted.apply(*args, rings, spans, heads)
-    return torch.ops.mmrec.hds_attend_fwd(*args, rings, spans, heads)[0]
+        return _Interpreted.apply(*args, rings, spans, heads, residual)
+    return torch.ops.mmrec.hds_attend_fwd(*args, rings, spans, heads, residual)[0]

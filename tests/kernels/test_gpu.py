@@ -210,11 +210,38 @@ def test_memory_query_at_gpu_tile_sizes(dtype, tma, monkeypatch):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_memory_query_with_the_residual_in_its_epilogue(tf32, monkeypatch):
+    # fuse-residual-epilogue's h + m (fp32 graphs) at GPU tiles, a random dout (delta =
+    # rowsum(dout * m) is formed from the saved h + m less h): every gradient against fp64.
+    from kernels.memory import reference as mem_ref
+
+    dtype = torch.float32
+    monkeypatch.setattr(kernels.dot, "fp32_dot_precision", lambda dtype: "tf32" if tf32 else "ieee")
+    torch.manual_seed(0)
+    spec = kernels.MemorySpec(heads=4, dim=64, block=16, ratio=4, slots=(200, 150, 90))
+    mem = kernels.Memory.empty(spec, 2, device="cuda", dtype=dtype)
+    mem.keys, mem.values = [torch.randn_like(t) for t in mem.keys], [torch.randn_like(t) for t in mem.values]
+    mem.pos = torch.tensor([0, 5000], device="cuda")
+    q, k, v, h = (torch.randn(2, 900, d, device="cuda", dtype=dtype, requires_grad=True) for d in (512, 256, 256, 512))
+    beta = torch.randn(8, 3, device="cuda", dtype=dtype, requires_grad=True)
+    out = kernels.hds_query(q, k, v, beta, mem, 8, residual=h)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v, beta, h))
+    cpu = [t.detach().double().requires_grad_() for t in (q, k, v, beta, h)]
+    want = cpu[4] + mem_ref.hds_query(*cpu[:4], mem.map(lambda t: t.double() if t.is_floating_point() else t), 8)
+    want_grads = torch.autograd.grad((want * dout.double()).sum(), cpu)
+    tol = 5e-3 if tf32 else 1e-4
+    assert rel(out, want) < tol
+    for name, g, w in zip(["q", "k", "v", "beta", "h"], grads, want_grads, strict=True):
+        assert rel(g, w) < 2 * tol, name
+
+
 def test_fp16_memory_query_where_the_fixed_shift_is_unknown():
     # Level-0 slots of one token: a 64-token tile's band moves past the first 32-slot tile, so
     # level 0's first tile shows the tile's late tokens nothing and gives them no shift; their
     # logits lie about 40 octaves below 0, where fp16 probabilities shifted by 0 would round to
-    # 0. Those tokens must take the online softmax (written 2026-12-01; not yet run on a GPU).
+    # 0. Those tokens must take the online softmax (first passed on the H200, 2026-12-01).
     from kernels.memory import reference as mem_ref
 
     torch.manual_seed(0)

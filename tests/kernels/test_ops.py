@@ -119,6 +119,11 @@ def test_opcheck_hds_attend():
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     out, lse = torch.ops.mmrec.hds_attend_fwd(*plain)
     torch.library.opcheck(torch.ops.mmrec.hds_attend_bwd.default, (*plain[:7], out, lse, torch.randn_like(out), HEADS))
+    residual = torch.randn_like(q, requires_grad=True)  # fuse-residual-epilogue's form
+    torch.library.opcheck(torch.ops.mmrec.hds_attend_fwd.default, (*args, residual))
+    out, lse = torch.ops.mmrec.hds_attend_fwd(*plain, residual.detach())
+    args = (*plain[:7], out, lse, torch.randn_like(out), HEADS, residual.detach())
+    torch.library.opcheck(torch.ops.mmrec.hds_attend_bwd.default, args)
 
 
 def test_opcheck_block_sums():

@@ -48,6 +48,32 @@ def test_triton_query_matches_reference_forward_and_backward(chunks, resets, ste
         assert_close(g.cpu(), r, what=f"d{name}", **tol)
 
 
+def test_residual_in_the_epilogue_is_added_once_and_takes_dout():
+    # fuse-residual-epilogue's form h + m (fp32 graphs only): the kernel adds h before its store,
+    # and the backward takes h off the saved output again for delta; a wrong delta shows in dq,
+    # dk and dbeta (this test fails with the subtraction left out).
+    dtype = torch.float32
+    mem, _, _ = build_history([13, 6], {0: [1]}, dtype=torch.float32)
+    mem = to_device(mem.map(lambda t: t.to(dtype) if t.is_floating_point() else t))
+    kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
+    torch.manual_seed(1)
+    q, k, v, h = (torch.randn(3, 23, d).to(TRITON_DEVICE, dtype).requires_grad_() for d in (qd, kd, kd, qd))
+    beta = torch.randn(HEADS, 3).to(TRITON_DEVICE, dtype).requires_grad_()
+    out = kernels.hds_query(q, k, v, beta, mem, HEADS, residual=h)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v, beta, h))
+
+    cpu = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, beta, h)]
+    mem64 = mem.map(lambda t: t.cpu().double() if t.is_floating_point() else t.cpu())
+    expected = cpu[4] + ref.hds_query(*cpu[:4], mem64, HEADS)
+    expected_grads = torch.autograd.grad((expected * dout.cpu().double()).sum(), cpu)
+    assert_close(out.cpu(), expected, what="h + m", rtol=1e-4, atol=1e-5)
+    for name, g, r in zip(["q", "k", "v", "beta", "h"], grads, expected_grads, strict=True):
+        assert_close(g.cpu(), r, what=f"d{name}", rtol=1e-4, atol=1e-5)
+    with pytest.raises(kernels.KernelInputError, match=rf"hds_query: residual: expected \[3, 23, {qd}\]"):
+        kernels.hds_query(q, k, v, beta, mem, HEADS, residual=h[:, :, :7])
+
+
 WIDE = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=(47, 31, 20))  # spans 2, 4, 8
 
 

@@ -37,8 +37,8 @@ def test_chunked_prefill_equals_one_forward():
 
 
 class NoMemory(ReferenceOps):
-    def hds_query(self, q, k, v, beta, mem, heads):
-        return (torch.zeros_like(q),)
+    def hds_query(self, q, k, v, beta, mem, residual=None, *, heads):
+        return (torch.zeros_like(q) if residual is None else residual,)
 
 
 def test_memory_changes_the_logits_of_tokens_past_the_first_block():
