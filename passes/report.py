@@ -69,16 +69,24 @@ def node_kernels(node: Node, types: dict) -> list[tuple[str, int]]:
     return [(node.op, moved)]
 
 
-def block_costs(graph: Graph) -> dict[str, BlockCost]:
-    """Per block (`layerN`, or "other" for the embedding, final norm and head)."""
-    types = graph.types()
+def node_layers(graph: Graph) -> list[tuple[Node, str]]:
+    """Each node with its block: `layerN`, or "other" (the embedding, final norm and head)."""
     producer_layer: dict[str, str] = {}
-    costs: dict[str, BlockCost] = {}
+    placed = []
     for node in graph.nodes:
         first = producer_layer.get(node.inputs[0], "") if node.inputs else ""
         layer = layer_of(node, first) or "other"
         for out in node.outputs:
             producer_layer[out.ref] = layer if layer != "other" else ""
+        placed.append((node, layer))
+    return placed
+
+
+def block_costs(graph: Graph) -> dict[str, BlockCost]:
+    """Per block (`layerN`, or "other" for the embedding, final norm and head)."""
+    types = graph.types()
+    costs: dict[str, BlockCost] = {}
+    for node, layer in node_layers(graph):
         launched = node_kernels(node, types)
         cost = costs.setdefault(layer, BlockCost())
         cost.ops += 1
@@ -116,4 +124,31 @@ def fusion_report(before: Graph, after: Graph) -> str:
 
     total_b, total_a = total(b), total(a)
     lines.append(row("total", total_b, total_a))
+    blocks = [n for n in names if n.startswith("layer")]
+    if blocks:
+        lines += op_table(before, after, blocks[min(1, len(blocks) - 1)])
     return "\n".join(lines) + "\n"
+
+
+def _op_rows(graph: Graph, layer: str) -> list[str]:
+    types = graph.types()
+    rows = []
+    for node, where in node_layers(graph):
+        if where != layer:
+            continue
+        launched = node_kernels(node, types)
+        label = node.op if len(launched) == 1 else f"{node.op} ({len(launched)} kernels)"
+        rows.append(f"{label:<30} {sum(moved for _, moved in launched):>9,}")
+    return rows
+
+
+def op_table(before: Graph, after: Graph, layer: str) -> list[str]:
+    """One block op by op, in program order, before and after: where its bytes go."""
+    left, right = _op_rows(before, layer), _op_rows(after, layer)
+    width = 40
+    lines = [f"// {layer} op by op (activation bytes per token):", f"//   {'before':<{width}} | after"]
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ""
+        b = right[i] if i < len(right) else ""
+        lines.append(f"//   {a:<{width}} | {b}".rstrip())
+    return lines

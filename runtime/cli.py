@@ -163,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", action="store_true", help="print the generated Python forward instead of IR")
     p.add_argument("--dump", default=None, metavar="DIR", help="write every stage's IR, the forward and timings here")
     p.add_argument("--svg", default=None, metavar="FILE", help="draw the graph after the passes (and FILE.before.svg)")
-    p.add_argument("--report", action="store_true", help="fusion report: ops and activation bytes per token, per block")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="fusion report: ops and activation bytes per token, per block, and one block op by op",
+    )
     p.set_defaults(fn=_cmd_inspect)
 
     p = sub.add_parser("export", help="export an inference engine (not implemented yet)")

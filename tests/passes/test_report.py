@@ -40,3 +40,21 @@ def test_decay_fusion_removes_the_tail_kernels_and_gamma():
     b, a = passes.block_costs(graph)["layer0"], passes.block_costs(fused)["layer0"]
     assert b.kernels - a.kernels == 4
     assert b.bytes_per_token - a.bytes_per_token == 8 * cfg.d_model * 4
+
+
+def test_op_table_lists_one_block_op_by_op_and_sums_to_its_row():
+    import re
+
+    graph = models.build(models.load_config("tiny"))
+    result = passes.run_pipeline(graph, passes.default_pipeline())
+    text = passes.fusion_report(graph, result.graph)
+    table = text[text.index("// layer1 op by op") :].splitlines()[2:]
+    before = [cell.split("|")[0] for cell in table]
+    after = [cell.split("|")[1] for cell in table if "|" in cell]
+    assert any("mdi_decay (10 kernels)" in c for c in before) and any("linear_add" in c for c in after)
+
+    def total(cells):
+        return sum(int(m.group(1).replace(",", "")) for c in cells if (m := re.search(r"([\d,]+)\s*$", c.strip())))
+
+    costs_before, costs_after = passes.block_costs(graph)["layer1"], passes.block_costs(result.graph)["layer1"]
+    assert total(before) == costs_before.bytes_per_token and total(after) == costs_after.bytes_per_token
