@@ -134,18 +134,6 @@ def _linear(x, weights, splits):
     return [x.with_shape((*x.shape[:-1], s)) for s in sizes]
 
 
-@op("linear_add", ("x", "residual", "weight"))
-def _linear_add(x, residual, weight):
-    """residual + x @ weight^T: one GEMM that reads the residual in its epilogue (cuBLAS addmm,
-    beta = 1), made by fuse-residual-epilogue."""
-    x = floating("x", x)
-    w = tensor("weight", weight, rank=2)
-    expect("weight", w, (w.shape[0], x.shape[-1]), x.dtype)
-    out = x.with_shape((*x.shape[:-1], w.shape[0]))
-    expect("residual", residual, out.shape, out.dtype)
-    return [out]
-
-
 @op("linear_swiglu", ("x", "w_gate", "w_up"))
 def _linear_swiglu(x, w_gate, w_up):
     """silu(x @ w_gate^T) * (x @ w_up^T): one GEMM with the SwiGLU epilogue (fuse-epilogue)."""

@@ -1,29 +1,28 @@
 """fuse-residual-epilogue: a residual add moves into the epilogue of the kernel that computes one
 of its terms, which then writes the sum instead of its own result. Per token that saves the
-term's write, the add's two reads and its write (less the residual's read in the epilogue), and
-one kernel. One table row per kernel with such an epilogue:
+term's write, the add's two reads and its write, less the residual's read in the epilogue, and
+one kernel. One table row per kernel with such an epilogue; today the memory query: `hds_query`
+takes the residual as its optional last operand and the Triton kernel adds it to m before its
+one store (the block's h + m, SPEC §5).
 
-- a linear (one weight, one output) becomes `linear_add`: cuBLAS's addmm with beta = 1 reads
-  the residual in the GEMM's epilogue (the block's x + W_o(...) and x + W_down(...));
-- the memory query `hds_query` takes the residual as its optional last operand: the Triton
-  kernel adds it to m before its one store (the block's h + m, SPEC §5). fp32 graphs only:
-  the backward forms FlashAttention's delta = rowsum(dout * m) from the saved sum less the
-  residual, and in bf16/fp16 that m carries the rounding of the sum, 2^-9 |h + m| instead of
-  2^-9 |m|. Measured under the interpreter (bf16, |h| ~ 1): dq 1.5e-2 and dbeta 2.4e-2 relative
-  error against 6.3e-3 and 9.4e-3 with the add left apart, so bf16 graphs keep the add.
+Not a row: a linear. PyTorch's addmm with a 2-D input (x + h @ W^T) copies x into its result
+with a separate kernel before the GEMM reads it back as C (only a 1-D bias takes cuBLASLt's
+epilogue), so it moves what a linear and an add move; a GEMM with a real residual epilogue
+would be our own Triton GEMM, which runs below cuBLAS's rate (fuse-epilogue's measurements).
+
+fp32 graphs only. The backward forms FlashAttention's delta = rowsum(dout * m) from the saved
+sum less the residual; in bf16/fp16 that m carries the rounding of the sum, 2^-9 |h + m| instead
+of 2^-9 |m|. Measured under the interpreter (bf16, |h| ~ 1): dq and dbeta took 2.4x-3.7x the
+relative error of the add left apart, so bf16 graphs keep the add.
 
 Assumes: the term has this add as its only use (nothing else needs it in HBM) and the other
 operand has its exact type (no broadcasting). The fused node takes the add's place in program
-order, where both operands exist. Runs before fuse-residual-norm, which then fuses only the adds
-no kernel took: where a norm follows, it reads the one sum the GEMM wrote instead of an
-`add_rmsnorm` reading both terms and writing the sum again.
+order, where both operands exist; the query's own operands all precede it. Runs before
+fuse-residual-norm, which then fuses only the adds no kernel took.
 
-Numerics: the epilogue adds to the fp32 accumulator before the one rounding to the output dtype,
-so in bf16 the sum is rounded once instead of twice (equal in fp32 up to summation order).
-
-    before: %y = linear(%h, @w_o)                 %m = hds_query(%q, %k, %v, @beta, %mem)
-            %x1 = add(%x, %y)                     %s = add(%h, %m)
-    after:  %x1 = linear_add(%h, %x, @w_o)        %s = hds_query(%q, %k, %v, @beta, %mem, %h)
+    before: %m = hds_query(%q, %k, %v, @beta, %mem) {heads = 16}
+            %s = add(%h, %m)
+    after:  %s = hds_query(%q, %k, %v, @beta, %mem, %h) {heads = 16}
 """
 
 from __future__ import annotations
@@ -37,9 +36,6 @@ from .rewrite import Context, RewritePass, Rule
 
 def _epilogue(term: Node, residual: str, dtype: DType) -> Node | None:
     """`term` with `residual` added in its epilogue, or None where its kernel has no such epilogue."""
-    if term.op == "linear" and len(term.inputs) == 2 and len(term.outputs) == 1:
-        x, weight = term.inputs
-        return Node("linear_add", (x, residual, weight), term.outputs, term.attrs)
     if term.op == "hds_query" and len(term.inputs) == 5 and dtype is DType.f32:
         return Node("hds_query", (*term.inputs, residual), term.outputs, term.attrs)
     return None

@@ -35,7 +35,6 @@ CUDA_KERNELS: dict[str, str] = {
     "rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
     "add_rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
     "linear": "cublas",
-    "linear_add": "cublas (addmm: the residual read in the epilogue)",
     "linear_swiglu": "triton:mmrec::linear_swiglu_fwd (backward: cublas + torch)",
     "lm_head": "cublas",
     "ffn": "cublas + torch",

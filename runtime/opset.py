@@ -76,13 +76,6 @@ class ReferenceOps:
         ys = [F.linear(x, w) for w in weights]
         return tuple(ys) if sizes == rows else tuple(torch.split(torch.cat(ys, dim=-1), sizes, dim=-1))
 
-    @staticmethod
-    def linear_add(x, residual, weight):
-        # cuBLAS's addmm with beta = 1 reads the residual in the GEMM's epilogue: the product
-        # is never written and read back by a separate add.
-        rows = residual.reshape(-1, weight.shape[0])
-        return (torch.addmm(rows, x.reshape(-1, x.shape[-1]), weight.t()).view(residual.shape),)
-
     linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
 
     def moe(self, x, router, w_gate, w_up, w_down, top_k, capacity_factor):

@@ -286,9 +286,10 @@ def hds_query(
             f"hds_query: expected q [B, T, {heads * spec.dim}] and beta [{heads}, {len(spec.slots)}] for "
             f"{heads} heads over {spec.heads} memory heads, got q {list(q.shape)} and beta {list(beta.shape)}"
         )
-    if residual is not None and (residual.shape != q.shape or residual.dtype != q.dtype):
+    if residual is not None and (residual.shape != q.shape or residual.dtype != q.dtype or residual.device != q.device):
         raise KernelInputError(
-            f"hds_query: residual: expected {list(q.shape)} {q.dtype}, got {list(residual.shape)} {residual.dtype}"
+            f"hds_query: residual: expected {list(q.shape)} {q.dtype} on {q.device}, "
+            f"got {list(residual.shape)} {residual.dtype} on {residual.device}"
         )
     if q.shape[1] == 1 and not _wants_grad(q, k, v, beta, *mem.keys, *mem.values):
         m = hds_decode(q, beta, mem, heads)  # decoding: the rings alone, read in place

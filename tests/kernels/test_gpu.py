@@ -210,6 +210,27 @@ def test_memory_query_at_gpu_tile_sizes(dtype, tma, monkeypatch):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
+def test_default_pipeline_keeps_the_model_gradients_on_cuda():
+    # The fused model (the memory kernel adding h, the decay inside the recurrence, the residual
+    # norms, the fused projections) against the unfused graph, both on our CUDA kernels: the
+    # CPU version of this test runs the references, whose backward cannot see a wrong delta.
+    cfg = models.load_config("tiny")
+    graph = models.build(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 131), device="cuda")
+    results = []
+    for pipeline in (["infer-shapes"], None):
+        model = runtime.compile(graph, passes=pipeline, seed=3).cuda().train()
+        out = model(tokens[:, :-1])
+        loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
+        names = [n for n, _ in model.named_parameters()]
+        results.append((loss, dict(zip(names, torch.autograd.grad(loss, list(model.parameters())), strict=True))))
+    (plain_loss, plain), (fused_loss, fused) = results
+    assert abs(fused_loss.item() - plain_loss.item()) < 1e-5
+    assert plain["layer1.beta"].abs().sum() > 0  # the memory is read: its bias gets a gradient
+    for name, g in plain.items():
+        assert rel(fused[name], g) < 1e-4, name
+
+
 @pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
 def test_memory_query_with_the_residual_in_its_epilogue(tf32, monkeypatch):
     # fuse-residual-epilogue's h + m (fp32 graphs) at GPU tiles, a random dout (delta =
@@ -235,6 +256,16 @@ def test_memory_query_with_the_residual_in_its_epilogue(tf32, monkeypatch):
     assert rel(out, want) < tol
     for name, g, w in zip(["q", "k", "v", "beta", "h"], grads, want_grads, strict=True):
         assert rel(g, w) < 2 * tol, name
+    if not tf32:  # the custom ops' registrations with the residual, on the CUDA kernels
+        from kernels.memory.reference import candidate_kv
+
+        keys, values = candidate_kv(mem, k.detach(), v.detach())
+        rings, spans = list(spec.slots), [spec.span(lvl) for lvl in range(3)]
+        args = (q.detach(), keys.contiguous(), values.contiguous(), beta.detach(), mem.pos, rings, spans, 8)
+        torch.library.opcheck(torch.ops.mmrec.hds_attend_fwd.default, (*args, h.detach()))
+        out, lse = torch.ops.mmrec.hds_attend_fwd(*args, h.detach())
+        bwd = (*args[:7], out, lse, torch.randn_like(out), 8, h.detach())
+        torch.library.opcheck(torch.ops.mmrec.hds_attend_bwd.default, bwd)
 
 
 def test_fp16_memory_query_where_the_fixed_shift_is_unknown():

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import models
 import passes
-from mmrec_ir import Builder, VerifyError, f32, parse, print_graph, verify
+from mmrec_ir import Builder, VerifyError, f32, parse, print_graph
 from runtime.module import run_graph
 
 
@@ -204,38 +204,32 @@ def test_fuse_residual_norm_golden():
 
 
 def test_fuse_residual_epilogue_golden():
-    # %y feeds the add only: fused, whichever side of the add it is on. %p is also an output, so
-    # it stays; %s has several weights (fuse-projections' product) and stays; the memory query's
-    # result %m goes into its kernel with %h as the residual.
-    before = """graph @g(%h: f32[B, T, 4], %x: f32[B, T, 3], %q: f32[B, T, 4], %kv: f32[B, T, 2], %mem: memory{heads=1, dim=2, block=2, ratio=2, slots=[2, 2]}) {
-  param @w_o: f32[3, 4] = normal(0.02)
-  param @w_s: f32[3, 4] = normal(0.02)
+    # The query's result %m feeds the add only: the fused query takes the add's place, after
+    # %h2, which is defined after the query. %y (a linear) keeps its add: addmm would copy the
+    # residual first. %m2 is also an output, so its add stays.
+    before = """graph @g(%h: f32[B, T, 4], %q: f32[B, T, 4], %kv: f32[B, T, 2], %mem: memory{heads=1, dim=2, block=2, ratio=2, slots=[2, 2]}) {
+  param @w_o: f32[4, 4] = normal(0.02)
   param @beta: f32[2, 2] = zeros
   %m: f32[B, T, 4] = hds_query(%q, %kv, %kv, @beta, %mem) {heads = 2}
-  %hm: f32[B, T, 4] = add(%h, %m)
-  %y: f32[B, T, 3] = linear(%hm, @w_o)
-  %x1: f32[B, T, 3] = add(%x, %y)
-  %z: f32[B, T, 3] = linear(%h, @w_o)
-  %x2: f32[B, T, 3] = add(%z, %x1)
-  %p: f32[B, T, 3] = linear(%h, @w_s)
-  %x3: f32[B, T, 3] = add(%x2, %p)
-  %s: f32[B, T, 3], %t: f32[B, T, 3] = linear(%h, @w_o, @w_s)
-  %x4: f32[B, T, 3] = add(%x3, %s)
-  return x = %x4, p = %p, t = %t
+  %h2: f32[B, T, 4] = sigmoid(%h)
+  %s: f32[B, T, 4] = add(%m, %h2)
+  %y: f32[B, T, 4] = linear(%s, @w_o)
+  %x1: f32[B, T, 4] = add(%h, %y)
+  %m2: f32[B, T, 4] = hds_query(%x1, %kv, %kv, @beta, %mem) {heads = 2}
+  %x2: f32[B, T, 4] = add(%x1, %m2)
+  return x = %x2, m2 = %m2
 }
 """  # noqa: E501
-    after = """graph @g(%h: f32[B, T, 4], %x: f32[B, T, 3], %q: f32[B, T, 4], %kv: f32[B, T, 2], %mem: memory{heads=1, dim=2, block=2, ratio=2, slots=[2, 2]}) {
-  param @w_o: f32[3, 4] = normal(0.02)
-  param @w_s: f32[3, 4] = normal(0.02)
+    after = """graph @g(%h: f32[B, T, 4], %q: f32[B, T, 4], %kv: f32[B, T, 2], %mem: memory{heads=1, dim=2, block=2, ratio=2, slots=[2, 2]}) {
+  param @w_o: f32[4, 4] = normal(0.02)
   param @beta: f32[2, 2] = zeros
-  %hm: f32[B, T, 4] = hds_query(%q, %kv, %kv, @beta, %mem, %h) {heads = 2}
-  %x1: f32[B, T, 3] = linear_add(%hm, %x, @w_o)
-  %x2: f32[B, T, 3] = linear_add(%h, %x1, @w_o)
-  %p: f32[B, T, 3] = linear(%h, @w_s)
-  %x3: f32[B, T, 3] = add(%x2, %p)
-  %s: f32[B, T, 3], %t: f32[B, T, 3] = linear(%h, @w_o, @w_s)
-  %x4: f32[B, T, 3] = add(%x3, %s)
-  return x = %x4, p = %p, t = %t
+  %h2: f32[B, T, 4] = sigmoid(%h)
+  %s: f32[B, T, 4] = hds_query(%q, %kv, %kv, @beta, %mem, %h2) {heads = 2}
+  %y: f32[B, T, 4] = linear(%s, @w_o)
+  %x1: f32[B, T, 4] = add(%h, %y)
+  %m2: f32[B, T, 4] = hds_query(%x1, %kv, %kv, @beta, %mem) {heads = 2}
+  %x2: f32[B, T, 4] = add(%x1, %m2)
+  return x = %x2, m2 = %m2
 }
 """  # noqa: E501
     assert run(before, "fuse-residual-epilogue") == after
@@ -252,23 +246,6 @@ def test_fuse_residual_epilogue_leaves_a_bf16_memory_query_alone():
 }
 """  # noqa: E501
     assert run(graph, "fuse-residual-epilogue") == graph
-
-
-def test_linear_add_is_the_linear_plus_the_residual():
-    from runtime.opset import ReferenceOps
-
-    torch.manual_seed(0)
-    h, x = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
-    w = torch.randn(3, 4, dtype=torch.float64)
-    (out,) = ReferenceOps.linear_add(h, x, w)
-    torch.testing.assert_close(out, x + h @ w.T)
-    with pytest.raises(VerifyError, match=r"residual: expected shape \[B, T, 3\], got \[B, T, 4\]"):
-        verify(
-            parse(
-                "graph @g(%h: f32[B, T, 4], %x: f32[B, T, 4]) {\n  param @w: f32[3, 4] = zeros\n"
-                "  %y: f32[B, T, 3] = linear_add(%h, %x, @w)\n  return y = %y\n}\n"
-            )
-        )
 
 
 def test_fuse_projections_golden():
@@ -336,11 +313,8 @@ def test_default_pipeline_keeps_the_model_numerics(variant):
     graph = models.build(models.load_config("tiny", variant))
     result = passes.run_pipeline(graph, passes.default_pipeline())
     ops = [n.op for n in result.graph.nodes]
-    # The block's three adds go into epilogues: h + m into the memory query's, both residual adds
-    # into their GEMMs' (W_o, the FFN's down projection), so the norms after them stay plain;
-    # MoE's output is no GEMM: that add and the norm after it become add_rmsnorm.
-    moe = "moe" in variant
-    assert ops.count("linear_add") == (2 if moe else 4) and ops.count("add_rmsnorm") == (2 if moe else 0)
+    # h + m goes into the memory query's epilogue; the residual adds, each with the norm after it.
+    assert ops.count("add_rmsnorm") == 4 and "rmsnorm" in ops  # the first norm has no add before it
     assert all(len(n.inputs) == 6 for n in result.graph.nodes if n.op == "hds_query")
     assert "add" not in ops or variant.get("uboo")  # the auxiliary loss has adds of its own
     assert ("linear_scan" in ops) == (variant.get("recurrence") == "linear")
