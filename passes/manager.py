@@ -78,9 +78,8 @@ def default_pipeline() -> list[Pass]:
     - lower-linear-recurrence before the fusions, which may then fuse the ops it creates;
     - fuse-decay-recurrence, on the gated recurrences that are left;
     - cse before fuse-projections, so duplicated projections are merged as one, not fused twice;
-    - fuse-residual-epilogue after fuse-projections (a linear that fuse-projections merges with
-      others has several outputs and keeps them), and before fuse-residual-norm, which then
-      fuses only the residual adds no GEMM took;
+    - fuse-residual-epilogue, then fuse-residual-norm, which takes the adds no kernel's epilogue
+      took;
     - dce last among the rewrites, because CSE leaves the duplicates' producers dead;
     - select-kernels last, to record what claims each node that is left.
     fuse-epilogue (after fuse-projections, whose two-output linear its SwiGLU row matches) is
