@@ -4,7 +4,8 @@ its Triton kernels where they exist, and its torch custom-op registration.
 The entry points below are what the runtime calls. `linear_scan`, `gated_recurrence`,
 `decay_recurrence` and the softmax of `hds_query` are `torch.ops.mmrec.*` custom ops: Triton on
 CUDA, the reference elsewhere; with TRITON_INTERPRET=1 they run the Triton kernels on CPU
-tensors through Triton's interpreter.
+tensors through Triton's interpreter. `pointwise` runs a Triton kernel generated from its
+expression (kernels/pointwise).
 """
 
 from .checks import KernelInputError
@@ -15,6 +16,7 @@ from .memory.op import hds_query, memory_write, memory_write_
 from .memory.reference import Memory, MemorySpec, reset_rows
 from .nn.reference import moe, swiglu, uboo_loss
 from .norm.op import add_rmsnorm, rmsnorm
+from .pointwise.op import pointwise
 from .recurrence.op import decay_recurrence, gated_recurrence
 from .scan.op import linear_scan
 
@@ -35,6 +37,7 @@ __all__ = [
     "memory_write",
     "memory_write_",
     "moe",
+    "pointwise",
     "reset_rows",
     "rmsnorm",
     "swiglu",

@@ -179,6 +179,24 @@ def _scale(x, factor):
     return [floating("x", x)]
 
 
+@op("pointwise", ("xs*",), expr=REQUIRED)
+def _pointwise(xs, expr):
+    """One elementwise expression over same-typed inputs, `expr` in the ops' own names with the
+    inputs by position (e.g. `mul(silu(%0), %1)`): a chain of elementwise ops that
+    fuse-elementwise made one kernel."""
+    from .pointwise import parse_expr
+
+    first = floating("xs[0]", xs[0])
+    for i, t in enumerate(xs[1:], 1):
+        expect(f"xs[{i}]", t, first.shape, first.dtype)
+    if not isinstance(expr, str):
+        raise ShapeError(f"attribute expr: expected a string, got {expr!r}")
+    used = parse_expr(expr).inputs()
+    if used != set(range(len(xs))):
+        raise ShapeError(f"expr: expected to use inputs %0..%{len(xs) - 1} each, uses {sorted(used)}")
+    return [first]
+
+
 @op("split", ("x",), sizes=REQUIRED)
 def _split(x, sizes):
     """Split the last dim into pieces of the given sizes."""

@@ -4,6 +4,7 @@ from .base import PASSES, Pass
 from .cse import CSE
 from .dce import DCE
 from .fuse_decay_recurrence import FuseDecayRecurrence
+from .fuse_elementwise import FuseElementwise
 from .fuse_epilogue import FuseEpilogue
 from .fuse_projections import FuseProjections
 from .fuse_residual_epilogue import FuseResidualEpilogue
@@ -20,6 +21,7 @@ __all__ = [
     "DCE",
     "PASSES",
     "FuseDecayRecurrence",
+    "FuseElementwise",
     "FuseEpilogue",
     "FuseProjections",
     "FuseResidualEpilogue",

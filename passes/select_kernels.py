@@ -35,6 +35,7 @@ CUDA_KERNELS: dict[str, str] = {
     "rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
     "add_rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
     "linear": "cublas",
+    "pointwise": "triton (generated from expr; under torch.compile: Inductor)",
     "linear_swiglu": "triton:mmrec::linear_swiglu_fwd (backward: cublas + torch)",
     "lm_head": "cublas",
     "ffn": "cublas + torch",

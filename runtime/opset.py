@@ -76,6 +76,7 @@ class ReferenceOps:
         ys = [F.linear(x, w) for w in weights]
         return tuple(ys) if sizes == rows else tuple(torch.split(torch.cat(ys, dim=-1), sizes, dim=-1))
 
+    pointwise = staticmethod(lambda *xs, expr: _one(kernels.pointwise(xs, expr)))
     linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
 
     def moe(self, x, router, w_gate, w_up, w_down, top_k, capacity_factor):

@@ -248,6 +248,47 @@ def test_fuse_residual_epilogue_leaves_a_bf16_memory_query_alone():
     assert run(graph, "fuse-residual-epilogue") == graph
 
 
+def test_fuse_elementwise_golden():
+    # silu * up: one kernel. %s has two uses, so it stays and the chain after it reads it; %c
+    # (clamp, with its attributes) folds into the add; a lone op stays as it is.
+    before = """graph @g(%gate: f32[B, T, 8], %up: f32[B, T, 8], %x: f32[B, T, 8]) {
+  %act: f32[B, T, 8] = silu(%gate)
+  %hidden: f32[B, T, 8] = mul(%act, %up)
+  %s: f32[B, T, 8] = sigmoid(%x)
+  %t: f32[B, T, 8] = mul(%s, %x)
+  %c: f32[B, T, 8] = clamp(%t) {max = 1.0, min = 0.0}
+  %u: f32[B, T, 8] = add(%c, %s)
+  %n: f32[B, T, 8] = neg(%u)
+  %e: f32[B, T, 8] = exp(%x)
+  return hidden = %hidden, n = %n, e = %e
+}
+"""
+    after = """graph @g(%gate: f32[B, T, 8], %up: f32[B, T, 8], %x: f32[B, T, 8]) {
+  %hidden: f32[B, T, 8] = pointwise(%gate, %up) {expr = "mul(silu(%0), %1)"}
+  %s: f32[B, T, 8] = sigmoid(%x)
+  %n: f32[B, T, 8] = pointwise(%s, %x) {expr = "neg(add(clamp(mul(%0, %1), min=0.0, max=1.0), %0))"}
+  %e: f32[B, T, 8] = exp(%x)
+  return hidden = %hidden, n = %n, e = %e
+}
+"""
+    assert run(before, "fuse-elementwise") == after
+    assert print_graph(parse(after)) == after
+
+
+@pytest.mark.parametrize(
+    ("expr", "error"),
+    [
+        ('"add(%0, %1)"', r"expr: expected to use inputs %0..%0 each, uses \[0, 1\]"),
+        ('"tanh(%0)"', "expr: 'tanh' is not an elementwise op"),
+        ('"clamp(%0, min=1.0)"', r"expr: clamp takes attributes \(min, max\), got \(min\)"),
+    ],
+)
+def test_a_bad_pointwise_expression_is_a_one_line_error(expr, error):
+    text = f"graph @g(%x: f32[B, 4]) {{\n  %y: f32[B, 4] = pointwise(%x) {{expr = {expr}}}\n  return y = %y\n}}\n"
+    with pytest.raises(VerifyError, match=r"node %y \(pointwise\): " + error):
+        passes.run_pipeline(parse(text), [])
+
+
 def test_fuse_projections_golden():
     # %q/%k (one weight, split) and %g read %x: one GEMM; %o reads %y and stays.
     before = """graph @g(%x: f32[B, T, 4], %y: f32[B, T, 4]) {
@@ -336,6 +377,30 @@ def test_default_pipeline_keeps_the_model_numerics(variant):
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-6)
 
 
+def test_fuse_elementwise_on_the_model_keeps_its_numerics():
+    """The SwiGLU's silu * up becomes one pointwise node per block; on CPU it runs the plain ops,
+    so logits and gradients equal the default pipeline's exactly."""
+    import torch.nn.functional as F
+
+    import runtime
+
+    graph = models.build(models.load_config("tiny"))
+    pipeline = [p.name for p in passes.default_pipeline()]
+    pipeline.insert(pipeline.index("dce"), "fuse-elementwise")
+    fused = passes.run_pipeline(graph, passes.lookup(pipeline)).graph
+    assert [n.attr["expr"] for n in fused.nodes if n.op == "pointwise"] == ["mul(silu(%0), %1)"] * 2
+    tokens = torch.randint(0, 2048, (2, 37))
+    outputs = []
+    for passes_ in (None, pipeline):
+        model = runtime.compile(graph, passes=passes_, seed=3)
+        out = model(tokens[:, :-1])
+        loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
+        outputs.append((out[0], torch.autograd.grad(loss, list(model.parameters()))))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    for a, b in zip(outputs[0][1], outputs[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
 UNARY = ["sigmoid", "neg", "silu", "gelu", "exp"]
 BINARY = ["add", "mul", "sub"]
 
@@ -386,7 +451,7 @@ def test_fusions_cse_and_dce_preserve_values_and_gradients(graph):
         gx, gy = torch.autograd.grad(total, (x, y), allow_unused=True)
         return outs, gx, gy
 
-    pipeline = "cse,fuse-projections,fuse-residual-epilogue,fuse-residual-norm,fuse-epilogue,dce"
+    pipeline = "cse,fuse-projections,fuse-residual-epilogue,fuse-residual-norm,fuse-epilogue,fuse-elementwise,dce"
     optimized = passes.run_pipeline(graph, passes.lookup(pipeline)).graph
     assert len(optimized.nodes) <= len(graph.nodes)
     before, after = evaluate(graph), evaluate(optimized)
