@@ -11,7 +11,9 @@ forward and forward+backward, for each way of running the same graph, in one run
 - fused, eager: the default pipeline (`mmrec inspect --report` shows what it changes);
 - fused + torch.compile: the default pipeline under torch.compile(fullgraph=True);
 - fused + fuse-epilogue + torch.compile: the default pipeline with the opt-in fuse-epilogue
-  (the SwiGLU GEMM epilogue) after fuse-projections.
+  (the SwiGLU GEMM epilogue) after fuse-projections;
+- fused + fuse-elementwise, eager: the default pipeline with the opt-in fuse-elementwise (silu *
+  up as one generated kernel; under torch.compile it would be Inductor's, as without it).
 
 Also printed: the activation bytes per token the fusion report counts for the block before and
 after the pipeline (passes/report.py's cost model: the kernels each op launches, each reading
@@ -49,6 +51,8 @@ from runtime.module import CompiledModel
 UNFUSED = ["infer-shapes"]
 WITH_EPILOGUE = [p.name for p in passlib.default_pipeline()]
 WITH_EPILOGUE.insert(WITH_EPILOGUE.index("fuse-projections") + 1, "fuse-epilogue")
+WITH_ELEMENTWISE = [p.name for p in passlib.default_pipeline()]
+WITH_ELEMENTWISE.insert(WITH_ELEMENTWISE.index("dce"), "fuse-elementwise")
 REFERENCE = "torch.compile of the eager reference model"
 # (name, pipeline (None: the default one), under torch.compile, our Triton kernels)
 VARIANTS = (
@@ -58,6 +62,7 @@ VARIANTS = (
     ("fused, eager", None, False, True),
     ("fused + torch.compile", None, True, True),
     ("fused + fuse-epilogue + torch.compile", WITH_EPILOGUE, True, True),
+    ("fused + fuse-elementwise, eager", WITH_ELEMENTWISE, False, True),
 )
 DEVICE = "cuda"
 
@@ -209,7 +214,7 @@ def main() -> None:
         payload["block"] = block_variants(cfg, bsz, steps, profiled)
         ratios(payload["block"], "fwd_bwd")
         unfused = payload["block"]["unfused, eager"]["bytes_per_token"]
-        for name in ("fused, eager", "fused + fuse-epilogue + torch.compile"):
+        for name in ("fused, eager", "fused + fuse-epilogue + torch.compile", "fused + fuse-elementwise, eager"):
             saved = unfused / payload["block"][name]["bytes_per_token"]
             print(f"  counted activation bytes/token: unfused / {name} = {saved:.2f}x")
     if args.model:

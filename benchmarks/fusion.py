@@ -9,11 +9,14 @@ triton.testing.do_bench, forward and forward+backward):
 - linear_swiglu (fuse-projections + fuse-epilogue: one GEMM with the SwiGLU epilogue) vs one
   cuBLAS GEMM over both weights followed by silu * product (eager, and torch.compile'd, where
   Inductor fuses the pointwise part), at the block's FFN shape, fp32 with TF32 and bf16; the
-  GEMM alone (cuBLAS, no epilogue) is printed as the floor of what fusion can reach.
+  GEMM alone (cuBLAS, no epilogue) is printed as the floor of what fusion can reach;
+- pointwise (fuse-elementwise's generated kernel) for silu(gate) * up at the block's FFN shape
+  vs the two PyTorch ops (eager, and torch.compile'd into Inductor's one kernel) and vs the copy
+  floor of its traffic (read 2 rows, write 1), fp32 and bf16.
 
 Each of our kernels is checked against the reference on the benchmark inputs before timing.
 
-    python benchmarks/fusion.py [--only decay,norm,swiglu] [--json out.json]
+    python benchmarks/fusion.py [--only decay,norm,swiglu,pointwise] [--json out.json]
 """
 
 from __future__ import annotations
@@ -176,10 +179,40 @@ def swiglu_section(rows: int, width: int, hidden: int, dtype) -> None:
     compare("swiglu", shape, variants, (x, w_gate, w_up), grads)
 
 
+def pointwise_section(rows: int, hidden: int, dtype) -> None:
+    shape = f"{rows} x {hidden} {str(dtype).replace('torch.', '')}"
+    print(f"silu(gate) * up, {shape}")
+    gate, up = (torch.randn(rows, hidden, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    grads = [torch.randn(rows, hidden, device=DEVICE, dtype=dtype)]
+
+    def plain(gate, up):
+        return torch.nn.functional.silu(gate) * up
+
+    def generated(gate, up):
+        return kernels.pointwise((gate, up), "mul(silu(%0), %1)")
+
+    with torch.no_grad():
+        err = rel_err(generated(gate, up), plain(gate.double(), up.double()))
+        print(f"  rel err vs fp64: {err:.1e}")
+        assert err < 1e-2, f"the generated kernel is off: rel err {err:.1e}"
+    src = torch.randn(2, rows, hidden, device=DEVICE, dtype=dtype)
+    dst = torch.empty(rows, hidden, device=DEVICE, dtype=dtype)
+    floor = bench(lambda: torch.add(src[0], src[1], out=dst))  # 2 rows read, 1 written
+    print(f"  {'floor (add: read 2 rows, write 1)':<46} fwd {floor:8.3f} ms")
+    ROWS.append({"group": "pointwise", "name": "floor", "shape": shape, "fwd_ms": floor, "fwd_bwd_ms": None})
+    variants = (
+        ("silu * up, eager", plain),
+        ("silu * up, torch.compile", torch.compile(plain, fullgraph=True)),
+        ("mmrec pointwise (generated Triton)", generated),
+    )
+    ours = compare("pointwise", shape, variants, (gate, up), grads)
+    print(f"  mmrec pointwise forward: {ours['fwd_ms'] / floor:.2f}x the floor")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--only", default="decay,norm,swiglu", help="comma-separated sections")
+    parser.add_argument("--only", default="decay,norm,swiglu,pointwise", help="comma-separated sections")
     args = parser.parse_args()
     info = run_info("benchmarks/fusion.py")
     torch.manual_seed(0)
@@ -194,6 +227,9 @@ def main() -> None:
         torch.set_float32_matmul_precision("high")
         swiglu_section(8 * 4096, 1024, 2816, torch.float32)
         swiglu_section(8 * 4096, 1024, 2816, torch.bfloat16)
+    if "pointwise" in sections:
+        pointwise_section(8 * 4096, 2816, torch.float32)
+        pointwise_section(8 * 4096, 2816, torch.bfloat16)
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": ROWS}, indent=1))
 
