@@ -11,8 +11,8 @@ chain's last op, where every input of the chain exists. Chains of one op stay as
 Runs after the passes that fuse elementwise ops into a neighbouring kernel (the decay's tail,
 the residual adds, the SwiGLU epilogue), so it takes only what they leave. Numerics on CUDA: the
 generated kernel computes in fp32 and rounds once to the output dtype, so in bf16 it differs
-from the op-by-op chain by that chain's intermediate roundings; the backward recomputes the
-chain with the plain ops from the saved inputs.
+from the op-by-op chain by that chain's intermediate roundings; its backward is one generated
+kernel too (reverse mode over the same expression, the saved inputs recomputed in registers).
 
     before: %act = silu(%gate)
             %hidden = mul(%act, %up)

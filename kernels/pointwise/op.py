@@ -1,9 +1,10 @@
 """`pointwise(xs, expr)`: a fused elementwise expression (fuse-elementwise).
 
-CUDA outside torch.compile (and CPU tensors under the interpreter): the generated Triton kernel
-(kernel.py) under an autograd.Function whose backward recomputes the expression with the plain
-ops from the saved inputs. Under torch.compile: the plain ops, which Inductor fuses into its own
-kernel (a custom op here would only hide them from it). CPU: the plain ops, as unfused.
+CUDA outside torch.compile (and CPU tensors under the interpreter): the generated Triton kernels
+(kernel.py) under an autograd.Function: the forward, and a backward that reads the saved inputs
+and the gradient once and writes every input's gradient. Under torch.compile: the plain ops,
+which Inductor fuses into its own kernel (a custom op here would only hide them from it). CPU:
+the plain ops, as unfused.
 """
 
 from __future__ import annotations
@@ -41,14 +42,9 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        xs = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[1:]
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_(w) for x, w in zip(xs, wanted, strict=True)]
-            out = reference.evaluate(ctx.expr, inputs)
-            needed = [x for x, w in zip(inputs, wanted, strict=True) if w]
-            grads = iter(torch.autograd.grad(out, needed, grad, allow_unused=True) if needed else ())
-        return None, *(next(grads) if w else None for w in wanted)
+        xs = [x.contiguous() for x in ctx.saved_tensors]
+        grads = kernel.launch_backward(ctx.expr, xs, grad.contiguous())
+        return None, *(g if w else None for g, w in zip(grads, ctx.needs_input_grad[1:], strict=True))
 
 
 def pointwise(xs: tuple[Tensor, ...] | list[Tensor], expr: str) -> Tensor:
