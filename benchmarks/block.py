@@ -48,11 +48,17 @@ from models.config import Config, MemoryConfig, load_config
 from passes.report import block_costs
 from runtime.module import CompiledModel
 
+
+def with_pass(name: str, before: str) -> list[str]:
+    """The default pipeline with the opt-in pass `name` inserted before the pass `before`."""
+    names = [p.name for p in passlib.default_pipeline()]
+    names.insert(names.index(before), name)
+    return names
+
+
 UNFUSED = ["infer-shapes"]
-WITH_EPILOGUE = [p.name for p in passlib.default_pipeline()]
-WITH_EPILOGUE.insert(WITH_EPILOGUE.index("fuse-projections") + 1, "fuse-epilogue")
-WITH_ELEMENTWISE = [p.name for p in passlib.default_pipeline()]
-WITH_ELEMENTWISE.insert(WITH_ELEMENTWISE.index("dce"), "fuse-elementwise")
+WITH_EPILOGUE = with_pass("fuse-epilogue", before="fuse-residual-epilogue")  # right after fuse-projections
+WITH_ELEMENTWISE = with_pass("fuse-elementwise", before="dce")
 REFERENCE = "torch.compile of the eager reference model"
 # (name, pipeline (None: the default one), under torch.compile, our Triton kernels)
 VARIANTS = (

@@ -29,12 +29,6 @@ from mmrec_ir.pointwise import ELEMENTWISE, Expr, apply, leaf
 
 from .base import Pass
 
-_LEAF = "leaf"
-
-
-def _tree(node: Node, args: list) -> tuple:
-    return (node.op, tuple(args), node.attr)
-
 
 def _number(tree, order: dict[str, int]) -> Expr:
     """A tree of (op, args, attrs) with refs as leaves -> Expr, inputs numbered by first use."""
@@ -54,26 +48,25 @@ class FuseElementwise(Pass):
 
     def apply(self, graph: Graph) -> Graph:
         types, uses = graph.types(), graph.uses()
-        producer = {o.ref: i for i, n in enumerate(graph.nodes) for o in n.outputs}
-        trees: dict[str, tuple] = {}
-        absorbed: set[int] = set()
+        trees: dict[str, tuple] = {}  # elementwise output -> (op, args, attrs), refs at the leaves
+        absorbed: set[str] = set()
         for node in graph.nodes:
             if node.op not in ELEMENTWISE or len(node.outputs) != 1:
                 continue
             out = node.outputs[0].ref
             args = []
             for ref in node.inputs:
-                j = producer.get(ref)
-                inline = j is not None and ref in trees and uses.get(ref) == 1 and types[ref] == types[out]
+                inline = ref in trees and uses.get(ref) == 1 and types[ref] == types[out]
                 args.append(trees[ref] if inline else ref)
                 if inline:
-                    absorbed.add(j)
-            trees[out] = _tree(node, args)
+                    absorbed.add(ref)
+            trees[out] = (node.op, tuple(args), node.attr)
         nodes: list[Node] = []
-        for i, node in enumerate(graph.nodes):
-            if i in absorbed:
+        for node in graph.nodes:
+            ref = node.outputs[0].ref if node.outputs else None
+            if ref in absorbed:
                 continue
-            tree = trees.get(node.outputs[0].ref) if node.outputs else None
+            tree = trees.get(ref)
             if tree is None or _count(tree) < 2:
                 nodes.append(node)
                 continue

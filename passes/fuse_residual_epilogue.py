@@ -34,10 +34,11 @@ from mmrec_ir import DType, Node
 from .rewrite import Context, RewritePass, Rule
 
 
-def _epilogue(term: Node, residual: str, dtype: DType) -> Node | None:
-    """`term` with `residual` added in its epilogue, or None where its kernel has no such epilogue."""
+def _epilogue(term: Node, residual: str, dtype: DType, outputs) -> Node | None:
+    """`term` with `residual` added in its epilogue, defining `outputs`, or None where its kernel
+    has no such epilogue."""
     if term.op == "hds_query" and len(term.inputs) == 5 and dtype is DType.f32:
-        return Node("hds_query", (*term.inputs, residual), term.outputs, term.attrs)
+        return Node("hds_query", (*term.inputs, residual), outputs, term.attrs)
     return None
 
 
@@ -47,10 +48,10 @@ def _fuse(index: int, node: Node, ctx: Context) -> bool:
         if found is None or term == residual or ctx.uses.get(term) != 1 or ctx.types[residual] != ctx.types[term]:
             continue
         term_index, producer = found
-        fused = None if ctx.touched(term_index) else _epilogue(producer, residual, ctx.types[term].dtype)
+        fused = None if ctx.touched(term_index) else _epilogue(producer, residual, ctx.types[term].dtype, node.outputs)
         if fused is None:
             continue
-        ctx.replace(index, [Node(fused.op, fused.inputs, node.outputs, fused.attrs)], remove=(term_index,))
+        ctx.replace(index, [fused], remove=(term_index,))
         return True
     return False
 

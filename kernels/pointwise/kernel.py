@@ -53,11 +53,10 @@ def _emit(expr: Expr, lines: list[str], names: dict[Expr, str]) -> str:
         "add": lambda: f"{a[0]} + {a[1]}",
         "sub": lambda: f"{a[0]} - {a[1]}",
         "mul": lambda: f"{a[0]} * {a[1]}",
-        "scale": lambda: f"{a[0]} * {_const(attrs.get('factor', 1.0))}",
+        "scale": lambda: f"{a[0]} * {_const(attrs['factor'])}",
         # NaN stays NaN, as in torch.clamp
         "clamp": lambda: (
-            f"tl.clamp({a[0]}, {_const(attrs.get('min', 0.0))}, {_const(attrs.get('max', 0.0))}, "
-            "propagate_nan=tl.PropagateNan.ALL)"
+            f"tl.clamp({a[0]}, {_const(attrs['min'])}, {_const(attrs['max'])}, propagate_nan=tl.PropagateNan.ALL)"
         ),
     }[expr.op]()
     name = f"t{len(names)}"
@@ -187,21 +186,19 @@ def compiled(expr: Expr, n_inputs: int):
 def launch(expr: Expr, xs: list[Tensor]) -> Tensor:
     """Contiguous same-shaped inputs -> the expression's value, one kernel."""
     out = new_output(xs[0])
-    n = out.numel()
-    if n == 0:
-        return out
-    block = BLOCK_INTERPRET if knobs.interpret else BLOCK
-    compiled(expr, len(xs)).pointwise_kernel[(triton.cdiv(n, block),)](*xs, out, n, BLOCK=block, num_warps=4)
+    _run(compiled(expr, len(xs)).pointwise_kernel, *xs, out, n=out.numel())
     return out
 
 
 def launch_backward(expr: Expr, xs: list[Tensor], dout: Tensor) -> list[Tensor]:
     """Contiguous inputs and the output's gradient -> every input's gradient, one kernel."""
     grads = [new_output(x) for x in xs]
-    n = dout.numel()
-    if n == 0:
-        return grads
-    block = BLOCK_INTERPRET if knobs.interpret else BLOCK
-    kernel = compiled(expr, len(xs)).pointwise_backward
-    kernel[(triton.cdiv(n, block),)](*xs, dout, *grads, n, BLOCK=block, num_warps=4)
+    _run(compiled(expr, len(xs)).pointwise_backward, *xs, dout, *grads, n=dout.numel())
     return grads
+
+
+def _run(fn, *tensors: Tensor, n: int) -> None:
+    """One program per BLOCK of the n elements (none when empty)."""
+    if n:
+        block = BLOCK_INTERPRET if knobs.interpret else BLOCK
+        fn[(triton.cdiv(n, block),)](*tensors, n, BLOCK=block, num_warps=4)
