@@ -119,15 +119,24 @@ def _adjoints(expr: Expr, names: dict[Expr, str], lines: list[str]) -> dict[str,
 
 
 def source(expr: Expr, n_inputs: int) -> str:
-    """The kernels' source: `pointwise_kernel(X0, .., X{n-1}, OUT, N, BLOCK)` and its backward
-    `pointwise_backward(X0, .., DOUT, DX0, .., N, BLOCK)`, which recomputes the value's
-    temporaries in registers and writes every input's gradient in the same pass."""
+    """The kernels' source: `pointwise_kernel(X0, .., OUT, S0, .., M, N, BLOCK_M, BLOCK_N)` and its
+    backward `pointwise_backward(X0, .., DOUT, DX0, .., S0, .., SG, M, N, BLOCK_M, BLOCK_N)`, which
+    recomputes the value's temporaries in registers and writes every input's gradient in the same
+    pass. Every operand is M rows of N elements; input i's rows lie S{i} elements apart (a column
+    slice of a wider tensor, such as one output of a fused projection, is read in place), the
+    outputs and gradients are contiguous."""
     xs = [f"X{i}" for i in range(n_inputs)]
     dxs = [f"DX{i}" for i in range(n_inputs)]
-    loads = [f"    x{i} = tl.load(X{i} + offs, mask=mask, other=0.0).to(tl.float32)" for i in range(n_inputs)]
+    strides = [f"S{i}" for i in range(n_inputs)]
+    loads = [
+        f"    x{i} = tl.load(X{i} + rows * S{i} + cols, mask=mask, other=0.0).to(tl.float32)" for i in range(n_inputs)
+    ]
     head = [
-        "    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = offs < N",
+        "    pid = tl.program_id(0)",
+        "    col_blocks = tl.cdiv(N, BLOCK_N)",
+        "    rows = ((pid // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]",
+        "    cols = ((pid % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]",
+        "    mask = (rows < M) & (cols < N)",
         *loads,
     ]
     lines = [
@@ -139,22 +148,26 @@ def source(expr: Expr, n_inputs: int) -> str:
         "",
         "",
         "@triton.jit",
-        f"def pointwise_kernel({', '.join(xs)}, OUT, N, BLOCK: tl.constexpr):",
+        f"def pointwise_kernel({', '.join(xs)}, OUT, {', '.join(strides)}, M, N,"
+        " BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
         *head,
     ]
     names: dict[Expr, str] = {}
     result = _emit(expr, lines, names)
-    lines.append(f"    tl.store(OUT + offs, {result}.to(OUT.dtype.element_ty), mask=mask)")
-    signature = f"{', '.join(xs)}, DOUT, {', '.join(dxs)}, N, BLOCK: tl.constexpr"
+    lines.append(f"    tl.store(OUT + rows * N + cols, {result}.to(OUT.dtype.element_ty), mask=mask)")
+    signature = (
+        f"{', '.join(xs)}, DOUT, {', '.join(dxs)}, {', '.join(strides)}, SG, M, N,"
+        " BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr"
+    )
     lines += ["", "", "@triton.jit", f"def pointwise_backward({signature}):"]
     lines += head
-    lines.append("    g = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)")
+    lines.append("    g = tl.load(DOUT + rows * SG + cols, mask=mask, other=0.0).to(tl.float32)")
     names = {}
     _emit(expr, lines, names)
     grads = _adjoints(expr, names, lines)
     for i in range(n_inputs):
         grad = grads.get(f"x{i}", "tl.zeros_like(g)")
-        lines.append(f"    tl.store(DX{i} + offs, {grad}.to(DX{i}.dtype.element_ty), mask=mask)")
+        lines.append(f"    tl.store(DX{i} + rows * N + cols, {grad}.to(DX{i}.dtype.element_ty), mask=mask)")
     return "\n".join(lines) + "\n"
 
 
@@ -183,22 +196,45 @@ def compiled(expr: Expr, n_inputs: int):
     return _loaded[key]
 
 
+def rows_of(xs: list[Tensor]) -> tuple[list[Tensor], int, int]:
+    """Same-shaped tensors as M x N row views and (M, N): the whole tensor as one row when every
+    input is contiguous; otherwise rows of the last dimension, read in place where a tensor's
+    leading dimensions merge into one row stride (e.g. a column slice), else copied."""
+    if all(x.is_contiguous() for x in xs):
+        return [x.view(1, -1) for x in xs], 1, xs[0].numel()
+    n = xs[0].shape[-1] if xs[0].dim() else 1
+    views = []
+    for x in xs:
+        try:
+            view = x.view(-1, n)
+        except RuntimeError:  # leading dims that do not merge into one stride
+            view = x.contiguous().view(-1, n)
+        views.append(view if view.stride(-1) == 1 or n == 1 else view.contiguous())
+    return views, views[0].shape[0], n
+
+
 def launch(expr: Expr, xs: list[Tensor]) -> Tensor:
-    """Contiguous same-shaped inputs -> the expression's value, one kernel."""
+    """Same-shaped inputs (any row strides) -> the expression's value, contiguous, one kernel."""
     out = new_output(xs[0])
-    _run(compiled(expr, len(xs)).pointwise_kernel, *xs, out, n=out.numel())
+    rows, m, n = rows_of(xs)
+    _run(compiled(expr, len(xs)).pointwise_kernel, *rows, out, *(r.stride(0) for r in rows), m=m, n=n)
     return out
 
 
 def launch_backward(expr: Expr, xs: list[Tensor], dout: Tensor) -> list[Tensor]:
-    """Contiguous inputs and the output's gradient -> every input's gradient, one kernel."""
+    """The inputs and the output's gradient (any row strides) -> every input's gradient, one kernel."""
     grads = [new_output(x) for x in xs]
-    _run(compiled(expr, len(xs)).pointwise_backward, *xs, dout, *grads, n=dout.numel())
+    rows, m, n = rows_of([*xs, dout])
+    fn = compiled(expr, len(xs)).pointwise_backward
+    _run(fn, *rows[:-1], rows[-1], *grads, *(r.stride(0) for r in rows), m=m, n=n)
     return grads
 
 
-def _run(fn, *tensors: Tensor, n: int) -> None:
-    """One program per BLOCK of the n elements (none when empty)."""
-    if n:
+def _run(fn, *args, m: int, n: int) -> None:
+    """One program per BLOCK_M x BLOCK_N tile of the m x n elements (none when empty)."""
+    if m * n:
         block = BLOCK_INTERPRET if knobs.interpret else BLOCK
-        fn[(triton.cdiv(n, block),)](*tensors, n, BLOCK=block, num_warps=4)
+        block_n = min(triton.next_power_of_2(n), block)
+        block_m = max(1, block // block_n)
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+        fn[grid](*args, m, n, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)

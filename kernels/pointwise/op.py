@@ -38,12 +38,11 @@ class _Fused(torch.autograd.Function):
     def forward(ctx, expr: Expr, *xs: Tensor) -> Tensor:
         ctx.expr = expr
         ctx.save_for_backward(*xs)
-        return kernel.launch(expr, [x.contiguous() for x in xs])
+        return kernel.launch(expr, list(xs))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        xs = [x.contiguous() for x in ctx.saved_tensors]
-        grads = kernel.launch_backward(ctx.expr, xs, grad.contiguous())
+        grads = kernel.launch_backward(ctx.expr, list(ctx.saved_tensors), grad)
         return None, *(g if w else None for g, w in zip(grads, ctx.needs_input_grad[1:], strict=True))
 
 

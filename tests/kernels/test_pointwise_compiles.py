@@ -20,9 +20,11 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels r
 def _compile(fn, dtype: str):
     from triton.backends.compiler import GPUTarget
 
-    sig = {a: "constexpr" if a == "BLOCK" else ("i32" if a == "N" else f"*{dtype}") for a in fn.arg_names}
+    blocks = {"BLOCK_M": 1, "BLOCK_N": kernel.BLOCK}  # the contiguous launch: one row
+    ints = {"M", "N", "SG"} | {a for a in fn.arg_names if a[0] == "S" and a[1:].isdigit()}
+    sig = {a: "constexpr" if a in blocks else ("i32" if a in ints else f"*{dtype}") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
-    source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": kernel.BLOCK}, attrs=attrs)
+    source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=blocks, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 128), options={"num_warps": 4})
 
 

@@ -47,6 +47,34 @@ def test_generated_kernel_matches_the_plain_ops(text, dtype):
         assert_close(g.cpu(), w, what=f"d%{i}", **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_slices_are_read_in_place(dtype, monkeypatch):
+    """gate and up as a fused projection gives them: column slices of one [B, T, 2n] output, and a
+    gradient that is itself a slice; a mixed-in expanded input is copied. No input is copied
+    first (the kernel reads each slice's rows at its stride)."""
+    both = torch.randn(2, 37, 2 * 13).to(TRITON_DEVICE, dtype).requires_grad_()
+    gate, up = both.split(13, dim=-1)
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or real(t, *a, **k))
+    out = kernels.pointwise((gate, up), "mul(silu(%0), %1)")
+    dout = torch.randn(2, 37, 26).to(TRITON_DEVICE, dtype)[..., 5:18]
+    (grad,) = torch.autograd.grad(out, both, dout)
+    assert copies == [], f"copied inputs of shapes {copies}"
+    ref = both.detach().double().cpu().requires_grad_()
+    g, u = ref.split(13, dim=-1)
+    want = torch.nn.functional.silu(g) * u
+    (want_grad,) = torch.autograd.grad(want, ref, dout.double().cpu())
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    assert out.is_contiguous()
+    assert_close(out.cpu(), want, what="silu(gate) * up", **tol)
+    assert_close(grad.cpu(), want_grad, what="d[gate, up]", **tol)
+    monkeypatch.undo()
+    wide = torch.randn(37, 1).to(TRITON_DEVICE, dtype).expand(37, 13)  # a stride-0 last dim
+    got = kernels.pointwise((gate[0], wide), "add(%0, %1)")
+    assert_close(got.cpu(), (gate[0] + wide).detach().cpu(), what="add", **tol)
+
+
 def test_launches_the_generated_kernel_and_keeps_nan():
     xs = [torch.randn(1000).to(TRITON_DEVICE) for _ in range(2)]
     xs[0][7] = float("nan")
