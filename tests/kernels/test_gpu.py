@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import kernels
 import models
 import runtime
+from kernels.linear import kernel as linear_kernel
 from kernels.recurrence import reference as gated_ref
 from kernels.scan import reference as scan_ref
 
@@ -319,3 +320,25 @@ def test_fp32_memory_query_with_tf32_allowed():
     assert rel(out, want) < 5e-3
     for name, g, w in zip("qkvb", grads, want_grads, strict=True):
         assert rel(g, w) < 1e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [4096 + 7, 300])
+def test_swiglu_gemm_at_benchmark_size(dtype, rows):
+    """The autotuned persistent TMA kernel (every config's descriptors re-blocked by its hook) at
+    the block's FFN width, TF32 products in fp32, against fp64; a row count that leaves the last
+    row tile partial and one with fewer tiles than SMs."""
+    torch.manual_seed(0)
+    width, hidden = 1024, 2816
+    x = torch.randn(rows, width, device="cuda", dtype=dtype)
+    w_gate, w_up = (torch.randn(hidden, width, device="cuda", dtype=dtype) / width**0.5 for _ in range(2))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 products, as the block benchmark runs
+    try:
+        out, g, u = linear_kernel.linear_swiglu_fwd(x, w_gate, w_up, True)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    xd, gd, ud = (t.double() for t in (x, w_gate, w_up))
+    want_g, want_u = xd @ gd.T, xd @ ud.T
+    assert rel(g, want_g) < 3e-3 and rel(u, want_u) < 3e-3
+    assert rel(out, F.silu(want_g) * want_u) < 5e-3

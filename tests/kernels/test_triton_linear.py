@@ -1,5 +1,6 @@
 """The Triton GEMM with the SwiGLU epilogue vs PyTorch autograd of silu(x Wg^T) * (x Wu^T) in fp64:
-odd sizes (no side a multiple of the tile), fp32/bf16, every gradient, NaN-poisoned outputs. Runs
+odd sizes (no side a multiple of the tile), fp32/bf16, every gradient, NaN-poisoned outputs, both
+kernels (the persistent TMA one and the pointer one for GPUs without TMA or unaligned rows). Runs
 on CUDA, or on CPU under TRITON_INTERPRET=1; the reference and the op registration run everywhere."""
 
 import pytest
@@ -30,10 +31,21 @@ def fp64_autograd(x, w_gate, w_up, dout):
     return out.detach(), torch.autograd.grad((out * dout.cpu().double()).sum(), leaves)
 
 
+@pytest.fixture(params=["tma", "pointers"])
+def path(request, monkeypatch):
+    """Which kernel runs: `tma` checks that the TMA one did (the shapes below keep rows aligned)."""
+    taken = []
+    real = kernel._tma_ok
+    tma = request.param == "tma"
+    monkeypatch.setattr(kernel, "_tma_ok", lambda *t: taken.append(real(*t) and tma) or taken[-1])
+    yield request.param
+    assert taken and all(taken) == tma, f"expected the {request.param} kernel, _tma_ok gave {taken}"
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize(("lead", "width", "hidden"), [((2, 37), 20, 24), ((1, 5), 48, 33), ((63,), 16, 16)])
+@pytest.mark.parametrize(("lead", "width", "hidden"), [((2, 37), 24, 40), ((1, 5), 48, 24), ((63,), 16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_swiglu_matches_fp64_autograd(lead, width, hidden, dtype):
+def test_linear_swiglu_matches_fp64_autograd(lead, width, hidden, dtype, path):
     x, w_gate, w_up = make(lead, width, hidden, dtype)
     out = kernels.linear_swiglu(x, w_gate, w_up)
     assert out.shape == (*lead, hidden) and out.dtype == dtype
@@ -52,8 +64,8 @@ def test_linear_swiglu_matches_fp64_autograd(lead, width, hidden, dtype):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("save", [True, False])
-def test_the_launcher_writes_every_element(save):
-    x, w_gate, w_up = (t.detach() for t in make((45,), 40, 50, torch.float32))
+def test_the_launcher_writes_every_element(save, path):
+    x, w_gate, w_up = (t.detach() for t in make((45,), 40, 56, torch.float32))
     out, g, u = kernel.linear_swiglu_fwd(x, w_gate, w_up, save)
     assert not torch.isnan(out).any()
     if save:
@@ -62,6 +74,16 @@ def test_the_launcher_writes_every_element(save):
         assert_close(u.cpu(), want_u.cpu(), what="u", rtol=1e-4, atol=1e-5)
     else:
         assert g.numel() == 0 and u.numel() == 0
+
+
+@pytest.mark.triton
+def test_unaligned_rows_take_the_pointer_kernel():
+    """Rows of 50 bf16 values (100 bytes) cannot be TMA-copied: the pointer kernel runs them."""
+    x, w_gate, w_up = (t.detach() for t in make((9,), 50, 24, torch.bfloat16))
+    assert not kernel._tma_ok(x, w_gate)
+    out = kernel.linear_swiglu_fwd(x, w_gate, w_up, False)[0]
+    want = reference.linear_swiglu(x.float(), w_gate.float(), w_up.float())[0]
+    assert_close(out.float().cpu(), want.cpu(), what="out", rtol=2e-2, atol=2e-2)
 
 
 def test_reference_backward_matches_autograd():
