@@ -10,17 +10,17 @@ forward and forward+backward, for each way of running the same graph, in one run
 - torch.compile, no mmrec passes: the unfused graph under torch.compile(fullgraph=True);
 - fused, eager: the default pipeline (`mmrec inspect --report` shows what it changes);
 - fused + torch.compile: the default pipeline under torch.compile(fullgraph=True);
-- fused + fuse-epilogue + torch.compile: the default pipeline with the opt-in fuse-epilogue
-  (the SwiGLU GEMM epilogue) after fuse-projections;
-- fused + fuse-elementwise, eager: the default pipeline with the opt-in fuse-elementwise (silu *
-  up as one generated kernel; under torch.compile it would be Inductor's, as without it).
+- fused without fuse-epilogue + torch.compile: the default pipeline less its SwiGLU GEMM
+  epilogue (cuBLAS's GEMM, then Inductor's silu * up: the default before session 13);
+- fuse-elementwise for fuse-epilogue, eager: silu * up as one generated pointwise kernel instead
+  of the GEMM epilogue (under torch.compile it would be Inductor's, as without it).
 
 Also printed: the activation bytes per token the fusion report counts for the block before and
 after the pipeline (passes/report.py's cost model: the kernels each op launches, each reading
 its per-token inputs and writing its outputs once). With --model 125m, the same four variants time the whole
 125M model's training step (forward, cross-entropy, backward) at its config's batch and length.
 
-    python benchmarks/block.py [--model 125m [--no-block]] [--profile] [--json out.json]
+    python benchmarks/block.py [--model 125m [--no-block]] [--rows 3,5,6] [--profile] [--json out.json]
 
 The issue's target compares against the first row. The third row (torch.compile around our
 Triton ops, without our graph passes) isolates what the passes themselves add.
@@ -49,17 +49,19 @@ from passes.report import block_costs
 from runtime.module import CompiledModel
 
 
-def with_pass(name: str, before: str) -> list[str]:
-    """The default pipeline with the opt-in pass `name` inserted before the pass `before`."""
-    names = [p.name for p in passlib.default_pipeline()]
-    names.insert(names.index(before), name)
+def without(name: str, insert: tuple[str, str] | None = None) -> list[str]:
+    """The default pipeline less the pass `name`, with `insert` = (pass, before which) added."""
+    names = [p.name for p in passlib.default_pipeline() if p.name != name]
+    if insert is not None:
+        names.insert(names.index(insert[1]), insert[0])
     return names
 
 
 UNFUSED = ["infer-shapes"]
-WITH_EPILOGUE = with_pass("fuse-epilogue", before="fuse-residual-epilogue")  # right after fuse-projections
-WITH_ELEMENTWISE = with_pass("fuse-elementwise", before="dce")
+NO_EPILOGUE = without("fuse-epilogue")
+ELEMENTWISE = without("fuse-epilogue", insert=("fuse-elementwise", "dce"))
 REFERENCE = "torch.compile of the eager reference model"
+ELEMENTWISE_NAME = "fuse-elementwise for fuse-epilogue, eager"
 # (name, pipeline (None: the default one), under torch.compile, our Triton kernels)
 VARIANTS = (
     (REFERENCE, UNFUSED, True, False),
@@ -67,8 +69,8 @@ VARIANTS = (
     ("torch.compile, no mmrec passes", UNFUSED, True, True),
     ("fused, eager", None, False, True),
     ("fused + torch.compile", None, True, True),
-    ("fused + fuse-epilogue + torch.compile", WITH_EPILOGUE, True, True),
-    ("fused + fuse-elementwise, eager", WITH_ELEMENTWISE, False, True),
+    ("fused without fuse-epilogue + torch.compile", NO_EPILOGUE, True, True),
+    (ELEMENTWISE_NAME, ELEMENTWISE, False, True),
 )
 DEVICE = "cuda"
 
@@ -195,6 +197,8 @@ def model_variants(cfg: Config) -> dict:
 
 def ratios(results: dict, key: str) -> None:
     for baseline in (REFERENCE, "torch.compile, no mmrec passes"):
+        if baseline not in results:
+            continue
         base = results[baseline][key]
         for name, r in results.items():
             print(f"  {name:<42} {key}: {base / r[key]:6.2f}x the speed of {baseline}")
@@ -205,8 +209,12 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="also time this model's training step (e.g. 125m)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the fused variants")
     parser.add_argument("--no-block", action="store_true", help="with --model: time the model's step only")
+    parser.add_argument("--rows", default=None, help="run only these rows (1-based, as listed above), e.g. 3,5,6")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.rows:
+        global VARIANTS
+        VARIANTS = tuple(VARIANTS[int(i) - 1] for i in args.rows.split(","))
     info = run_info("benchmarks/block.py")
     torch.set_float32_matmul_precision("high")  # TF32 GEMMs, as fp32 training on Hopper runs them
     torch.manual_seed(0)
@@ -219,8 +227,10 @@ def main() -> None:
         profiled = ("fused, eager", "fused + torch.compile") if args.profile else ()
         payload["block"] = block_variants(cfg, bsz, steps, profiled)
         ratios(payload["block"], "fwd_bwd")
-        unfused = payload["block"]["unfused, eager"]["bytes_per_token"]
-        for name in ("fused, eager", "fused + fuse-epilogue + torch.compile", "fused + fuse-elementwise, eager"):
+        unfused = payload["block"].get("unfused, eager", {}).get("bytes_per_token")
+        for name in ("fused, eager", "fused without fuse-epilogue + torch.compile", ELEMENTWISE_NAME):
+            if unfused is None or name not in payload["block"]:
+                continue
             saved = unfused / payload["block"][name]["bytes_per_token"]
             print(f"  counted activation bytes/token: unfused / {name} = {saved:.2f}x")
     if args.model:

@@ -10,11 +10,13 @@ works on the fp32 accumulators, so the result is the unfused one without the int
 roundings of gate, up and silu(gate) to the activation dtype (equal in fp32 up to summation
 order).
 
-Not in the default pipeline: on the H100 (2026-11-25, benchmarks/fusion.py, 32768 tokens,
-D 1024 -> F 2816) the Triton GEMM ran the forward in 0.805 ms (bf16) / 1.656 ms (fp32, TF32)
-against 0.721 / 1.380 ms for cuBLAS over both weights plus Inductor's fused silu * product, and
-the whole block under torch.compile was 21.78 ms with it against 21.58 without: the bytes it
-saves do not pay for a GEMM below cuBLAS's rate. Run it with `--passes`.
+fp32 graphs only (the model's own): in the default pipeline since the GEMM became persistent
+and TMA-fed (2026-12-01, H200, 32768 tokens, D 1024 -> F 2816: the fp32/TF32 forward 1.335 ms
+against 1.340 for cuBLAS over both weights plus Inductor's fused silu * product, and the whole
+block under torch.compile 5.92 / 19.75 ms forward / forward+backward against 6.10 / 19.77
+without). In bf16 the same benchmark measured the op at 0.886 ms against 0.678 (0.77x), though
+a sweep of the bare kernel that day ran it at 0.61 ms: until that gap is understood, bf16
+GEMMs stay cuBLAS's. (Before TMA the fp32 forward ran at 0.83x and the pass was opt-in.)
 
     before: %gate, %up = linear(%u, @w_gate, @w_up)
             %act = silu(%gate)
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmrec_ir import Node
+from mmrec_ir import DType, Node
 
 from .rewrite import Context, RewritePass, Rule
 
@@ -49,6 +51,7 @@ def _swiglu(index: int, node: Node, ctx: Context) -> bool:
         outs = [o.ref for o in linear.outputs]
         if (
             linear.op != "linear"
+            or ctx.types[gate].dtype is not DType.f32
             or len(outs) != 2
             or len(weights) != 2
             or [ctx.types[w].shape[0] for w in weights] != [ctx.types[o].shape[-1] for o in outs]

@@ -78,19 +78,22 @@ def default_pipeline() -> list[Pass]:
     - lower-linear-recurrence before the fusions, which may then fuse the ops it creates;
     - fuse-decay-recurrence, on the gated recurrences that are left;
     - cse before fuse-projections, so duplicated projections are merged as one, not fused twice;
+    - fuse-epilogue right after fuse-projections, whose two-output linear its SwiGLU row matches
+      (its persistent TMA GEMM runs at or above cuBLAS plus Inductor's fused silu * up on the
+      H200, BENCHMARKS.md);
     - fuse-residual-epilogue, then fuse-residual-norm, which takes the adds no kernel's epilogue
       took;
     - dce last among the rewrites, because CSE leaves the duplicates' producers dead;
     - select-kernels last, to record what claims each node that is left.
-    fuse-epilogue (after fuse-projections, whose two-output linear its SwiGLU row matches) is
-    not in it: its Triton GEMM measured slower than cuBLAS plus the fused pointwise ops on the
-    H100 (BENCHMARKS.md); `--passes` / `compile(passes=...)` runs it."""
+    fuse-elementwise is opt-in (`--passes` / `compile(passes=...)`): under torch.compile its
+    node runs the plain ops, which Inductor fuses as well."""
     names = [
         "infer-shapes",
         "lower-linear-recurrence",
         "fuse-decay-recurrence",
         "cse",
         "fuse-projections",
+        "fuse-epilogue",
         "fuse-residual-epilogue",
         "fuse-residual-norm",
         "dce",

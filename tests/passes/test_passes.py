@@ -344,6 +344,12 @@ def test_fuse_epilogue_leaves_a_chain_whose_parts_are_used_elsewhere(extra):
     assert "linear_swiglu" not in out and "silu(%gate)" in out
 
 
+def test_fuse_epilogue_leaves_bf16_to_cublas():
+    graph = SWIGLU.format(lhs="%act", rhs="%up", extra="").replace("f32", "bf16")
+    out = run(graph, "fuse-projections,fuse-epilogue")
+    assert "linear_swiglu" not in out and "silu(%gate)" in out
+
+
 @pytest.mark.parametrize("variant", [{}, {"recurrence": "linear"}, {"moe": {"experts": 2, "top_k": 1}, "uboo": True}])
 def test_default_pipeline_keeps_the_model_numerics(variant):
     """Fused and lowered model == the model as written: logits and every gradient."""
@@ -378,20 +384,22 @@ def test_default_pipeline_keeps_the_model_numerics(variant):
 
 
 def test_fuse_elementwise_on_the_model_keeps_its_numerics():
-    """The SwiGLU's silu * up becomes one pointwise node per block; on CPU it runs the plain ops,
-    so logits and gradients equal the default pipeline's exactly."""
+    """With fuse-elementwise in place of fuse-epilogue, the SwiGLU's silu * up becomes one
+    pointwise node per block; on CPU it runs the plain ops, so logits and gradients equal those of
+    the same pipeline without it exactly."""
     import torch.nn.functional as F
 
     import runtime
 
     graph = models.build(models.load_config("tiny"))
-    pipeline = [p.name for p in passes.default_pipeline()]
+    plain = [p.name for p in passes.default_pipeline() if p.name != "fuse-epilogue"]
+    pipeline = [*plain]
     pipeline.insert(pipeline.index("dce"), "fuse-elementwise")
     fused = passes.run_pipeline(graph, passes.lookup(pipeline)).graph
     assert [n.attr["expr"] for n in fused.nodes if n.op == "pointwise"] == ["mul(silu(%0), %1)"] * 2
     tokens = torch.randint(0, 2048, (2, 37))
     outputs = []
-    for passes_ in (None, pipeline):
+    for passes_ in (plain, pipeline):
         model = runtime.compile(graph, passes=passes_, seed=3)
         out = model(tokens[:, :-1])
         loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
