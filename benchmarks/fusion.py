@@ -12,11 +12,15 @@ triton.testing.do_bench, forward and forward+backward):
   GEMM alone (cuBLAS, no epilogue) is printed as the floor of what fusion can reach;
 - pointwise (fuse-elementwise's generated kernel) for silu(gate) * up at the block's FFN shape
   vs the two PyTorch ops (eager, and torch.compile'd into Inductor's one kernel) and vs the copy
-  floor of its traffic (read 2 rows, write 1), fp32 and bf16.
+  floor of its traffic (read 2 rows, write 1), fp32 and bf16;
+- decay_mlp (kernels/decay, opt-in MMREC_DECAY_MLP=1: the MDI decay's MLP W2 gelu(W1 x + b1) + b2
+  as one kernel, the bottleneck on chip) vs the plain ops (cuBLAS GEMMs with their biases and
+  a gelu; eager and torch.compile'd), at the block's width (D 1024, R 256) and the 125M
+  model's (D 768, R 192), fp32 with TF32 and bf16.
 
 Each of our kernels is checked against the reference on the benchmark inputs before timing.
 
-    python benchmarks/fusion.py [--only decay,norm,swiglu,pointwise] [--json out.json]
+    python benchmarks/fusion.py [--only decay,norm,swiglu,pointwise,decaymlp] [--json out.json]
 """
 
 from __future__ import annotations
@@ -179,6 +183,36 @@ def swiglu_section(rows: int, width: int, hidden: int, dtype) -> None:
     compare("swiglu", shape, variants, (x, w_gate, w_up), grads)
 
 
+def decay_mlp_section(rows: int, width: int, dtype) -> None:
+    from kernels.decay import op as decay_op
+
+    hidden = width // 4
+    shape = f"{rows} x {width} -> {hidden} -> {width} {str(dtype).replace('torch.', '')}"
+    print(f"MDI decay MLP, {shape}")
+    x = torch.randn(rows, width, device=DEVICE, dtype=dtype, requires_grad=True)
+    w1 = (torch.randn(hidden, width, device=DEVICE, dtype=dtype) / width**0.5).requires_grad_()
+    w2 = (torch.randn(width, hidden, device=DEVICE, dtype=dtype) / hidden**0.5).requires_grad_()
+    b1, b2 = (torch.zeros(n, device=DEVICE, dtype=dtype, requires_grad=True) for n in (hidden, width))
+    grads = [torch.randn(rows, width, device=DEVICE, dtype=dtype)]
+
+    def plain(x, w1, b1, w2, b2):
+        return torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1)), w2, b2)
+
+    compiled = torch.compile(plain, fullgraph=True)
+    args = (x, w1, b1, w2, b2)
+    with torch.no_grad():
+        exact = plain(*(t.double() for t in args))
+        ours, theirs = rel_err(decay_op.mlp(*args), exact), rel_err(plain(*args), exact)
+        print(f"  rel err vs fp64: mmrec {ours:.1e}, plain ops {theirs:.1e}")
+        assert ours < 1e-2, f"decay_mlp is off: rel err {ours:.1e} vs fp64"
+    variants = (
+        ("plain ops, eager", plain),
+        ("plain ops, torch.compile", compiled),
+        ("mmrec decay_mlp (Triton, fused)", decay_op.mlp),
+    )
+    compare("decaymlp", shape, variants, args, grads)
+
+
 def pointwise_section(rows: int, hidden: int, dtype) -> None:
     shape = f"{rows} x {hidden} {str(dtype).replace('torch.', '')}"
     print(f"silu(gate) * up, {shape}")
@@ -212,7 +246,7 @@ def pointwise_section(rows: int, hidden: int, dtype) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--only", default="decay,norm,swiglu,pointwise", help="comma-separated sections")
+    parser.add_argument("--only", default="decay,norm,swiglu,pointwise,decaymlp", help="comma-separated sections")
     args = parser.parse_args()
     info = run_info("benchmarks/fusion.py")
     torch.manual_seed(0)
@@ -227,6 +261,11 @@ def main() -> None:
         torch.set_float32_matmul_precision("high")
         swiglu_section(8 * 4096, 1024, 2816, torch.float32)
         swiglu_section(8 * 4096, 1024, 2816, torch.bfloat16)
+    if "decaymlp" in sections:
+        torch.set_float32_matmul_precision("high")
+        for width in (1024, 768):
+            for dtype in (torch.float32, torch.bfloat16):
+                decay_mlp_section(8 * 4096, width, dtype)
     if "pointwise" in sections:
         pointwise_section(8 * 4096, 2816, torch.float32)
         pointwise_section(8 * 4096, 2816, torch.bfloat16)

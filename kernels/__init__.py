@@ -10,7 +10,8 @@ expression (kernels/pointwise).
 
 from .checks import KernelInputError
 from .config import knobs
-from .decay.reference import decay_gate, mdi_decay, mdi_decay_logits
+from .decay.op import mdi_decay_logits
+from .decay.reference import decay_gate, mdi_decay
 from .linear.op import linear_swiglu
 from .memory.op import hds_query, memory_write, memory_write_
 from .memory.reference import Memory, MemorySpec, reset_rows
