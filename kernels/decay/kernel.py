@@ -9,6 +9,13 @@ on the accumulator, and the second GEMM reads the hidden from registers against 
 tiles of W2, adding b2 before each output tile leaves by TMA. HBM traffic per row: x read once,
 out written once. Persistent: one program per SM walks the row tiles.
 
+The whole decay in one program (both hiddens live, each gamma tile formed from the a and c tiles
+of the same columns, so a and c never leave the chip: per row z and k read, gamma written) was
+tried and does not fit as written: compiled for sm_90 at R = 192 (padded to 256) it needs 336 KB
+of shared memory in fp32 (the limit is 227) and spills registers in fp32 and bf16, with 8 or 16
+warps. It would need the hidden split into 128 + 64 columns instead of padded, or one hidden
+parked in shared memory, which Triton does not let a kernel place.
+
 The hidden is rounded to the activation dtype before the second GEMM, as F.linear in that
 dtype would round it. The backward (op.py) is PyTorch: it recomputes the first GEMM (a quarter
 of the forward's products) instead of saving the hidden.
@@ -26,6 +33,22 @@ from ..config import knobs, new_output
 from ..dot import dot_meta, operand
 
 MAX_HIDDEN = 256  # one accumulator's width: a TMA box side is at most 256 elements
+
+
+@triton.jit
+def _hidden(XD, W1D, B1, row, K, R, PRECISION: tl.constexpr, UPCAST: tl.constexpr, R_PAD: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """gelu(x W1^T + b1) of rows row.. row + BLOCK_M, [BLOCK_M, R_PAD] as the next dot's operand
+    (rounded to DTYPE, the activations' dtype); columns >= R are 0."""
+    acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        a = operand(XD.load([row, k0]), UPCAST)
+        w = operand(W1D.load([0, k0]), UPCAST)
+        acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+    hid = tl.arange(0, R_PAD)
+    pre = acc + tl.load(B1 + hid, mask=hid < R, other=0.0).to(tl.float32)[None, :]
+    # exact gelu; padded columns have pre = 0, so gelu = 0 (and W2's padded columns are 0)
+    return operand((0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))).to(DTYPE), UPCAST)
 
 
 @triton.jit
@@ -48,18 +71,9 @@ def _mlp_fwd(
     BLOCK_N: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    hid = tl.arange(0, R_PAD)
-    b1 = tl.load(B1 + hid, mask=hid < R, other=0.0).to(tl.float32)
     for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         row = tile * BLOCK_M
-        acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            a = operand(XD.load([row, k0]), UPCAST)
-            w = operand(W1D.load([0, k0]), UPCAST)
-            acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
-        pre = acc + b1[None, :]
-        # exact gelu; padded columns have pre = 0, so gelu = 0 (and w2's padded columns are 0)
-        h = operand((0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))).to(OD.dtype), UPCAST)
+        h = _hidden(XD, W1D, B1, row, K, R, PRECISION, UPCAST, R_PAD, BLOCK_M, BLOCK_K, STAGES, OD.dtype)
         for n0 in tl.range(0, N, BLOCK_N):
             w2 = operand(W2D.load([n0, 0]), UPCAST)
             out = tl.dot(h, w2.T, input_precision=PRECISION)
@@ -72,14 +86,14 @@ def padded_hidden(hidden: int) -> int:
     return max(16, triton.next_power_of_2(hidden))
 
 
-def supported(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
-    """The fused kernel takes the MLP: a bottleneck of at most MAX_HIDDEN, TMA (Hopper or later,
-    or the interpreter) and 16-byte aligned rows and bases."""
+def supported(x: Tensor, w1: Tensor, *matrices: Tensor) -> bool:
+    """The fused kernels take the MLP(s): a bottleneck of at most MAX_HIDDEN, TMA (Hopper or
+    later, or the interpreter) and 16-byte aligned rows and bases of every matrix."""
     if w1.shape[0] > MAX_HIDDEN:
         return False
     if not knobs.interpret and torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w1, w2))
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w1, *matrices))
 
 
 def config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
