@@ -89,11 +89,14 @@ def padded_hidden(hidden: int) -> int:
 def supported(x: Tensor, w1: Tensor, *matrices: Tensor) -> bool:
     """The fused kernels take the MLP(s): a bottleneck of at most MAX_HIDDEN, TMA (Hopper or
     later, or the interpreter) and 16-byte aligned rows and bases of every matrix."""
-    if w1.shape[0] > MAX_HIDDEN:
+    if not 0 < w1.shape[0] <= MAX_HIDDEN:
         return False
     if not knobs.interpret and torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w1, *matrices))
+    return all(
+        t.shape[1] > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+        for t in (x, w1, *matrices)
+    )
 
 
 def config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:

@@ -10,6 +10,8 @@ gelu's derivative, four GEMMs), so under torch.compile Inductor fuses its pointw
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -94,7 +96,7 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, name: str = "
     w2 = tensor_arg(name, "w2", w2, (out_width, hidden), like=x)
     b1 = tensor_arg(name, "b1", b1, (hidden,), like=x)
     b2 = tensor_arg(name, "b2", b2, (out_width,), like=x)
-    rows = tensor_arg(name, "x", x, tuple(x.shape)).reshape(-1, width)
+    rows = tensor_arg(name, "x", x, tuple(x.shape)).reshape(math.prod(x.shape[:-1]), width)
     if launches_directly(rows):
         out = _Direct.apply(rows, w1, b1, w2, b2)
     else:

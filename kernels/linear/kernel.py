@@ -14,8 +14,9 @@ TMA: one program per SM walks the output tiles, the x and weight tiles arrive by
 copies (bounds handled by the copy engine, no masks) and the epilogue leaves by TMA stores. On
 the H200 the bare kernel runs 1.07x (fp32/TF32) and 1.01x (bf16) faster than cuBLAS's GEMM
 plus Inductor's fused silu * up in training, where the pointer-based kernel below ran at 0.83x
-and 0.86x (benchmarks/swiglu_sweep.py; the op as called, BENCHMARKS.md: 1.00x fp32, 0.77x
-bf16). The pointer kernel stays for GPUs without TMA and rows not 16-byte aligned.
+and 0.86x (benchmarks/swiglu_sweep.py; the op as called, BENCHMARKS.md: 1.00x fp32, and 0.77x bf16
+with fp32's tiles, before the autotuning key named the dtype). The pointer kernel stays for
+GPUs without TMA and rows not 16-byte aligned.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _swiglu_tma(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     STAGES: tl.constexpr,
+    DTYPE: tl.constexpr,  # the operands' dtype, for the autotuning key only: descriptors carry none it sees
 ):
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, HALF)
     for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
@@ -153,7 +155,10 @@ def _tma_configs() -> list[triton.Config]:
     ]
 
 
-_swiglu_tma_tuned = triton.autotune(_tma_configs(), key=["N", "K", "SAVE", "PRECISION"])(_swiglu_tma)
+# DTYPE in the key: Triton's autotuner keys tensors by dtype but sees none in descriptors, and
+# with TF32 on fp32 and bf16 share PRECISION, so without it bf16 reused fp32's tiles (and fp32
+# after bf16 would launch a config that does not fit its shared memory).
+_swiglu_tma_tuned = triton.autotune(_tma_configs(), key=["N", "K", "SAVE", "PRECISION", "DTYPE"])(_swiglu_tma)
 
 
 def _programs(device) -> int:
@@ -164,7 +169,10 @@ def _tma_ok(*tensors: Tensor) -> bool:
     """TMA: Hopper or later (always under the interpreter), 16-byte aligned bases and rows."""
     if not knobs.interpret and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         return False
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+    return all(
+        t.shape[1] > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+        for t in tensors
+    )
 
 
 def interleave(w_gate: Tensor, w_up: Tensor, half: int) -> Tensor:
@@ -172,9 +180,14 @@ def interleave(w_gate: Tensor, w_up: Tensor, half: int) -> Tensor:
     rounded up to `half`, zero rows). A copy of the weights per call, not per token."""
     hidden, width = w_gate.shape
     blocks = triton.cdiv(hidden, half)
-    pad = (0, 0, 0, blocks * half - hidden)
-    halves = [torch.nn.functional.pad(w, pad).view(blocks, half, width) for w in (w_gate, w_up)]
-    return torch.stack(halves, dim=1).reshape(2 * blocks * half, width)
+    full, rest = divmod(hidden, half)
+    out = w_gate.new_empty(blocks, 2, half, width)
+    for j, w in enumerate((w_gate, w_up)):  # one strided copy per weight (two with a partial block)
+        out[:full, j].copy_(w[: full * half].view(full, half, width))
+        if rest:
+            out[full, j, :rest].copy_(w[full * half :])
+            out[full, j, rest:].zero_()
+    return out.view(2 * blocks * half, width)
 
 
 def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -198,6 +211,7 @@ def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tu
         outs = [TensorDescriptor.from_tensor(t if save else out, [bm, half]) for t in (out, g, u)]
         args = (TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [2 * half, bk]), *outs)
         args = (*args, rows, hidden, width)
+        meta["DTYPE"] = str(x.dtype).removeprefix("torch.")
         programs = _programs(x.device)
         if fixed:
             grid = (min(programs, triton.cdiv(rows, bm) * tiles_n),)

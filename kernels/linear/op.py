@@ -9,6 +9,8 @@ directly under an autograd.Function, as the other ops do.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -83,7 +85,7 @@ def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
         raise KernelInputError(f"linear_swiglu: w_gate: expected [F, {width}], got {getattr(w_gate, 'shape', None)}")
     w_gate = tensor_arg("linear_swiglu", "w_gate", w_gate, (w_gate.shape[0], width), like=x)
     w_up = tensor_arg("linear_swiglu", "w_up", w_up, tuple(w_gate.shape), like=x)
-    rows = tensor_arg("linear_swiglu", "x", x, tuple(x.shape)).reshape(-1, width)
+    rows = tensor_arg("linear_swiglu", "x", x, tuple(x.shape)).reshape(math.prod(x.shape[:-1]), width)
     lead = x.shape[:-1]
     if launches_directly(rows):
         return _Direct.apply(rows, w_gate, w_up).view(*lead, -1)

@@ -17,10 +17,9 @@ from mmrec_ir.pointwise import parse_expr
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels run on the GPU here")
 
 
-def _compile(fn, dtype: str):
+def _compile(fn, dtype: str, blocks: dict):
     from triton.backends.compiler import GPUTarget
 
-    blocks = {"BLOCK_M": 1, "BLOCK_N": kernel.BLOCK}  # the contiguous launch: one row
     ints = {"M", "N", "SG"} | {a for a in fn.arg_names if a[0] == "S" and a[1:].isdigit()}
     sig = {a: "constexpr" if a in blocks else ("i32" if a in ints else f"*{dtype}") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
@@ -31,14 +30,19 @@ def _compile(fn, dtype: str):
 EXPRS = ["mul(silu(%0), %1)", "scale(gelu(sub(exp(neg(%0)), log(clamp(%1, min=0.1, max=inf)))), factor=-0.5)"]
 
 
+# the contiguous launch (one row) and a strided one of narrow rows (64 rows of 16 columns a tile)
+BLOCKS = [{"BLOCK_M": 1, "BLOCK_N": kernel.BLOCK}, {"BLOCK_M": 64, "BLOCK_N": 16}]
+
+
+@pytest.mark.parametrize("blocks", BLOCKS, ids=["one-row", "strided-rows"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("text", EXPRS)
-def test_generated_kernels_compile_for_sm90_without_spills(text, dtype):
+def test_generated_kernels_compile_for_sm90_without_spills(text, dtype, blocks):
     expr = parse_expr(text)
     module = kernel.compiled(expr, len(expr.inputs()))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     for fn in (module.pointwise_kernel, module.pointwise_backward):
-        compiled = _compile(fn, dtype)
+        compiled = _compile(fn, dtype, blocks)
         assert "ld.global" in compiled.asm["ptx"] and "st.global" in compiled.asm["ptx"]
         cuobjdump = os.path.join(tools, "cuobjdump")
         if not os.path.exists(cuobjdump):

@@ -120,3 +120,13 @@ def test_the_op_compiles_without_graph_breaks():
     assert_close(out.detach(), want.detach(), what="out", rtol=1e-5, atol=1e-6)
     for g, w in zip(grads, want_grads, strict=True):
         assert_close(g, w, what="grad", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.triton
+def test_shapes_the_kernel_cannot_take_run_the_plain_ops():
+    """A zero-width input or bottleneck, or rows not 16-byte aligned, fall back to the plain ops."""
+    for rows, width, hidden in [(4, 0, 8), (4, 16, 0), (4, 10, 8)]:
+        x, w1, b1, w2, b2 = (t.detach() for t in make(rows, width, hidden, 16, torch.float32))
+        assert not kernel.supported(x, w1, w2)
+        got = op.mlp(x, w1, b1, w2, b2)
+        assert_close(got.cpu(), F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).cpu(), what="out", rtol=1e-5, atol=1e-6)

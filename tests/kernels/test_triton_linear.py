@@ -109,3 +109,11 @@ def test_errors_name_the_argument():
         kernels.linear_swiglu(x, w_gate, w_up[:, :7])
     with pytest.raises(KernelInputError, match=r"linear_swiglu: w_gate: expected shape \[10, 8\], got \[10, 9\]"):
         kernels.linear_swiglu(x, torch.randn(10, 9), w_up)
+
+
+@pytest.mark.triton
+def test_zero_width_rows_give_zeros():
+    x, w_gate, w_up = (t.detach() for t in make((5,), 0, 16, torch.float32))
+    assert not kernel._tma_ok(x, w_gate)
+    out = kernel.linear_swiglu_fwd(x, w_gate, w_up, False)[0]
+    assert out.shape == (5, 16) and torch.equal(out.cpu(), torch.zeros(5, 16))
