@@ -14,9 +14,9 @@ fp32 graphs only (the model's own): in the default pipeline since the GEMM becam
 and TMA-fed (2026-12-01, H200, 32768 tokens, D 1024 -> F 2816: the fp32/TF32 forward 1.335 ms
 against 1.340 for cuBLAS over both weights plus Inductor's fused silu * product, and the whole
 block under torch.compile 5.92 / 19.75 ms forward / forward+backward against 6.10 / 19.77
-without). In bf16 the same benchmark measured the op at 0.886 ms against 0.678 (0.77x), though
-a sweep of the bare kernel that day ran it at 0.61 ms: until that gap is understood, bf16
-GEMMs stay cuBLAS's. (Before TMA the fp32 forward ran at 0.83x and the pass was opt-in.)
+without). In bf16 the same benchmark measured the op at 0.886 ms against 0.678 (0.77x), but
+that call ran fp32's autotuned tiles (fixed since: docs/kernels.md), so bf16 GEMMs stay
+cuBLAS's until re-measured. (Before TMA the fp32 forward ran at 0.83x and the pass was opt-in.)
 
     before: %gate, %up = linear(%u, @w_gate, @w_up)
             %act = silu(%gate)

@@ -8,7 +8,8 @@ one store (the block's h + m, SPEC §5).
 Not a row: a linear. PyTorch's addmm with a 2-D input (x + h @ W^T) copies x into its result
 with a separate kernel before the GEMM reads it back as C (only a 1-D bias takes cuBLASLt's
 epilogue), so it moves what a linear and an add move; a GEMM with a real residual epilogue
-would be our own Triton GEMM, which runs below cuBLAS's rate (fuse-epilogue's measurements).
+would be our own Triton GEMM (kernels/linear's persistent TMA form ties cuBLAS in fp32 with
+an epilogue to fuse; a plain residual GEMM is not written).
 
 fp32 graphs only. The backward forms FlashAttention's delta = rowsum(dout * m) from the saved
 sum less the residual; in bf16/fp16 that m carries the rounding of the sum, 2^-9 |h + m| instead
