@@ -13,7 +13,9 @@ forward and forward+backward, for each way of running the same graph, in one run
 - fused without fuse-epilogue + torch.compile: the default pipeline less its SwiGLU GEMM
   epilogue (cuBLAS's GEMM, then Inductor's silu * up: the default before session 13);
 - fuse-elementwise for fuse-epilogue, eager: silu * up as one generated pointwise kernel instead
-  of the GEMM epilogue (under torch.compile it would be Inductor's, as without it).
+  of the GEMM epilogue (under torch.compile it would be Inductor's, as without it);
+- fuse-decay for fuse-decay-recurrence + torch.compile: the whole MDI decay as one kernel
+  (opt-in pass, kernels/decay) and the plain gated recurrence reading gamma.
 
 Also printed: the activation bytes per token the fusion report counts for the block before and
 after the pipeline (passes/report.py's cost model: the kernels each op launches, each reading
@@ -60,6 +62,7 @@ def without(name: str, insert: tuple[str, str] | None = None) -> list[str]:
 UNFUSED = ["infer-shapes"]
 NO_EPILOGUE = without("fuse-epilogue")
 ELEMENTWISE = without("fuse-epilogue", insert=("fuse-elementwise", "dce"))
+WHOLE_DECAY = without("fuse-decay-recurrence", insert=("fuse-decay", "cse"))
 REFERENCE = "torch.compile of the eager reference model"
 ELEMENTWISE_NAME = "fuse-elementwise for fuse-epilogue, eager"
 # (name, pipeline (None: the default one), under torch.compile, our Triton kernels)
@@ -71,6 +74,7 @@ VARIANTS = (
     ("fused + torch.compile", None, True, True),
     ("fused without fuse-epilogue + torch.compile", NO_EPILOGUE, True, True),
     (ELEMENTWISE_NAME, ELEMENTWISE, False, True),
+    ("fuse-decay for fuse-decay-recurrence + torch.compile", WHOLE_DECAY, True, True),
 )
 DEVICE = "cuda"
 
@@ -228,7 +232,12 @@ def main() -> None:
         payload["block"] = block_variants(cfg, bsz, steps, profiled)
         ratios(payload["block"], "fwd_bwd")
         unfused = payload["block"].get("unfused, eager", {}).get("bytes_per_token")
-        for name in ("fused, eager", "fused without fuse-epilogue + torch.compile", ELEMENTWISE_NAME):
+        for name in (
+            "fused, eager",
+            "fused without fuse-epilogue + torch.compile",
+            ELEMENTWISE_NAME,
+            "fuse-decay for fuse-decay-recurrence + torch.compile",
+        ):
             if unfused is None or name not in payload["block"]:
                 continue
             saved = unfused / payload["block"][name]["bytes_per_token"]

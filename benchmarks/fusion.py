@@ -13,10 +13,11 @@ triton.testing.do_bench, forward and forward+backward):
 - pointwise (fuse-elementwise's generated kernel) for silu(gate) * up at the block's FFN shape
   vs the two PyTorch ops (eager, and torch.compile'd into Inductor's one kernel) and vs the copy
   floor of its traffic (read 2 rows, write 1), fp32 and bf16;
-- decay_mlp (kernels/decay, opt-in MMREC_DECAY_MLP=1: the MDI decay's MLP W2 gelu(W1 x + b1) + b2
+- decay_mlp (kernels/decay, opt-in MMREC_DECAY_KERNELS=1: the MDI decay's MLP W2 gelu(W1 x + b1) + b2
   as one kernel, the bottleneck on chip) vs the plain ops (cuBLAS GEMMs with their biases and
-  a gelu; eager and torch.compile'd), at the block's width (D 1024, R 256) and the 125M
-  model's (D 768, R 192), fp32 with TF32 and bf16.
+  a gelu; eager and torch.compile'd), and mdi_decay_fused (fuse-decay: both MLPs and the tail
+  in one kernel) vs the plain mdi_decay, at the block's width (D 1024, R 256) and the 125M
+  model's (D 768, R 192), keys of 256, fp32 with TF32 and bf16.
 
 Each of our kernels is checked against the reference on the benchmark inputs before timing.
 
@@ -211,6 +212,30 @@ def decay_mlp_section(rows: int, width: int, dtype) -> None:
         ("mmrec decay_mlp (Triton, fused)", decay_op.mlp),
     )
     compare("decaymlp", shape, variants, args, grads)
+
+    from kernels.decay import reference as decay_ref
+
+    k = torch.randn(rows, 256, device=DEVICE, dtype=dtype, requires_grad=True)
+    c1 = (torch.randn(hidden, 256, device=DEVICE, dtype=dtype) / 16).requires_grad_()
+    c2 = (torch.randn(width, hidden, device=DEVICE, dtype=dtype) / hidden**0.5).requires_grad_()
+    cb1, cb2 = (torch.zeros(n, device=DEVICE, dtype=dtype, requires_grad=True) for n in (hidden, width))
+    decay_args = (x, k, w1, b1, w2, b2, c1, cb1, c2, cb2)
+
+    def plain_decay(*a):
+        return decay_ref.mdi_decay(*a, 1e-6)
+
+    with torch.no_grad():
+        exact = plain_decay(*(t.double() for t in decay_args))
+        ours = rel_err(kernels.mdi_decay_fused(*decay_args, eps=1e-6), exact)
+        theirs = rel_err(plain_decay(*decay_args), exact)
+        print(f"  whole decay: rel err vs fp64: mmrec {ours:.1e}, plain ops {theirs:.1e}")
+        assert ours < 1e-2, f"mdi_decay_fused is off: rel err {ours:.1e} vs fp64"
+    variants = (
+        ("whole decay, plain ops, eager", plain_decay),
+        ("whole decay, plain ops, torch.compile", torch.compile(plain_decay, fullgraph=True)),
+        ("mmrec mdi_decay_fused (Triton, one kernel)", lambda *a: kernels.mdi_decay_fused(*a, eps=1e-6)),
+    )
+    compare("decaymlp", shape + " (whole decay)", variants, decay_args, grads)
 
 
 def pointwise_section(rows: int, hidden: int, dtype) -> None:

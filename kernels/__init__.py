@@ -10,7 +10,7 @@ expression (kernels/pointwise).
 
 from .checks import KernelInputError
 from .config import knobs
-from .decay.op import mdi_decay_logits
+from .decay.op import mdi_decay_fused, mdi_decay_logits
 from .decay.reference import decay_gate, mdi_decay
 from .linear.op import linear_swiglu
 from .memory.op import hds_query, memory_write, memory_write_
@@ -34,6 +34,7 @@ __all__ = [
     "linear_scan",
     "linear_swiglu",
     "mdi_decay",
+    "mdi_decay_fused",
     "mdi_decay_logits",
     "memory_write",
     "memory_write_",

@@ -22,10 +22,10 @@ class Knobs:
     # Hopper. Opt-in: with the guard that keeps another row's NaN out of a tile its tiles spill
     # registers, and it measured 13% slower than pointer loads (docs/kernels.md).
     memory_tma: bool = os.environ.get("MMREC_MEMORY_TMA", "0") == "1"
-    # MMREC_DECAY_MLP=1: the MDI decay's two MLPs as one Triton kernel each (GEMM, gelu, GEMM,
-    # the bottleneck kept on chip; kernels/decay). Opt-in: tested under the interpreter and
-    # compiled for sm_90, not yet run on a GPU.
-    decay_mlp: bool = os.environ.get("MMREC_DECAY_MLP", "0") == "1"
+    # MMREC_DECAY_KERNELS=1: mdi_decay_logits (the decay's two MLPs, as fuse-decay-recurrence
+    # leaves them) runs one Triton kernel per MLP, the bottleneck kept on chip (kernels/decay).
+    # Opt-in: tested under the interpreter and compiled for sm_90, not yet run on a GPU.
+    decay_kernels: bool = os.environ.get("MMREC_DECAY_KERNELS", "0") == "1"
     # MMREC_SCAN=walk: the linear scan's earlier kernels (one walker per column block, forward
     # and backward) instead of the chained ones (kernels/scan/kernel.py), for comparison.
     scan_kernels: str = os.environ.get("MMREC_SCAN", "chained")

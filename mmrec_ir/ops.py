@@ -258,6 +258,13 @@ def _mdi_decay(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2, eps):
     return [_decay_mlps(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2)]
 
 
+@op("mdi_decay_fused", _DECAY_OPERANDS, eps=1e-6)
+def _mdi_decay_fused(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2, eps):
+    """mdi_decay as one kernel (fuse-decay): both MLPs and the tail, a and c never in HBM."""
+    _decay_eps(eps)
+    return [_decay_mlps(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2)]
+
+
 @op("mdi_decay_logits", _DECAY_OPERANDS)
 def _mdi_decay_logits(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2):
     """SPEC §3 without its tail: (W2 gelu(W1 z), C2 gelu(C1 k)), the logits decay_recurrence reads."""

@@ -3,6 +3,7 @@
 from .base import PASSES, Pass
 from .cse import CSE
 from .dce import DCE
+from .fuse_decay import FuseDecay
 from .fuse_decay_recurrence import FuseDecayRecurrence
 from .fuse_elementwise import FuseElementwise
 from .fuse_epilogue import FuseEpilogue
@@ -20,6 +21,7 @@ __all__ = [
     "CSE",
     "DCE",
     "PASSES",
+    "FuseDecay",
     "FuseDecayRecurrence",
     "FuseElementwise",
     "FuseEpilogue",

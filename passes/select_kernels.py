@@ -41,7 +41,8 @@ CUDA_KERNELS: dict[str, str] = {
     "ffn": "cublas + torch",
     "moe": "cublas + torch",
     "mdi_decay": "cublas + torch",
-    "mdi_decay_logits": "cublas + torch",
+    "mdi_decay_logits": "cublas + torch (MMREC_DECAY_KERNELS=1: triton:mmrec::decay_mlp)",
+    "mdi_decay_fused": "triton:mmrec::mdi_decay_fused (backward: cublas + torch)",
     "uboo_loss": "cublas + torch",
 }
 

@@ -38,6 +38,7 @@ class ReferenceOps:
     split = staticmethod(lambda x, sizes: tuple(torch.split(x, list(sizes), dim=-1)))
     concat = staticmethod(lambda *xs: _one(torch.cat(xs, dim=-1)))
     mdi_decay = staticmethod(lambda *args, eps: _one(kernels.mdi_decay(*args, eps=eps)))
+    mdi_decay_fused = staticmethod(lambda *args, eps: _one(kernels.mdi_decay_fused(*args, eps=eps)))
     mdi_decay_logits = staticmethod(kernels.mdi_decay_logits)
     linear_scan = staticmethod(kernels.linear_scan)
 

@@ -1,24 +1,24 @@
-"""Triton kernel for one MLP of the MDI decay (SPEC §3): out = W2 gelu(W1 x + b1) + b2, with the
-bottleneck (width R = D / 4) kept on chip.
+"""Triton kernels for the MDI decay (SPEC §3), with the bottleneck (width R = D / 4) on chip: one
+MLP, out = W2 gelu(W1 x + b1) + b2 (`_mlp_fwd`, the logits path of fuse-decay-recurrence), and
+the whole decay, gamma = clamp(sigmoid(a) sigmoid(c), eps, 1 - eps) of the MLP a of z and the
+MLP c of k (`_decay_fwd`).
 
 Unfused, each MLP is a GEMM, a gelu and a GEMM (biases in the GEMMs' epilogues): the [N, R]
 hidden is written, read, written and read again. Here one program owns BLOCK_M rows: the first
-GEMM accumulates [BLOCK_M, R_PAD] in registers (R padded to a power of two; the descriptors'
-zero fill supplies the padding, so no weight is copied), the bias and the exact (erf) gelu run
-on the accumulator, and the second GEMM reads the hidden from registers against BLOCK_N-row
-tiles of W2, adding b2 before each output tile leaves by TMA. HBM traffic per row: x read once,
-out written once. Persistent: one program per SM walks the row tiles.
+GEMM accumulates the hidden in registers as two power-of-two parts (R = 192 as 128 + 64; the
+descriptors' zero fill pads the second part, so no weight is copied: a single part padded to
+256 cost a quarter more products and did not fit the whole decay), the bias and the exact (erf)
+gelu run on the accumulators, and the second GEMM reads the hidden from registers against
+BLOCK_N-row tiles of W2, adding b2 before each output tile leaves by TMA. HBM traffic per row:
+x read once, out written once. Persistent: one program per SM walks the row tiles.
 
-The whole decay in one program (both hiddens live, each gamma tile formed from the a and c tiles
-of the same columns, so a and c never leave the chip: per row z and k read, gamma written) was
-tried and does not fit as written: compiled for sm_90 at R = 192 (padded to 256) it needs 336 KB
-of shared memory in fp32 (the limit is 227) and spills registers in fp32 and bf16, with 8 or 16
-warps. It would need the hidden split into 128 + 64 columns instead of padded, or one hidden
-parked in shared memory, which Triton does not let a kernel place.
+The whole decay keeps both hiddens and forms each gamma tile from the a and c tiles of the same
+columns, so a and c never leave the chip: per row z and k are read and gamma written, where the
+logits path writes a and c and the recurrence reads both.
 
-The hidden is rounded to the activation dtype before the second GEMM, as F.linear in that
-dtype would round it. The backward (op.py) is PyTorch: it recomputes the first GEMM (a quarter
-of the forward's products) instead of saving the hidden.
+The hidden is rounded to the activation dtype before the second GEMM, as F.linear in that dtype
+would round it. The backwards (op.py) are PyTorch, recomputing what they need (the first GEMM;
+for the whole decay, both MLPs) instead of saving it.
 """
 
 from __future__ import annotations
@@ -32,30 +32,52 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..config import knobs, new_output
 from ..dot import dot_meta, operand
 
-MAX_HIDDEN = 256  # one accumulator's width: a TMA box side is at most 256 elements
+MAX_HIDDEN = 256  # the bottleneck's two parts are at most 256 and 128 wide (TMA box sides)
 
 
 @triton.jit
-def _hidden(XD, W1D, B1, row, K, R, PRECISION: tl.constexpr, UPCAST: tl.constexpr, R_PAD: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
-    """gelu(x W1^T + b1) of rows row.. row + BLOCK_M, [BLOCK_M, R_PAD] as the next dot's operand
-    (rounded to DTYPE, the activations' dtype); columns >= R are 0."""
-    acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+def _hidden(XD, WLO, WHI, B1, row, K, R, PRECISION: tl.constexpr, UPCAST: tl.constexpr, R_LO: tl.constexpr,
+            R_HI: tl.constexpr, HAS_HI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+            STAGES: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """gelu(x W1^T + b1) of rows row.. row + BLOCK_M as two operands of the next dot, columns
+    [0, R_LO) and [R_LO, R_LO + R_HI) (the second only with HAS_HI), rounded to DTYPE (the
+    activations' dtype); columns >= R are 0."""
+    lo = tl.zeros([BLOCK_M, R_LO], dtype=tl.float32)
+    hi = tl.zeros([BLOCK_M, R_HI], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         a = operand(XD.load([row, k0]), UPCAST)
-        w = operand(W1D.load([0, k0]), UPCAST)
-        acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
-    hid = tl.arange(0, R_PAD)
+        lo = tl.dot(a, operand(WLO.load([0, k0]), UPCAST).T, lo, input_precision=PRECISION)
+        if HAS_HI:
+            hi = tl.dot(a, operand(WHI.load([R_LO, k0]), UPCAST).T, hi, input_precision=PRECISION)
+    return _gelu_bias(lo, B1, 0, R, UPCAST, R_LO, DTYPE), _gelu_bias(hi, B1, R_LO, R, UPCAST, R_HI, DTYPE)
+
+
+@triton.jit
+def _gelu_bias(acc, B1, first, R, UPCAST: tl.constexpr, WIDTH: tl.constexpr, DTYPE: tl.constexpr):
+    hid = first + tl.arange(0, WIDTH)
     pre = acc + tl.load(B1 + hid, mask=hid < R, other=0.0).to(tl.float32)[None, :]
     # exact gelu; padded columns have pre = 0, so gelu = 0 (and W2's padded columns are 0)
     return operand((0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))).to(DTYPE), UPCAST)
 
 
 @triton.jit
+def _project(h_lo, h_hi, WLO, WHI, B2, n0, N, PRECISION: tl.constexpr, UPCAST: tl.constexpr, R_LO: tl.constexpr,
+             HAS_HI: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """h W2^T + b2 for output columns n0.. n0 + BLOCK_N, fp32 [BLOCK_M, BLOCK_N]."""
+    out = tl.dot(h_lo, operand(WLO.load([n0, 0]), UPCAST).T, input_precision=PRECISION)
+    if HAS_HI:
+        out = tl.dot(h_hi, operand(WHI.load([n0, R_LO]), UPCAST).T, out, input_precision=PRECISION)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    return out + tl.load(B2 + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _mlp_fwd(
     XD,  # descriptor of x [M, K], blocks [BLOCK_M, BLOCK_K]
-    W1D,  # descriptor of w1 [R, K], blocks [R_PAD, BLOCK_K] (rows >= R read as zeros)
-    W2D,  # descriptor of w2 [N, R], blocks [BLOCK_N, R_PAD] (columns >= R read as zeros)
+    W1LO,  # descriptors of w1 [R, K], blocks [R_LO, BLOCK_K] and [R_HI, BLOCK_K] (rows >= R read as 0)
+    W1HI,
+    W2LO,  # descriptors of w2 [N, R], blocks [BLOCK_N, R_LO] and [BLOCK_N, R_HI] (columns >= R read as 0)
+    W2HI,
     OD,  # descriptor of out [M, N], blocks [BLOCK_M, BLOCK_N]
     B1,  # [R]
     B2,  # [N]
@@ -65,30 +87,88 @@ def _mlp_fwd(
     R,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    R_PAD: tl.constexpr,
+    R_LO: tl.constexpr,
+    R_HI: tl.constexpr,
+    HAS_HI: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STAGES: tl.constexpr,
+    N_STAGES: tl.constexpr,
 ):
     for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         row = tile * BLOCK_M
-        h = _hidden(XD, W1D, B1, row, K, R, PRECISION, UPCAST, R_PAD, BLOCK_M, BLOCK_K, STAGES, OD.dtype)
-        for n0 in tl.range(0, N, BLOCK_N):
-            w2 = operand(W2D.load([n0, 0]), UPCAST)
-            out = tl.dot(h, w2.T, input_precision=PRECISION)
-            cols = n0 + tl.arange(0, BLOCK_N)
-            b2 = tl.load(B2 + cols, mask=cols < N, other=0.0).to(tl.float32)
-            OD.store([row, n0], (out + b2[None, :]).to(OD.dtype))
+        h_lo, h_hi = _hidden(
+            XD, W1LO, W1HI, B1, row, K, R, PRECISION, UPCAST, R_LO, R_HI, HAS_HI, BLOCK_M, BLOCK_K, STAGES, OD.dtype
+        )
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=N_STAGES):
+            out = _project(h_lo, h_hi, W2LO, W2HI, B2, n0, N, PRECISION, UPCAST, R_LO, HAS_HI, BLOCK_N)
+            OD.store([row, n0], out.to(OD.dtype))
 
 
-def padded_hidden(hidden: int) -> int:
-    return max(16, triton.next_power_of_2(hidden))
+@triton.jit
+def _decay_fwd(
+    ZD,  # descriptor of z [M, KZ], blocks [BLOCK_M, BLOCK_K]
+    KD,  # descriptor of k [M, KK], blocks [BLOCK_M, BLOCK_K]
+    W1LO,  # the z MLP's weights, as _mlp_fwd's
+    W1HI,
+    W2LO,
+    W2HI,
+    C1LO,  # the k MLP's weights (the same bottleneck R)
+    C1HI,
+    C2LO,
+    C2HI,
+    GD,  # descriptor of gamma [M, N], blocks [BLOCK_M, BLOCK_N]
+    B1,
+    B2,
+    CB1,
+    CB2,
+    M,
+    N,
+    KZ,
+    KK,
+    R,
+    EPS,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    R_LO: tl.constexpr,
+    R_HI: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+    N_STAGES: tl.constexpr,
+):
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        row = tile * BLOCK_M
+        a_lo, a_hi = _hidden(
+            ZD, W1LO, W1HI, B1, row, KZ, R, PRECISION, UPCAST, R_LO, R_HI, HAS_HI, BLOCK_M, BLOCK_K, STAGES, GD.dtype
+        )
+        c_lo, c_hi = _hidden(
+            KD, C1LO, C1HI, CB1, row, KK, R, PRECISION, UPCAST, R_LO, R_HI, HAS_HI, BLOCK_M, BLOCK_K, STAGES, GD.dtype
+        )
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=N_STAGES):
+            a = _project(a_lo, a_hi, W2LO, W2HI, B2, n0, N, PRECISION, UPCAST, R_LO, HAS_HI, BLOCK_N)
+            c = _project(c_lo, c_hi, C2LO, C2HI, CB2, n0, N, PRECISION, UPCAST, R_LO, HAS_HI, BLOCK_N)
+            # SPEC §3's tail, as decay_gate: NaN stays NaN, as in torch.clamp
+            gamma = tl.clamp(tl.sigmoid(a) * tl.sigmoid(c), EPS, 1.0 - EPS, propagate_nan=tl.PropagateNan.ALL)
+            GD.store([row, n0], gamma.to(GD.dtype))
+
+
+def hidden_split(hidden: int) -> tuple[int, int]:
+    """The bottleneck as two power-of-two parts: the largest power of two <= R, and the rest
+    padded (0 when none): 192 -> (128, 64), 256 -> (256, 0), 24 -> (16, 16). Padding 192 to one
+    256-wide part instead costs a quarter more products and registers."""
+    lo = max(16, 1 << (hidden.bit_length() - 1))
+    rest = hidden - lo
+    return lo, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
 def supported(x: Tensor, w1: Tensor, *matrices: Tensor) -> bool:
-    """The fused kernels take the MLP(s): a bottleneck of at most MAX_HIDDEN, TMA (Hopper or
-    later, or the interpreter) and 16-byte aligned rows and bases of every matrix."""
+    """The fused kernels take the MLP(s): a bottleneck of 1..MAX_HIDDEN, TMA (Hopper or later, or
+    the interpreter), and positive widths, unit inner strides and 16-byte aligned rows and bases
+    of every matrix."""
     if not 0 < w1.shape[0] <= MAX_HIDDEN:
         return False
     if not knobs.interpret and torch.cuda.get_device_capability(x.device)[0] < 9:
@@ -99,15 +179,46 @@ def supported(x: Tensor, w1: Tensor, *matrices: Tensor) -> bool:
     )
 
 
-def config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_N, warps, stages) for a bottleneck of up to 256. 64 rows over two
-    warpgroups, which split the [64, 256] hidden between them: with one warpgroup (4 warps)
-    every tile spilled 300-500 bytes a thread on sm_90; with two, fp32 takes 196 registers and
-    172 KB of shared memory, bf16 170 and 139 KB, no spills. fp32 tiles are narrower to fit
-    shared memory (tests/kernels/test_decay_compiles.py checks all this on the CPU machine)."""
+# (BLOCK_M, BLOCK_K, BLOCK_N, warps, K-loop stages, N-loop stages): 64 rows over two warpgroups,
+# which split the hidden's columns between them (with one warpgroup every config spilled).
+# Chosen by compiling for sm_90 on the CPU machine (Triton 3.9) at the model's bottleneck,
+# R = 192 as 128 + 64: the configs with no spills, shared memory well under 227 KB
+# (tests/kernels/test_decay_compiles.py checks them). One MLP: fp32 163 registers and 108 KB,
+# bf16 172 and 84 KB. The whole decay holds two hiddens: only unpipelined loops kept it free of
+# spills (fp32 252 registers and 112 KB, bf16 195 and 64 KB; pipelining either loop spilled
+# 8-224 bytes or, with the N loop pipelined, took the hiddens through 252 KB of shared memory).
+MLP_CONFIGS = {torch.float32: (64, 32, 32, 8, 3, 2), torch.bfloat16: (64, 64, 64, 8, 2, 2)}
+DECAY_CONFIGS = {torch.float32: (64, 16, 32, 8, 1, 1), torch.bfloat16: (64, 64, 64, 8, 1, 1)}
+
+
+def _config(table: dict, dtype: torch.dtype) -> tuple[int, ...]:
     if knobs.interpret:
-        return 16, 16, 16, 1, 1
-    return (64, 32, 32, 8, 2) if dtype == torch.float32 else (64, 64, 64, 8, 2)
+        return 16, 16, 16, 1, 1, 1
+    return table.get(dtype, table[torch.bfloat16])
+
+
+def _weights(w1: Tensor, w2: Tensor, bk: int, bn: int) -> tuple[TensorDescriptor, ...]:
+    """The four descriptors of one MLP's weights: w1 by row parts, w2 by column parts."""
+    lo, hi = hidden_split(w1.shape[0])
+    hi_block = hi or 16  # unused without a second part (HAS_HI false), but a valid block
+    return (
+        TensorDescriptor.from_tensor(w1, [lo, bk]),
+        TensorDescriptor.from_tensor(w1, [hi_block, bk]),
+        TensorDescriptor.from_tensor(w2, [bn, lo]),
+        TensorDescriptor.from_tensor(w2, [bn, hi_block]),
+    )
+
+
+def _programs(x: Tensor, tiles: int) -> tuple[int]:
+    sms = 4 if knobs.interpret else torch.cuda.get_device_properties(x.device).multi_processor_count
+    return (min(sms, tiles),)
+
+
+def _meta(x: Tensor, hidden: int, cfg) -> dict:
+    bm, bk, bn, warps, stages, n_stages = cfg
+    lo, hi = hidden_split(hidden)
+    return {**dot_meta(x.dtype), "R_LO": lo, "R_HI": hi or 16, "HAS_HI": hi > 0, "BLOCK_M": bm, "BLOCK_K": bk,
+            "BLOCK_N": bn, "STAGES": stages, "N_STAGES": n_stages, "num_warps": warps}  # fmt: skip
 
 
 def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
@@ -117,18 +228,35 @@ def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor
     out = new_output(x, (rows, out_width))
     if not rows * out_width:
         return out
-    bm, bk, bn, warps, stages = config(x.dtype)
-    r_pad = padded_hidden(hidden)
+    cfg = _config(MLP_CONFIGS, x.dtype)
+    bm, bk, bn = cfg[:3]
     descs = (
         TensorDescriptor.from_tensor(x, [bm, bk]),
-        TensorDescriptor.from_tensor(w1, [r_pad, bk]),
-        TensorDescriptor.from_tensor(w2, [bn, r_pad]),
+        *_weights(w1, w2, bk, bn),
         TensorDescriptor.from_tensor(out, [bm, bn]),
     )
-    tiles = triton.cdiv(rows, bm)
-    programs = 4 if knobs.interpret else torch.cuda.get_device_properties(x.device).multi_processor_count
-    _mlp_fwd[(min(programs, tiles),)](
-        *descs, b1, b2, rows, out_width, width, hidden, **dot_meta(x.dtype), R_PAD=r_pad,
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, num_warps=warps,
-    )  # fmt: skip
+    _mlp_fwd[_programs(x, triton.cdiv(rows, bm))](
+        *descs, b1, b2, rows, out_width, width, hidden, **_meta(x, hidden, cfg)
+    )
     return out
+
+
+def decay_fwd(z: Tensor, k: Tensor, w1, b1, w2, b2, c1, cb1, c2, cb2, eps: float) -> Tensor:
+    """Contiguous z [M, KZ], k [M, KK] and mdi_decay's weights (one bottleneck R for both MLPs)
+    -> gamma [M, N] in z's dtype."""
+    rows, hidden, out_width = z.shape[0], w1.shape[0], w2.shape[0]
+    gamma = new_output(z, (rows, out_width))
+    if not rows * out_width:
+        return gamma
+    cfg = _config(DECAY_CONFIGS, z.dtype)
+    bm, bk, bn = cfg[:3]
+    descs = (
+        TensorDescriptor.from_tensor(z, [bm, bk]),
+        TensorDescriptor.from_tensor(k, [bm, bk]),
+        *_weights(w1, w2, bk, bn),
+        *_weights(c1, c2, bk, bn),
+        TensorDescriptor.from_tensor(gamma, [bm, bn]),
+    )
+    args = (b1, b2, cb1, cb2, rows, out_width, z.shape[1], k.shape[1], hidden, eps)
+    _decay_fwd[_programs(z, triton.cdiv(rows, bm))](*descs, *args, **_meta(z, hidden, cfg))
+    return gamma

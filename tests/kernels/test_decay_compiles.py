@@ -1,7 +1,8 @@
-"""The decay MLP kernel (kernels/decay) compiles for sm_90 (Hopper) on a machine without one, at
-the model's bottleneck (R = 192, padded to 256) with the launch configs it uses: wgmma dots, no
-register spills, and shared memory within the H100/H200's 227 KB. Triton's compiler runs on the
-CPU, so CPU CI catches a config that would not fit."""
+"""The decay kernels (kernels/decay) compile for sm_90 (Hopper) on a machine without one, at the
+125M model's bottleneck (R = 192, as parts of 128 and 64) with the launch configs they use:
+wgmma dots, no register spills, shared memory within the H100/H200's 227 KB. Triton's compiler
+runs on the CPU, so CPU CI catches a config that would not fit (with this machine's Triton; the
+GPU machine's may allocate differently)."""
 
 import os
 import subprocess
@@ -13,31 +14,44 @@ import triton
 
 from kernels.decay import kernel
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel runs on the GPU here")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels run on the GPU here")
 
 SHARED_LIMIT = 227 * 1024
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decay_mlp_compiles_for_sm90_without_spills(dtype):
-    from triton.backends.compiler import GPUTarget
-
-    bm, bk, bn, warps, stages = kernel.config(dtype)
-    r_pad = kernel.padded_hidden(192)
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    consts = {"PRECISION": "tf32" if dtype == torch.float32 else "ieee", "UPCAST": False, "R_PAD": r_pad}
-    consts |= {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "STAGES": stages}
-    blocks = {"XD": [bm, bk], "W1D": [r_pad, bk], "W2D": [bn, r_pad], "OD": [bm, bn]}
+def _signature(fn, dtype: torch.dtype, cfg) -> tuple[dict, dict, int]:
+    bm, bk, bn, warps, stages, n_stages = cfg
+    lo, hi = kernel.hidden_split(192)
+    consts = {"PRECISION": "tf32" if dtype == torch.float32 else "ieee", "UPCAST": False, "R_LO": lo, "R_HI": hi}
+    consts |= {"HAS_HI": True, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "STAGES": stages, "N_STAGES": n_stages}
+    blocks = {"XD": [bm, bk], "ZD": [bm, bk], "KD": [bm, bk], "OD": [bm, bn], "GD": [bm, bn]}
+    for w in ("W1", "C1"):
+        blocks |= {w + "LO": [lo, bk], w + "HI": [hi, bk]}
+    for w in ("W2", "C2"):
+        blocks |= {w + "LO": [bn, lo], w + "HI": [bn, hi]}
+    name = DTYPES[dtype]
 
     def arg(a):
         if a in consts:
             return "constexpr"
         if a in blocks:
             return f"tensordesc<{name}{blocks[a]}>"
-        return f"*{name}" if a in ("B1", "B2") else "i32"
+        if a in ("B1", "B2", "CB1", "CB2"):
+            return f"*{name}"
+        return "fp32" if a == "EPS" else "i32"
 
-    fn = kernel._mlp_fwd
-    source = triton.compiler.ASTSource(fn=fn, signature={a: arg(a) for a in fn.arg_names}, constexprs=consts)
+    return {a: arg(a) for a in fn.arg_names}, consts, warps
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("which", ["mlp", "decay"])
+def test_decay_kernels_compile_for_sm90_without_spills(which, dtype):
+    from triton.backends.compiler import GPUTarget
+
+    fn, table = (kernel._mlp_fwd, kernel.MLP_CONFIGS) if which == "mlp" else (kernel._decay_fwd, kernel.DECAY_CONFIGS)
+    signature, consts, warps = _signature(fn, dtype, table[dtype])
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps})
     assert "wgmma.mma_async" in compiled.asm["ptx"]
     assert compiled.metadata.shared <= SHARED_LIMIT, f"{compiled.metadata.shared} bytes of shared memory"

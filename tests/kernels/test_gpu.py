@@ -370,3 +370,29 @@ def test_decay_mlp_at_model_sizes(dtype, width, hidden):
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # fp32 here is exact fp32 (precision "highest")
     for name, got, w in zip(["out", "dx", "dw1", "db1", "dw2", "db2"], (out, *grads), (want, *want_grads), strict=True):
         assert rel(got, w) < tol, f"{name}: relative error {rel(got, w):.1e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("width", "hidden"), [(1024, 256), (768, 192)])
+def test_whole_decay_kernel_at_model_sizes(dtype, width, hidden):
+    """fuse-decay's kernel (both MLPs and the tail) at the block's and the 125M model's widths,
+    keys of 256, forward and all ten gradients against fp64."""
+    from kernels.decay import reference as decay_ref
+
+    torch.manual_seed(0)
+    rows, k_width = 4096 + 5, 256
+    shapes = [(rows, width), (rows, k_width), (hidden, width), (hidden,), (width, hidden), (width,)]
+    shapes += [(hidden, k_width), (hidden,), (width, hidden), (width,)]
+    leaves = [
+        (torch.randn(*s, device="cuda") / (s[-1] ** 0.5 if len(s) == 2 and i > 1 else 1)) for i, s in enumerate(shapes)
+    ]
+    leaves = [t.to(dtype).requires_grad_() for t in leaves]
+    gamma = kernels.mdi_decay_fused(*leaves, eps=1e-6)
+    dout = torch.randn_like(gamma)
+    grads = torch.autograd.grad(gamma, leaves, dout)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = decay_ref.mdi_decay(*ref, 1e-6)
+    want_grads = torch.autograd.grad(want, ref, dout.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for i, (got, w) in enumerate(zip((gamma, *grads), (want, *want_grads), strict=True)):
+        assert rel(got, w) < tol, f"output {i}: relative error {rel(got, w):.1e}"

@@ -1,7 +1,8 @@
-"""The MDI decay's MLP as one Triton kernel (GEMM, gelu, GEMM; kernels/decay) vs fp64 autograd of
-the plain ops: odd sizes (rows not a multiple of the tile, a bottleneck padded to a power of
-two, output columns not a multiple of the tile), fp32/bf16, every gradient, NaN-poisoned
-outputs; and mdi_decay_logits through it. Runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
+"""The MDI decay's Triton kernels (kernels/decay) vs fp64 autograd of the plain ops: one MLP
+(GEMM, gelu, GEMM) and the whole decay (both MLPs and the tail) in one kernel. Odd sizes (rows
+not a multiple of the tile, bottlenecks of one and of two parts, output columns not a multiple
+of the tile), fp32/bf16, every gradient, NaN-poisoned outputs; mdi_decay_logits and mdi_decay
+through them. Runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from tests.conftest import TRITON_DEVICE, assert_close
 @pytest.fixture(autouse=True)
 def _knobs(monkeypatch):
     monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
-    monkeypatch.setattr(kernels.knobs, "decay_mlp", True)
+    monkeypatch.setattr(kernels.knobs, "decay_kernels", True)
 
 
 def make(rows, width, hidden, out_width, dtype):
@@ -130,3 +131,67 @@ def test_shapes_the_kernel_cannot_take_run_the_plain_ops():
         assert not kernel.supported(x, w1, w2)
         got = op.mlp(x, w1, b1, w2, b2)
         assert_close(got.cpu(), F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).cpu(), what="out", rtol=1e-5, atol=1e-6)
+
+
+def make_decay(rows, width, k_width, hidden, dtype, lead=()):
+    torch.manual_seed(1)
+    z, k = torch.randn(*lead, rows, width), torch.randn(*lead, rows, k_width)
+    shapes = [(hidden, width), (hidden,), (width, hidden), (width,), (hidden, k_width), (hidden,), (width, hidden)]
+    params = [torch.randn(*s) / s[-1] ** 0.5 for s in shapes] + [torch.randn(width) * 0.1]
+    return [t.to(TRITON_DEVICE, dtype).requires_grad_() for t in (z, k, *params)]
+
+
+def fp64_decay(leaves, dout, eps):
+    ref = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    out = decay_ref.mdi_decay(*ref, eps)
+    return out.detach(), torch.autograd.grad((out * dout.cpu().double()).sum(), ref)
+
+
+NAMES = ["gamma", "dz", "dk", "dw1", "db1", "dw2", "db2", "dc1", "dcb1", "dc2", "dcb2"]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(("rows", "width", "k_width", "hidden"), [(37, 32, 16, 24), (70, 48, 32, 16), (5, 16, 16, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_decay_matches_fp64_autograd(rows, width, k_width, hidden, dtype, monkeypatch):
+    launched = []
+    real = kernel.decay_fwd
+    monkeypatch.setattr(kernel, "decay_fwd", lambda *a: launched.append(a[0].shape) or real(*a))
+    leaves = make_decay(rows, width, k_width, hidden, dtype, lead=(1,))
+    gamma = kernels.mdi_decay_fused(*leaves, eps=1e-6)
+    assert launched == [(rows, width)] and gamma.shape == (1, rows, width) and gamma.dtype == dtype
+    dout = torch.randn_like(gamma)
+    grads = torch.autograd.grad((gamma.float() * dout.float()).sum(), leaves)
+    want, want_grads = fp64_decay(leaves, dout, 1e-6)
+    for name, got, ref in zip(NAMES, (gamma, *grads), (want, *want_grads), strict=True):
+        assert got.dtype == dtype, name
+        check(name, got, ref, dtype)
+
+
+@pytest.mark.triton
+def test_whole_decay_clamps_and_keeps_nan():
+    """A large eps makes the clamp bind for every element (the gradient then vanishes); NaN in z
+    stays in gamma's row."""
+    leaves = [t.detach() for t in make_decay(20, 16, 16, 8, torch.float32)]
+    gamma = kernel.decay_fwd(*leaves, 0.4)
+    assert torch.all((gamma >= 0.4) & (gamma <= 0.6))
+    leaves[0][3, 2] = float("nan")
+    gamma = kernel.decay_fwd(*leaves, 1e-6)
+    assert torch.isnan(gamma[3]).all() and not torch.isnan(gamma[:3]).any() and not torch.isnan(gamma[4:]).any()
+    want = decay_ref.mdi_decay(*leaves, 1e-6)
+    assert_close(gamma[4:].cpu(), want[4:].cpu(), what="gamma", rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_whole_decay():
+    leaves = [t.detach().cpu().requires_grad_() for t in make_decay(6, 16, 8, 4, torch.float32)]
+    torch.library.opcheck(torch.ops.mmrec.mdi_decay_fused.default, (*leaves, 1e-6))
+
+
+def test_whole_decay_backward_matches_autograd():
+    leaves = [t.detach().cpu().double().requires_grad_() for t in make_decay(9, 8, 4, 3, torch.float32)]
+    out = decay_ref.mdi_decay(*leaves, 1e-6)
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad((out * dout).sum(), leaves)
+    got = op.decay_backward(*(t.detach() for t in leaves), 1e-6, dout)
+    for name, a, b in zip(NAMES[1:], got, want, strict=True):
+        assert_close(a, b, what=name, rtol=1e-10, atol=1e-12)
