@@ -15,7 +15,8 @@ forward and forward+backward, for each way of running the same graph, in one run
 - fuse-elementwise for fuse-epilogue, eager: silu * up as one generated pointwise kernel instead
   of the GEMM epilogue (under torch.compile it would be Inductor's, as without it);
 - fuse-decay for fuse-decay-recurrence + torch.compile: the whole MDI decay as one kernel
-  (opt-in pass, kernels/decay) and the plain gated recurrence reading gamma.
+  (opt-in pass, kernels/decay) and the plain gated recurrence reading gamma;
+- the same + fuse-norm-prologue: also the FFN's RMSNorm inside the SwiGLU GEMM (opt-in pass).
 
 Also printed: the activation bytes per token the fusion report counts for the block before and
 after the pipeline (passes/report.py's cost model: the kernels each op launches, each reading
@@ -63,6 +64,8 @@ UNFUSED = ["infer-shapes"]
 NO_EPILOGUE = without("fuse-epilogue")
 ELEMENTWISE = without("fuse-epilogue", insert=("fuse-elementwise", "dce"))
 WHOLE_DECAY = without("fuse-decay-recurrence", insert=("fuse-decay", "cse"))
+NORM_PROLOGUE = [*WHOLE_DECAY]
+NORM_PROLOGUE.insert(NORM_PROLOGUE.index("fuse-epilogue") + 1, "fuse-norm-prologue")
 REFERENCE = "torch.compile of the eager reference model"
 ELEMENTWISE_NAME = "fuse-elementwise for fuse-epilogue, eager"
 # (name, pipeline (None: the default one), under torch.compile, our Triton kernels)
@@ -75,6 +78,7 @@ VARIANTS = (
     ("fused without fuse-epilogue + torch.compile", NO_EPILOGUE, True, True),
     (ELEMENTWISE_NAME, ELEMENTWISE, False, True),
     ("fuse-decay for fuse-decay-recurrence + torch.compile", WHOLE_DECAY, True, True),
+    ("... + fuse-norm-prologue + torch.compile", NORM_PROLOGUE, True, True),
 )
 DEVICE = "cuda"
 
@@ -237,6 +241,7 @@ def main() -> None:
             "fused without fuse-epilogue + torch.compile",
             ELEMENTWISE_NAME,
             "fuse-decay for fuse-decay-recurrence + torch.compile",
+            "... + fuse-norm-prologue + torch.compile",
         ):
             if unfused is None or name not in payload["block"]:
                 continue

@@ -9,7 +9,9 @@ triton.testing.do_bench, forward and forward+backward):
 - linear_swiglu (fuse-projections + fuse-epilogue: one GEMM with the SwiGLU epilogue) vs one
   cuBLAS GEMM over both weights followed by silu * product (eager, and torch.compile'd, where
   Inductor fuses the pointwise part), at the block's FFN shape, fp32 with TF32 and bf16; the
-  GEMM alone (cuBLAS, no epilogue) is printed as the floor of what fusion can reach;
+  GEMM alone (cuBLAS, no epilogue) is printed as the floor of what fusion can reach; and
+  rms_linear_swiglu (fuse-norm-prologue: the RMSNorm before it inside the GEMM) against the norm
+  as its own kernel plus linear_swiglu, and against torch.compile of the plain ops;
 - pointwise (fuse-elementwise's generated kernel) for silu(gate) * up at the block's FFN shape
   vs the two PyTorch ops (eager, and torch.compile'd into Inductor's one kernel) and vs the copy
   floor of its traffic (read 2 rows, write 1), fp32 and bf16;
@@ -182,6 +184,28 @@ def swiglu_section(rows: int, width: int, hidden: int, dtype) -> None:
         ("mmrec linear_swiglu (Triton, fused)", kernels.linear_swiglu),
     )
     compare("swiglu", shape, variants, (x, w_gate, w_up), grads)
+
+    # fuse-norm-prologue: the RMSNorm before it inside the GEMM, against the norm as its own
+    # Triton kernel (add_rmsnorm's, as the default pipeline runs it) plus the fused GEMM
+    w_norm = (torch.rand(width, device=DEVICE) + 0.5).to(dtype).requires_grad_()
+
+    def norm_then_gemm(x, w_norm, w_gate, w_up):
+        return kernels.linear_swiglu(kernels.rmsnorm(x, w_norm, 1e-6), w_gate, w_up)
+
+    def plain_norm(x, w_norm, w_gate, w_up):
+        return unfused(ref_rmsnorm(x, w_norm, 1e-6), w_gate, w_up)
+
+    with torch.no_grad():
+        exact = plain_norm(*(t.double() for t in (x, w_norm, w_gate, w_up)))
+        ours = rel_err(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, 1e-6), exact)
+        print(f"  with the RMSNorm: rel err vs fp64: mmrec {ours:.1e}")
+        assert ours < 1e-2, f"rms_linear_swiglu is off: rel err {ours:.1e} vs fp64"
+    variants = (
+        ("rmsnorm + GEMM + silu * up, torch.compile", torch.compile(plain_norm, fullgraph=True)),
+        ("rmsnorm kernel + linear_swiglu (default)", norm_then_gemm),
+        ("mmrec rms_linear_swiglu (norm inside)", lambda *a: kernels.rms_linear_swiglu(*a, 1e-6)),
+    )
+    compare("swiglu", shape + " with rmsnorm", variants, (x, w_norm, w_gate, w_up), grads)
 
 
 def decay_mlp_section(rows: int, width: int, dtype) -> None:

@@ -144,6 +144,14 @@ def _linear_swiglu(x, w_gate, w_up):
     return [x.with_shape((*x.shape[:-1], f))]
 
 
+@op("rms_linear_swiglu", ("x", "w_norm", "w_gate", "w_up"), eps=1e-6)
+def _rms_linear_swiglu(x, w_norm, w_gate, w_up, eps):
+    """linear_swiglu(rmsnorm(x, w_norm), w_gate, w_up): the norm inside the GEMM (fuse-norm-prologue)."""
+    x = floating("x", x)
+    expect("w_norm", w_norm, (x.shape[-1],), x.dtype)
+    return _linear_swiglu(x, w_gate, w_up)
+
+
 @op("rmsnorm", ("x", "weight"), eps=1e-6)
 def _rmsnorm(x, weight, eps):
     """x / sqrt(mean(x^2, last dim) + eps) * weight."""

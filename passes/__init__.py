@@ -7,6 +7,7 @@ from .fuse_decay import FuseDecay
 from .fuse_decay_recurrence import FuseDecayRecurrence
 from .fuse_elementwise import FuseElementwise
 from .fuse_epilogue import FuseEpilogue
+from .fuse_norm_prologue import FuseNormPrologue
 from .fuse_projections import FuseProjections
 from .fuse_residual_epilogue import FuseResidualEpilogue
 from .fuse_residual_norm import FuseResidualNorm
@@ -25,6 +26,7 @@ __all__ = [
     "FuseDecayRecurrence",
     "FuseElementwise",
     "FuseEpilogue",
+    "FuseNormPrologue",
     "FuseProjections",
     "FuseResidualEpilogue",
     "FuseResidualNorm",

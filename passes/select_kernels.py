@@ -37,6 +37,7 @@ CUDA_KERNELS: dict[str, str] = {
     "linear": "cublas",
     "pointwise": "triton (generated from expr; under torch.compile: Inductor)",
     "linear_swiglu": "triton:mmrec::linear_swiglu_fwd (backward: cublas + torch)",
+    "rms_linear_swiglu": "triton:mmrec::rms_linear_swiglu_fwd (backward: cublas + torch)",
     "lm_head": "cublas",
     "ffn": "cublas + torch",
     "moe": "cublas + torch",

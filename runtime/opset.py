@@ -79,6 +79,9 @@ class ReferenceOps:
 
     pointwise = staticmethod(lambda *xs, expr: _one(kernels.pointwise(xs, expr)))
     linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
+    rms_linear_swiglu = staticmethod(
+        lambda x, w_norm, w_gate, w_up, eps: _one(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps))
+    )
 
     def moe(self, x, router, w_gate, w_up, w_down, top_k, capacity_factor):
         return kernels.moe(x, router, w_gate, w_up, w_down, top_k, capacity_factor, self.training)

@@ -62,15 +62,22 @@ def _swiglu_tma(
     GROUP_M: tl.constexpr,
     STAGES: tl.constexpr,
     DTYPE: tl.constexpr,  # the operands' dtype, for the autotuning key only: descriptors carry none it sees
+    NORM: tl.constexpr,  # x is RMS-normalised on the way in (the norm's weight is folded into WD)
+    EPS,
 ):
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, HALF)
     for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped(tile, tiles_m, tiles_n, GROUP_M)
         acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             a = operand(XD.load([pid_m * BLOCK_M, k0]), UPCAST)
             b = operand(WD.load([pid_n * 2 * HALF, k0]), UPCAST)
             acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+            if NORM:
+                squares += tl.sum(a.to(tl.float32) * a.to(tl.float32), axis=1)
+        if NORM:  # rmsnorm(x) W^T = rstd * (x (W diag(w_norm))^T): rstd scales each row's sums
+            acc = acc * tl.rsqrt(squares / K + EPS)[:, None]
         g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))
         at = [pid_m * BLOCK_M, pid_n * HALF]
         OD.store(at, (g * tl.sigmoid(g) * u).to(OD.dtype))
@@ -97,6 +104,8 @@ def _swiglu_fwd(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     STAGES: tl.constexpr,
+    NORM: tl.constexpr,  # as _swiglu_tma's
+    EPS,
 ):
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, HALF), GROUP_M)
 
@@ -108,13 +117,18 @@ def _swiglu_fwd(
     x_ptrs = X + rows.to(tl.int64)[:, None] * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = W + wrows.to(tl.int64)[None, :] * K + ks[:, None]  # [BLOCK_K, 2 HALF]: W^T tiles
     acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         k_ok = ks < K - k0
         a = operand(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), UPCAST)
         b = operand(tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), UPCAST)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if NORM:
+            squares += tl.sum(a.to(tl.float32) * a.to(tl.float32), axis=1)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if NORM:
+        acc = acc * tl.rsqrt(squares / K + EPS)[:, None]
 
     # [BLOCK_M, 2 HALF] -> gate and up halves [BLOCK_M, HALF]
     g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))
@@ -133,7 +147,7 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "GROUP_M": 8, "STAGES": s}, num_warps=w) for m, k, w, s in tiles]
 
 
-_swiglu_fwd_tuned = triton.autotune(_configs(), key=["N", "K", "SAVE", "PRECISION"])(_swiglu_fwd)
+_swiglu_fwd_tuned = triton.autotune(_configs(), key=["N", "K", "SAVE", "PRECISION", "NORM"])(_swiglu_fwd)
 
 
 def _tma_blocks(nargs: dict) -> None:
@@ -158,7 +172,7 @@ def _tma_configs() -> list[triton.Config]:
 # DTYPE in the key: Triton's autotuner keys tensors by dtype but sees none in descriptors, and
 # with TF32 on fp32 and bf16 share PRECISION, so without it bf16 reused fp32's tiles (and fp32
 # after bf16 would launch a config that does not fit its shared memory).
-_swiglu_tma_tuned = triton.autotune(_tma_configs(), key=["N", "K", "SAVE", "PRECISION", "DTYPE"])(_swiglu_tma)
+_swiglu_tma_tuned = triton.autotune(_tma_configs(), key=["N", "K", "SAVE", "PRECISION", "DTYPE", "NORM"])(_swiglu_tma)
 
 
 def _programs(device) -> int:
@@ -175,24 +189,32 @@ def _tma_ok(*tensors: Tensor) -> bool:
     )
 
 
-def interleave(w_gate: Tensor, w_up: Tensor, half: int) -> Tensor:
+def interleave(w_gate: Tensor, w_up: Tensor, half: int, scale: Tensor | None = None) -> Tensor:
     """[F, K] twice -> [2 F_pad, K]: gate rows of block j, then up rows of block j (F_pad: F
-    rounded up to `half`, zero rows). A copy of the weights per call, not per token."""
+    rounded up to `half`, zero rows), each column k times scale[k] when given (a norm's weight
+    folded in). A copy of the weights per call, not per token."""
     hidden, width = w_gate.shape
     blocks = triton.cdiv(hidden, half)
     full, rest = divmod(hidden, half)
     out = w_gate.new_empty(blocks, 2, half, width)
     for j, w in enumerate((w_gate, w_up)):  # one strided copy per weight (two with a partial block)
-        out[:full, j].copy_(w[: full * half].view(full, half, width))
+        if scale is None:
+            out[:full, j].copy_(w[: full * half].view(full, half, width))
+        else:
+            torch.mul(w[: full * half].view(full, half, width), scale, out=out[:full, j])
         if rest:
-            out[full, j, :rest].copy_(w[full * half :])
+            out[full, j, :rest].copy_(w[full * half :] if scale is None else w[full * half :] * scale)
             out[full, j, rest:].zero_()
     return out.view(2 * blocks * half, width)
 
 
-def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+def linear_swiglu_fwd(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool, w_norm: Tensor | None = None, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
     """Contiguous x [M, K], w_gate/w_up [N, K] -> (out [M, N], g, u); g and u are empty
-    tensors unless `save`."""
+    tensors unless `save`. With `w_norm` [K], x is rmsnorm(x, w_norm, eps) on the way in: the
+    kernel sums each row's squares as its K loop reads it and scales the accumulators by rstd;
+    w_norm is folded into the weights' per-call copy."""
     rows, width = x.shape
     hidden = w_gate.shape[0]
     half = HALF_INTERPRET if knobs.interpret else HALF
@@ -201,8 +223,8 @@ def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tu
     u = new_output(x, (rows, hidden)) if save else x.new_empty(0)
     if not rows * hidden:
         return out, g, u
-    meta = {"SAVE": save, "HALF": half, **dot_meta(x.dtype)}
-    w = interleave(w_gate, w_up, half)
+    meta = {"SAVE": save, "HALF": half, **dot_meta(x.dtype), "NORM": w_norm is not None, "EPS": eps}
+    w = interleave(w_gate, w_up, half, w_norm)
     tiles_n = triton.cdiv(hidden, half)
     fixed = knobs.interpret or not knobs.autotune
     # tl.dot needs every tile side >= 16; small tiles keep the interpreter quick.

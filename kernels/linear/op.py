@@ -91,3 +91,80 @@ def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
         return _Direct.apply(rows, w_gate, w_up).view(*lead, -1)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_gate, w_up))
     return torch.ops.mmrec.linear_swiglu_fwd(rows, w_gate, w_up, save)[0].view(*lead, -1)
+
+
+def _rms_reference(x, w_norm, w_gate, w_up, eps, save):
+    out, g, u = reference.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps)
+    return (out, g, u) if save else (out, x.new_empty(0), x.new_empty(0))
+
+
+@torch.library.custom_op("mmrec::rms_linear_swiglu_fwd", mutates_args=())
+def rms_linear_swiglu_fwd(
+    x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, eps: float, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """linear_swiglu_fwd of rmsnorm(x, w_norm, eps), the norm applied inside the GEMM."""
+    return _rms_reference(x, w_norm, w_gate, w_up, eps, save)
+
+
+@rms_linear_swiglu_fwd.register_kernel("cuda")
+def _rms_fwd_cuda(x, w_norm, w_gate, w_up, eps, save):
+    if not knobs.use_triton:
+        return _rms_reference(x, w_norm, w_gate, w_up, eps, save)
+    return kernel.linear_swiglu_fwd(x, w_gate, w_up, save, w_norm, eps)
+
+
+@rms_linear_swiglu_fwd.register_fake
+def _rms_fwd_fake(x, w_norm, w_gate, w_up, eps, save):
+    return _fwd_fake(x, w_gate, w_up, save)
+
+
+def _rms_setup_context(ctx, inputs, output) -> None:
+    x, w_norm, w_gate, w_up, eps, save = inputs
+    if not save:
+        raise RuntimeError("mmrec::rms_linear_swiglu_fwd was called with save=False where a gradient is needed")
+    ctx.eps = eps
+    ctx.save_for_backward(x, w_norm, w_gate, w_up, output[1], output[2])
+
+
+def _rms_backward(ctx, dout: Tensor, _dg, _du):
+    return (*reference.rms_linear_swiglu_backward(*ctx.saved_tensors, dout, ctx.eps), None, None)
+
+
+rms_linear_swiglu_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+class _DirectRms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_norm, w_gate, w_up, eps):
+        save = any(ctx.needs_input_grad)
+        out, g, u = kernel.linear_swiglu_fwd(x, w_gate, w_up, save, w_norm, eps)
+        if save:
+            ctx.eps = eps
+            ctx.save_for_backward(x, w_norm, w_gate, w_up, g, u)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*reference.rms_linear_swiglu_backward(*ctx.saved_tensors, dout.contiguous(), ctx.eps), None)
+
+
+def rms_linear_swiglu(x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, eps: float = 1e-6) -> Tensor:
+    """linear_swiglu(rmsnorm(x, w_norm, eps), w_gate, w_up) for x [..., D]: on CUDA (and under the
+    interpreter) one Triton GEMM that normalises x as it reads it, so the normalised x is never
+    written; the reference elsewhere."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise KernelInputError(f"rms_linear_swiglu: x: expected a tensor [..., D], got {type(x).__name__}")
+    width = x.shape[-1]
+    if not isinstance(w_gate, Tensor) or w_gate.dim() != 2:
+        raise KernelInputError(
+            f"rms_linear_swiglu: w_gate: expected [F, {width}], got {getattr(w_gate, 'shape', None)}"
+        )
+    w_norm = tensor_arg("rms_linear_swiglu", "w_norm", w_norm, (width,), like=x)
+    w_gate = tensor_arg("rms_linear_swiglu", "w_gate", w_gate, (w_gate.shape[0], width), like=x)
+    w_up = tensor_arg("rms_linear_swiglu", "w_up", w_up, tuple(w_gate.shape), like=x)
+    rows = tensor_arg("rms_linear_swiglu", "x", x, tuple(x.shape)).reshape(math.prod(x.shape[:-1]), width)
+    lead = x.shape[:-1]
+    if launches_directly(rows):
+        return _DirectRms.apply(rows, w_norm, w_gate, w_up, eps).view(*lead, -1)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_norm, w_gate, w_up))
+    return torch.ops.mmrec.rms_linear_swiglu_fwd(rows, w_norm, w_gate, w_up, eps, save)[0].view(*lead, -1)

@@ -38,3 +38,31 @@ def linear_swiglu_backward(
     dx = dgu @ torch.cat([w_gate, w_up])
     dw = dgu.t() @ x
     return dx, *dw.split(w_gate.shape[0])
+
+
+def rms_linear_swiglu(
+    x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """linear_swiglu(rmsnorm(x, w_norm, eps), w_gate, w_up): the norm as the model's rmsnorm
+    computes it (kernels/nn/reference.py), then the SwiGLU GEMM. -> (out, g, u)."""
+    from ..nn.reference import rmsnorm
+
+    return linear_swiglu(rmsnorm(x, w_norm, eps), w_gate, w_up)
+
+
+def rms_linear_swiglu_backward(
+    x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor, dout: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, dw_norm, dw_gate, dw_up): the normalised input recomputed, the SwiGLU GEMM's
+    backward, then RMSNorm's: with xhat = x rstd and d = d(normalised) * w_norm,
+    dx = rstd (d - xhat mean(d xhat)), dw_norm = sum over rows of d(normalised) xhat."""
+    acc = _acc(x)
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = (xf * rstd).to(x.dtype)
+    dn, dw_gate, dw_up = linear_swiglu_backward(xhat * w_norm, w_gate, w_up, g, u, dout)
+    d = dn.to(acc) * w_norm.to(acc)
+    xh = xhat.to(acc)
+    dx = rstd * (d - xh * (d * xh).mean(-1, keepdim=True))
+    dw_norm = (dn.to(acc) * xh).sum(0)
+    return dx.to(x.dtype), dw_norm.to(w_norm.dtype), dw_gate, dw_up

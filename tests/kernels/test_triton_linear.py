@@ -117,3 +117,55 @@ def test_zero_width_rows_give_zeros():
     assert not kernel._tma_ok(x, w_gate)
     out = kernel.linear_swiglu_fwd(x, w_gate, w_up, False)[0]
     assert out.shape == (5, 16) and torch.equal(out.cpu(), torch.zeros(5, 16))
+
+
+def fp64_rms_autograd(x, w_norm, w_gate, w_up, dout, eps):
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w_norm, w_gate, w_up)]
+    xs, wn = leaves[0], leaves[1]
+    u = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps) * wn
+    out = F.silu(F.linear(u, leaves[2])) * F.linear(u, leaves[3])
+    return out.detach(), torch.autograd.grad((out * dout.cpu().double()).sum(), leaves)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(("lead", "width", "hidden"), [((2, 37), 24, 40), ((63,), 16, 16), ((5,), 48, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_linear_swiglu_matches_fp64_autograd(lead, width, hidden, dtype, path):
+    """The norm inside the GEMM: each row's squares summed as the K loop reads it (K tiles of 16
+    under the interpreter, so width 24 takes a partial one), rstd applied to the accumulators,
+    the norm's weight folded into the weights' copy; both kernels."""
+    x, w_gate, w_up = make(lead, width, hidden, dtype)
+    w_norm = (torch.rand(width) + 0.5).to(TRITON_DEVICE, dtype).requires_grad_()
+    x = (x.detach() * 3).requires_grad_()  # rows far from unit RMS
+    out = kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, 1e-5)
+    assert out.shape == (*lead, hidden)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), (x, w_norm, w_gate, w_up))
+    ref, ref_grads = fp64_rms_autograd(x, w_norm, w_gate, w_up, dout, 1e-5)
+    names = ["out", "dx", "dw_norm", "dw_gate", "dw_up"]
+    for name, got, want in zip(names, (out, *grads), (ref, *ref_grads), strict=True):
+        assert got.dtype == dtype, name
+        if dtype == torch.float32:
+            assert_close(got.cpu(), want, what=name, rtol=1e-4, atol=1e-5)
+        else:
+            assert not torch.isnan(got).any(), f"{name}: NaN"
+            err = ((got.cpu().double() - want).norm() / want.norm()).item()
+            assert err < 2e-2, f"{name}: relative error {err:.1e}"
+
+
+def test_rms_reference_backward_matches_autograd():
+    x, w_gate, w_up = make((9,), 7, 5, torch.float64, device="cpu")
+    w_norm = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_()
+    out, g, u = reference.rms_linear_swiglu(x, w_norm, w_gate, w_up, 1e-5)
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad((out * dout).sum(), (x, w_norm, w_gate, w_up))
+    leaves = (x.detach(), w_norm.detach(), w_gate.detach(), w_up.detach())
+    got = reference.rms_linear_swiglu_backward(*leaves, g.detach(), u.detach(), dout, 1e-5)
+    for name, a, b in zip(["x", "w_norm", "w_gate", "w_up"], got, want, strict=True):
+        assert_close(a, b, what=f"d{name}", rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck_rms_linear_swiglu():
+    x, w_gate, w_up = make((6,), 8, 10, torch.float32, device="cpu")
+    w_norm = (torch.rand(8) + 0.5).requires_grad_()
+    torch.library.opcheck(torch.ops.mmrec.rms_linear_swiglu_fwd.default, (x, w_norm, w_gate, w_up, 1e-6, True))
