@@ -30,7 +30,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..config import knobs, new_output
-from ..dot import dot_meta, operand
+from ..dot import dot_meta, operand, tensor_cores
 
 MAX_HIDDEN = 256  # the bottleneck's two parts are at most 256 and 128 wide (TMA box sides)
 
@@ -166,10 +166,13 @@ def hidden_split(hidden: int) -> tuple[int, int]:
 
 
 def supported(x: Tensor, w1: Tensor, *matrices: Tensor) -> bool:
-    """The fused kernels take the MLP(s): a bottleneck of 1..MAX_HIDDEN, TMA (Hopper or later, or
-    the interpreter), and positive widths, unit inner strides and 16-byte aligned rows and bases
-    of every matrix."""
-    if not 0 < w1.shape[0] <= MAX_HIDDEN:
+    """The fused kernels take the MLP(s): tensor-core dots (not exact fp32: dot.tensor_cores; the
+    whole decay spilled 4-8 KB a thread that way), a bottleneck of 1..MAX_HIDDEN, TMA (Hopper or
+    later, or the interpreter), one dtype, and positive widths, unit inner strides and 16-byte
+    aligned rows and bases of every matrix."""
+    if not tensor_cores(x.dtype) or not 0 < w1.shape[0] <= MAX_HIDDEN:
+        return False
+    if any(t.dtype != x.dtype for t in (w1, *matrices)):
         return False
     if not knobs.interpret and torch.cuda.get_device_capability(x.device)[0] < 9:
         return False

@@ -197,6 +197,13 @@ def mdi_decay_fused(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2, eps: float = 1e-6) -
     if not isinstance(z, Tensor) or not isinstance(k, Tensor) or z.shape[:-1] != k.shape[:-1]:
         got = [getattr(t, "shape", type(t).__name__) for t in (z, k)]
         raise KernelInputError(f"{name}: z, k: expected [..., D] and [..., Dk] over the same rows, got {got}")
+    for what, w in (("w1", w1), ("c1", c1)):
+        if not isinstance(w, Tensor) or w.dim() != 2:
+            raise KernelInputError(
+                f"{name}: {what}: expected a [R, D] matrix, got {getattr(w, 'shape', type(w).__name__)}"
+            )
+    if not 0.0 < eps < 0.5:
+        raise KernelInputError(f"{name}: eps: expected 0 < eps < 0.5 (gamma is clamped to [eps, 1 - eps]), got {eps}")
     width, k_width, hidden = z.shape[-1], k.shape[-1], w1.shape[0]
     w1 = tensor_arg(name, "w1", w1, (hidden, width), like=z)
     b1 = tensor_arg(name, "b1", b1, (hidden,), like=z)

@@ -28,7 +28,8 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..config import knobs, new_output
-from ..dot import dot_meta, operand
+from ..dot import dot_meta, operand, tensor_cores
+from . import reference
 
 HALF = 128  # output columns per program; the weight interleave depends on it, so it is fixed
 HALF_INTERPRET = 16
@@ -215,6 +216,12 @@ def linear_swiglu_fwd(
     tensors unless `save`. With `w_norm` [K], x is rmsnorm(x, w_norm, eps) on the way in: the
     kernel sums each row's squares as its K loop reads it and scales the accumulators by rstd;
     w_norm is folded into the weights' per-call copy."""
+    if not tensor_cores(x.dtype):  # exact fp32: cuBLAS's SGEMM, then the pointwise ops
+        if w_norm is None:
+            out, g, u = reference.linear_swiglu(x, w_gate, w_up)
+        else:
+            out, g, u = reference.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps)
+        return (out, g, u) if save else (out, x.new_empty(0), x.new_empty(0))
     rows, width = x.shape
     hidden = w_gate.shape[0]
     half = HALF_INTERPRET if knobs.interpret else HALF

@@ -18,6 +18,16 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.fixture
+def tf32_products():
+    """TF32 products for fp32, as fp32 training runs: our GEMM kernels leave exact fp32 to cuBLAS
+    (kernels/dot.py: tensor_cores), so their fp32 paths run only with it on."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.parametrize("kernel", ["chained", "walk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (3, 1001, 1000)])
@@ -346,7 +356,7 @@ def test_swiglu_gemm_at_benchmark_size(dtype, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("width", "hidden"), [(1024, 256), (768, 192), (256, 64)])
-def test_decay_mlp_at_model_sizes(dtype, width, hidden):
+def test_decay_mlp_at_model_sizes(dtype, width, hidden, tf32_products):
     """The decay MLP kernel (opt-in) at the block's and the 125M model's widths (the bottleneck
     192 is padded to 256 by the descriptors' zero fill), forward and gradients against fp64."""
     from kernels.decay import kernel as decay_kernel
@@ -367,14 +377,14 @@ def test_decay_mlp_at_model_sizes(dtype, width, hidden):
     ref = [t.detach().double().requires_grad_() for t in leaves]
     want = F.linear(F.gelu(F.linear(ref[0], ref[1], ref[2])), ref[3], ref[4])
     want_grads = torch.autograd.grad(want, ref, dout.double())
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # fp32 here is exact fp32 (precision "highest")
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # fp32: TF32 products
     for name, got, w in zip(["out", "dx", "dw1", "db1", "dw2", "db2"], (out, *grads), (want, *want_grads), strict=True):
         assert rel(got, w) < tol, f"{name}: relative error {rel(got, w):.1e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("width", "hidden"), [(1024, 256), (768, 192)])
-def test_whole_decay_kernel_at_model_sizes(dtype, width, hidden):
+def test_whole_decay_kernel_at_model_sizes(dtype, width, hidden, tf32_products):
     """fuse-decay's kernel (both MLPs and the tail) at the block's and the 125M model's widths,
     keys of 256, forward and all ten gradients against fp64."""
     from kernels.decay import reference as decay_ref
@@ -387,19 +397,22 @@ def test_whole_decay_kernel_at_model_sizes(dtype, width, hidden):
         (torch.randn(*s, device="cuda") / (s[-1] ** 0.5 if len(s) == 2 and i > 1 else 1)) for i, s in enumerate(shapes)
     ]
     leaves = [t.to(dtype).requires_grad_() for t in leaves]
+    from kernels.decay import kernel as decay_kernel
+
+    assert decay_kernel.supported(leaves[0], leaves[2], leaves[4], leaves[1], leaves[6], leaves[8])
     gamma = kernels.mdi_decay_fused(*leaves, eps=1e-6)
     dout = torch.randn_like(gamma)
     grads = torch.autograd.grad(gamma, leaves, dout)
     ref = [t.detach().double().requires_grad_() for t in leaves]
     want = decay_ref.mdi_decay(*ref, 1e-6)
     want_grads = torch.autograd.grad(want, ref, dout.double())
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # fp32: TF32 products
     for i, (got, w) in enumerate(zip((gamma, *grads), (want, *want_grads), strict=True)):
         assert rel(got, w) < tol, f"output {i}: relative error {rel(got, w):.1e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_swiglu_gemm_at_benchmark_size(dtype):
+def test_rms_swiglu_gemm_at_benchmark_size(dtype, tf32_products):
     """fuse-norm-prologue's GEMM (the RMSNorm inside, autotuned TMA kernel) at the block's FFN
     width against fp64, forward and gradients, rows far from unit RMS."""
     torch.manual_seed(0)
@@ -417,7 +430,7 @@ def test_rms_swiglu_gemm_at_benchmark_size(dtype):
     u = ref[0] * torch.rsqrt(ref[0].pow(2).mean(-1, keepdim=True) + 1e-6) * ref[1]
     want = F.silu(u @ ref[2].T) * (u @ ref[3].T)
     want_grads = torch.autograd.grad(want, ref, dout.double())
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # fp32: exact products ("highest")
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # fp32: TF32 products
     for name, got, w in zip(
         ["out", "dx", "dw_norm", "dw_gate", "dw_up"], (out, *grads), (want, *want_grads), strict=True
     ):

@@ -195,3 +195,17 @@ def test_whole_decay_backward_matches_autograd():
     got = op.decay_backward(*(t.detach() for t in leaves), 1e-6, dout)
     for name, a, b in zip(NAMES[1:], got, want, strict=True):
         assert_close(a, b, what=name, rtol=1e-10, atol=1e-12)
+
+
+def test_whole_decay_bad_inputs_are_one_line_errors():
+    leaves = [t.detach() for t in make_decay(4, 16, 8, 4, torch.float32)]
+    with pytest.raises(kernels.KernelInputError, match=r"mdi_decay: eps: expected 0 < eps < 0.5"):
+        kernels.mdi_decay_fused(*leaves, eps=0.5)
+    bad = list(leaves)
+    bad[6] = torch.zeros(4)
+    with pytest.raises(kernels.KernelInputError, match=r"mdi_decay: c1: expected a \[R, D\] matrix"):
+        kernels.mdi_decay_fused(*bad, eps=1e-6)
+    bad = list(leaves)
+    bad[8] = torch.zeros(16, 5)
+    with pytest.raises(kernels.KernelInputError, match=r"mdi_decay: c2: expected shape \[16, 4\], got \[16, 5\]"):
+        kernels.mdi_decay_fused(*bad, eps=1e-6)
