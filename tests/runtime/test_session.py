@@ -81,3 +81,25 @@ def test_session_on_the_triton_kernels_equals_one_forward():
     got = decode(session, tokens, 9)
     assert session.graphed == CUDA  # one CUDA-graph replay per token on a GPU
     assert_close(got.cpu(), full.cpu(), rtol=1e-4, atol=1e-4, what="session on Triton kernels")
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA graph and the TF32 tensor-core kernels need a GPU")
+@pytest.mark.gpu
+def test_session_with_tf32_graphs_the_tma_swiglu_gemm():
+    """With TF32 on, the default pipeline's SwiGLU GEMM is the persistent TMA kernel (exact fp32
+    leaves it to cuBLAS): captured in the session's CUDA graph, its descriptors and weight copy
+    replay with every token, and the logits match one forward."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        model = tiny_model().to("cuda").eval()
+        assert any(n.op == "linear_swiglu" for n in model.graph.nodes)
+        tokens = torch.randint(0, model.vocab_size, (2, 40), device="cuda")
+        with torch.no_grad():
+            full, _ = model(tokens)
+        session = DecodeSession(model, batch=2, device="cuda")
+        got = decode(session, tokens, 9)
+        assert session.graphed
+        assert_close(got.cpu(), full.cpu(), rtol=5e-3, atol=5e-3, what="session with TF32")
+    finally:
+        torch.set_float32_matmul_precision(before)
