@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .. import tma
 from ..config import knobs, new_output
 from ..dot import dot_meta, operand, tensor_cores
 
@@ -172,14 +173,7 @@ def supported(x: Tensor, w1: Tensor, *matrices: Tensor) -> bool:
     aligned rows and bases of every matrix."""
     if not tensor_cores(x.dtype) or not 0 < w1.shape[0] <= MAX_HIDDEN:
         return False
-    if any(t.dtype != x.dtype for t in (w1, *matrices)):
-        return False
-    if not knobs.interpret and torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    return all(
-        t.shape[1] > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-        for t in (x, w1, *matrices)
-    )
+    return all(t.dtype == x.dtype for t in (w1, *matrices)) and tma.matrices_ok(x, w1, *matrices)
 
 
 # (BLOCK_M, BLOCK_K, BLOCK_N, warps, K-loop stages, N-loop stages): 64 rows over two warpgroups,
@@ -212,11 +206,6 @@ def _weights(w1: Tensor, w2: Tensor, bk: int, bn: int) -> tuple[TensorDescriptor
     )
 
 
-def _programs(x: Tensor, tiles: int) -> tuple[int]:
-    sms = 4 if knobs.interpret else torch.cuda.get_device_properties(x.device).multi_processor_count
-    return (min(sms, tiles),)
-
-
 def _meta(x: Tensor, hidden: int, cfg) -> dict:
     bm, bk, bn, warps, stages, n_stages = cfg
     lo, hi = hidden_split(hidden)
@@ -238,7 +227,7 @@ def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor
         *_weights(w1, w2, bk, bn),
         TensorDescriptor.from_tensor(out, [bm, bn]),
     )
-    _mlp_fwd[_programs(x, triton.cdiv(rows, bm))](
+    _mlp_fwd[(tma.programs(x.device, triton.cdiv(rows, bm)),)](
         *descs, b1, b2, rows, out_width, width, hidden, **_meta(x, hidden, cfg)
     )
     return out
@@ -261,5 +250,5 @@ def decay_fwd(z: Tensor, k: Tensor, w1, b1, w2, b2, c1, cb1, c2, cb2, eps: float
         TensorDescriptor.from_tensor(gamma, [bm, bn]),
     )
     args = (b1, b2, cb1, cb2, rows, out_width, z.shape[1], k.shape[1], hidden, eps)
-    _decay_fwd[_programs(z, triton.cdiv(rows, bm))](*descs, *args, **_meta(z, hidden, cfg))
+    _decay_fwd[(tma.programs(z.device, triton.cdiv(rows, bm)),)](*descs, *args, **_meta(z, hidden, cfg))
     return gamma

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .. import tma
 from ..config import knobs, new_output
 from ..dot import dot_meta, operand, tensor_cores
 from . import reference
@@ -176,18 +177,7 @@ def _tma_configs() -> list[triton.Config]:
 _swiglu_tma_tuned = triton.autotune(_tma_configs(), key=["N", "K", "SAVE", "PRECISION", "DTYPE", "NORM"])(_swiglu_tma)
 
 
-def _programs(device) -> int:
-    return 4 if knobs.interpret else torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _tma_ok(*tensors: Tensor) -> bool:
-    """TMA: Hopper or later (always under the interpreter), 16-byte aligned bases and rows."""
-    if not knobs.interpret and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
-        return False
-    return all(
-        t.shape[1] > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-        for t in tensors
-    )
+_tma_ok = tma.matrices_ok  # a module name of its own: tests and the sweep swap it to pick a kernel
 
 
 def interleave(w_gate: Tensor, w_up: Tensor, half: int, scale: Tensor | None = None) -> Tensor:
@@ -241,12 +231,12 @@ def linear_swiglu_fwd(
         args = (TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [2 * half, bk]), *outs)
         args = (*args, rows, hidden, width)
         meta["DTYPE"] = str(x.dtype).removeprefix("torch.")
-        programs = _programs(x.device)
         if fixed:
-            grid = (min(programs, triton.cdiv(rows, bm) * tiles_n),)
+            grid = (tma.programs(x.device, triton.cdiv(rows, bm) * tiles_n),)
             _swiglu_tma[grid](*args, **meta, BLOCK_M=bm, BLOCK_K=bk, GROUP_M=8, STAGES=stages, num_warps=warps)
         else:
-            _swiglu_tma_tuned[lambda m: (min(programs, triton.cdiv(rows, m["BLOCK_M"]) * tiles_n),)](*args, **meta)
+            grid = lambda m: (tma.programs(x.device, triton.cdiv(rows, m["BLOCK_M"]) * tiles_n),)  # noqa: E731
+            _swiglu_tma_tuned[grid](*args, **meta)
         return out, g, u
     args = (x, w, out, g if save else out, u if save else out, rows, hidden, width)
     if fixed:

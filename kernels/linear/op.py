@@ -75,17 +75,23 @@ class _Direct(torch.autograd.Function):
         return reference.linear_swiglu_backward(*ctx.saved_tensors, dout)
 
 
+def _rows_and_weights(op: str, x: Tensor, w_gate: Tensor, w_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The entry points' checks: x [..., D] as contiguous rows [N, D], w_gate and w_up [F, D]."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise KernelInputError(f"{op}: x: expected a tensor [..., D], got {type(x).__name__}")
+    width = x.shape[-1]
+    if not isinstance(w_gate, Tensor) or w_gate.dim() != 2:
+        raise KernelInputError(f"{op}: w_gate: expected [F, {width}], got {getattr(w_gate, 'shape', None)}")
+    w_gate = tensor_arg(op, "w_gate", w_gate, (w_gate.shape[0], width), like=x)
+    w_up = tensor_arg(op, "w_up", w_up, tuple(w_gate.shape), like=x)
+    rows = tensor_arg(op, "x", x, tuple(x.shape)).reshape(math.prod(x.shape[:-1]), width)
+    return rows, w_gate, w_up
+
+
 def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     """silu(x @ w_gate^T) * (x @ w_up^T) for x [..., D], w_gate/w_up [F, D] -> [..., F]: one
     Triton GEMM with the epilogue on CUDA (and under the interpreter), the reference elsewhere."""
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise KernelInputError(f"linear_swiglu: x: expected a tensor [..., D], got {type(x).__name__}")
-    width = x.shape[-1]
-    if not isinstance(w_gate, Tensor) or w_gate.dim() != 2:
-        raise KernelInputError(f"linear_swiglu: w_gate: expected [F, {width}], got {getattr(w_gate, 'shape', None)}")
-    w_gate = tensor_arg("linear_swiglu", "w_gate", w_gate, (w_gate.shape[0], width), like=x)
-    w_up = tensor_arg("linear_swiglu", "w_up", w_up, tuple(w_gate.shape), like=x)
-    rows = tensor_arg("linear_swiglu", "x", x, tuple(x.shape)).reshape(math.prod(x.shape[:-1]), width)
+    rows, w_gate, w_up = _rows_and_weights("linear_swiglu", x, w_gate, w_up)
     lead = x.shape[:-1]
     if launches_directly(rows):
         return _Direct.apply(rows, w_gate, w_up).view(*lead, -1)
@@ -152,17 +158,8 @@ def rms_linear_swiglu(x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, e
     """linear_swiglu(rmsnorm(x, w_norm, eps), w_gate, w_up) for x [..., D]: on CUDA (and under the
     interpreter) one Triton GEMM that normalises x as it reads it, so the normalised x is never
     written; the reference elsewhere."""
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise KernelInputError(f"rms_linear_swiglu: x: expected a tensor [..., D], got {type(x).__name__}")
-    width = x.shape[-1]
-    if not isinstance(w_gate, Tensor) or w_gate.dim() != 2:
-        raise KernelInputError(
-            f"rms_linear_swiglu: w_gate: expected [F, {width}], got {getattr(w_gate, 'shape', None)}"
-        )
-    w_norm = tensor_arg("rms_linear_swiglu", "w_norm", w_norm, (width,), like=x)
-    w_gate = tensor_arg("rms_linear_swiglu", "w_gate", w_gate, (w_gate.shape[0], width), like=x)
-    w_up = tensor_arg("rms_linear_swiglu", "w_up", w_up, tuple(w_gate.shape), like=x)
-    rows = tensor_arg("rms_linear_swiglu", "x", x, tuple(x.shape)).reshape(math.prod(x.shape[:-1]), width)
+    rows, w_gate, w_up = _rows_and_weights("rms_linear_swiglu", x, w_gate, w_up)
+    w_norm = tensor_arg("rms_linear_swiglu", "w_norm", w_norm, (rows.shape[1],), like=x)
     lead = x.shape[:-1]
     if launches_directly(rows):
         return _DirectRms.apply(rows, w_norm, w_gate, w_up, eps).view(*lead, -1)

@@ -5,19 +5,14 @@ wgmma dots, no register spills, shared memory within the H100/H200's 227 KB. Tri
 runs on the CPU, so CPU CI catches a config that would not fit (with this machine's Triton; the
 GPU machine's may allocate differently)."""
 
-import os
-import subprocess
-import tempfile
-
 import pytest
 import torch
-import triton
 
 from kernels.decay import kernel
+from tests.kernels.sm90 import assert_fits, compile_sm90
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels run on the GPU here")
 
-SHARED_LIMIT = 227 * 1024
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -51,20 +46,9 @@ def _signature(fn, dtype: torch.dtype, cfg, hidden: int) -> tuple[dict, dict, in
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("which", ["mlp", "decay"])
 def test_decay_kernels_compile_for_sm90_without_spills(which, dtype, hidden):
-    from triton.backends.compiler import GPUTarget
-
     fn, table = (kernel._mlp_fwd, kernel.MLP_CONFIGS) if which == "mlp" else (kernel._decay_fwd, kernel.DECAY_CONFIGS)
     signature, consts, warps = _signature(fn, dtype, table[dtype], hidden)
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps})
+    compiled = compile_sm90(fn, signature, consts, warps)
     assert "wgmma.mma_async" in compiled.asm["ptx"]
-    assert compiled.metadata.shared <= SHARED_LIMIT, f"{compiled.metadata.shared} bytes of shared memory"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
+    if not assert_fits(compiled, fn.__name__):
         pytest.skip("no cuobjdump in this Triton wheel to read the register use")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    line = [row for row in usage.splitlines() if "REG:" in row][-1]
-    assert "STACK:0 " in line and "LOCAL:0 " in line, f"spills: {line.strip()}"

@@ -4,15 +4,11 @@ chose (fp32: 128 x 256 x 32, bf16: 128 x 256 x 64; 8 warps, 3 stages): wgmma dot
 spills, shared memory within 227 KB. CPU CI runs Triton's compiler, so a change that would make
 the kernel spill or overflow shared memory fails here (with this machine's Triton)."""
 
-import os
-import subprocess
-import tempfile
-
 import pytest
 import torch
-import triton
 
 from kernels.linear import kernel
+from tests.kernels.sm90 import assert_fits, compile_sm90
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel runs on the GPU here")
 
@@ -20,8 +16,6 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel ru
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "rmsnorm"])
 @pytest.mark.parametrize(("dtype", "block_k"), [("fp32", 32), ("bf16", 64)])
 def test_tma_swiglu_compiles_for_sm90_without_spills(dtype, block_k, norm):
-    from triton.backends.compiler import GPUTarget
-
     fn = kernel._swiglu_tma
     bm, half = 128, kernel.HALF
     consts = {"SAVE": True, "PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False, "HALF": half}
@@ -35,16 +29,7 @@ def test_tma_swiglu_compiles_for_sm90_without_spills(dtype, block_k, norm):
             return f"tensordesc<{dtype}{blocks[a]}>"
         return "fp32" if a == "EPS" else "i32"
 
-    source = triton.compiler.ASTSource(fn=fn, signature={a: arg(a) for a in fn.arg_names}, constexprs=consts)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 128), options={"num_warps": 8})
+    compiled = compile_sm90(fn, {a: arg(a) for a in fn.arg_names}, consts, 8)
     assert "wgmma.mma_async" in compiled.asm["ptx"]
-    assert compiled.metadata.shared <= 227 * 1024, f"{compiled.metadata.shared} bytes of shared memory"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
+    if not assert_fits(compiled, fn.__name__):
         pytest.skip("no cuobjdump in this Triton wheel to read the register use")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    line = [row for row in usage.splitlines() if "REG:" in row][-1]
-    assert "STACK:0 " in line and "LOCAL:0 " in line, f"spills: {line.strip()}"
