@@ -16,7 +16,7 @@ from .linear.op import linear_swiglu, rms_linear_swiglu
 from .memory.op import hds_query, memory_write, memory_write_
 from .memory.reference import Memory, MemorySpec, reset_rows
 from .nn.reference import moe, swiglu, uboo_loss
-from .norm.op import add_rmsnorm, rmsnorm
+from .norm.op import add_rmsnorm, add_rstd, rmsnorm
 from .pointwise.op import pointwise
 from .recurrence.op import decay_recurrence, gated_recurrence
 from .scan.op import linear_scan
@@ -26,6 +26,7 @@ __all__ = [
     "Memory",
     "MemorySpec",
     "add_rmsnorm",
+    "add_rstd",
     "decay_gate",
     "decay_recurrence",
     "gated_recurrence",

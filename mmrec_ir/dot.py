@@ -10,7 +10,14 @@ import re
 
 from .graph import Graph, Node
 
-_FUSED_COLOUR = {"add_rmsnorm": "#fde0c5", "linear": "#c9e4de", "linear_swiglu": "#c9e4de", "pointwise": "#fde0c5"}
+_FUSED_COLOUR = {
+    "add_rmsnorm": "#fde0c5",
+    "add_rstd": "#fde0c5",
+    "linear": "#c9e4de",
+    "linear_swiglu": "#c9e4de",
+    "rms_linear_swiglu": "#c9e4de",
+    "pointwise": "#fde0c5",
+}
 _RECURRENT = {"linear_scan", "gated_recurrence", "hds_query", "memory_write"}
 
 
@@ -44,7 +51,7 @@ def to_dot(graph: Graph, title: str | None = None) -> str:
         cluster_of[ident] = layer_of(node, cluster_of.get(first, ""))
         for out in node.outputs:
             producer[out.ref] = ident
-        fused = node.op in ("add_rmsnorm", "linear_swiglu", "pointwise")
+        fused = node.op in ("add_rmsnorm", "add_rstd", "linear_swiglu", "rms_linear_swiglu", "pointwise")
         fused = fused or (node.op == "linear" and len(node.outputs) > 1)
         if fused:
             style = f'style=filled, fillcolor="{_FUSED_COLOUR[node.op]}"'

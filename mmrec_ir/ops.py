@@ -144,11 +144,15 @@ def _linear_swiglu(x, w_gate, w_up):
     return [x.with_shape((*x.shape[:-1], f))]
 
 
-@op("rms_linear_swiglu", ("x", "w_norm", "w_gate", "w_up"), eps=1e-6)
-def _rms_linear_swiglu(x, w_norm, w_gate, w_up, eps):
-    """linear_swiglu(rmsnorm(x, w_norm), w_gate, w_up): the norm inside the GEMM (fuse-norm-prologue)."""
+@op("rms_linear_swiglu", ("x", "w_norm", "w_gate", "w_up", "rstd?"), eps=1e-6)
+def _rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd, eps):
+    """linear_swiglu(rmsnorm(x, w_norm), w_gate, w_up): the norm applied in the GEMM's epilogue
+    (fuse-norm-prologue). rstd (x's shape without the last dim, f32): the rows' 1/rms from the
+    add_rstd that made x (its eps then rules); without it the op computes them (one more read of x)."""
     x = floating("x", x)
     expect("w_norm", w_norm, (x.shape[-1],), x.dtype)
+    if rstd is not None:
+        expect("rstd", rstd, x.shape[:-1], DType.f32)
     return _linear_swiglu(x, w_gate, w_up)
 
 
@@ -318,6 +322,14 @@ def _decay_recurrence(z, gz, a, c, h0, w_g, eps):
     expect("a", a, z.shape, z.dtype)
     expect("c", c, z.shape, z.dtype)
     return _gated_recurrence(z, gz, a, h0, w_g)
+
+
+@op("add_rstd", ("lhs", "rhs"), eps=1e-6)
+def _add_rstd(lhs, rhs, eps):
+    """Residual add with the RMSNorm's statistics only, one pass: -> (lhs + rhs, 1/rms of each
+    row of the sum, f32), for an rms_linear_swiglu that applies the norm (fuse-norm-prologue)."""
+    x = _same(lhs, rhs)[0]
+    return [x, TensorType(DType.f32, x.shape[:-1])]
 
 
 @op("add_rmsnorm", ("lhs", "rhs", "weight"), eps=1e-6)

@@ -1,28 +1,30 @@
 """fuse-norm-prologue: an rmsnorm whose only reader is a SwiGLU GEMM moves into that GEMM, which
-normalises its input as it reads it: the GEMM's K loop already reads each row whole, so it sums
-the row's squares on the way and scales its accumulators by rstd, and the norm's weight is folded
-into the weights' per-call copy. The normalised rows are never written or read back.
+applies it in its epilogue: rmsnorm(x) W^T = rstd (x (W diag(w_norm))^T), so the GEMM reads x
+itself, the norm's weight is folded into the weights' per-call copy, and each row's sums are
+scaled by its 1/rms (rstd). The normalised rows are never written or read back.
+
+The statistics come from the kernel that makes x: a residual add before the norm becomes
+`add_rstd`, which writes the sum and 4 bytes of rstd a row (three rows a token, against the four
+of add_rmsnorm, which also writes the normalised sum); with no add there, rms_linear_swiglu
+computes rstd itself, one more read of x. (Summing the squares in the GEMM's own K loop read
+nothing extra, but Triton 3.6 got it wrong on sm_90: docs/kernels.md.)
 
 Runs after fuse-epilogue (whose `linear_swiglu` it extends) and before fuse-residual-norm, which
-would otherwise take the norm together with the residual add before it: the add then stays a
-plain add (three rows a token instead of add_rmsnorm's four), and the GEMM reads the sum instead
-of the normalised sum. Assumes: the norm's output has no other use; its weight is a parameter.
-Exact up to rounding: rmsnorm(x) W^T = rstd (x (W diag(w_norm))^T).
+would otherwise take the norm together with the add. Assumes: the norm's output has no other use;
+its weight is a parameter; the add's operands have the sum's type. Exact up to rounding.
 
-Opt-in: its kernel is tested under the interpreter but has not run on a GPU. By the fusion
-report's count it saves one row per fused norm (the block's FFN norm: 4,096 bytes a token at
-D 1024).
-
-    before: %u = rmsnorm(%x, @w_norm) {eps = 1e-06}
+    before: %x = add(%a, %b)
+            %u = rmsnorm(%x, @w_norm) {eps = 1e-06}
             %h = linear_swiglu(%u, @w_gate, @w_up)
-    after:  %h = rms_linear_swiglu(%x, @w_norm, @w_gate, @w_up) {eps = 1e-06}
+    after:  %x, %x.rstd = add_rstd(%a, %b) {eps = 1e-06}
+            %h = rms_linear_swiglu(%x, @w_norm, @w_gate, @w_up, %x.rstd) {eps = 1e-06}
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmrec_ir import Node
+from mmrec_ir import DType, Node, TensorType, Value
 
 from .rewrite import Context, RewritePass, Rule
 
@@ -34,7 +36,17 @@ def _fuse(index: int, node: Node, ctx: Context) -> bool:
     norm_index, norm = found
     if norm.op != "rmsnorm" or not norm.inputs[1].startswith("@") or ctx.touched(norm_index):
         return False
-    fused = Node("rms_linear_swiglu", (norm.inputs[0], norm.inputs[1], *node.inputs[1:]), node.outputs, norm.attrs)
+    x = norm.inputs[0]
+    operands = (x, norm.inputs[1], *node.inputs[1:])
+    added = ctx.producer(x)
+    if added is not None and added[1].op == "add" and not ctx.touched(added[0]):
+        add_index, add = added
+        if all(ctx.types.get(r) == ctx.types[x] for r in add.inputs):
+            x_type = ctx.types[x]
+            rstd = Value(ctx.fresh(x[1:] + ".rstd"), TensorType(DType.f32, x_type.shape[:-1]))
+            ctx.replace(add_index, [Node("add_rstd", add.inputs, (add.outputs[0], rstd), norm.attrs)])
+            operands = (*operands, rstd.ref)
+    fused = Node("rms_linear_swiglu", operands, node.outputs, norm.attrs)
     ctx.replace(index, [fused], remove=(norm_index,))
     return True
 

@@ -34,6 +34,7 @@ CUDA_KERNELS: dict[str, str] = {
     "memory_write": "triton:mmrec::block_sums + torch (segments), triton:mmrec::memory_write_step (decode session)",
     "rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
     "add_rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
+    "add_rstd": "triton:mmrec::add_rstd_fwd",
     "linear": "cublas",
     "pointwise": "triton (generated from expr; under torch.compile: Inductor)",
     "linear_swiglu": "triton:mmrec::linear_swiglu_fwd (backward: cublas + torch)",
@@ -52,6 +53,8 @@ def claim(node: Node) -> str:
     cuda = CUDA_KERNELS.get(node.op, _TORCH)
     if node.op == "gated_recurrence" and len(node.inputs) < 5:  # no W_g: runs as a linear scan
         cuda = CUDA_KERNELS["linear_scan"]
+    if node.op == "rms_linear_swiglu" and len(node.inputs) < 5:  # computes its rstd first
+        cuda = "triton:mmrec::add_rstd_fwd + " + cuda.removeprefix("triton:")
     return f"cuda: {cuda}; cpu: reference"
 
 

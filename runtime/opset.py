@@ -53,6 +53,7 @@ class ReferenceOps:
         return kernels.decay_recurrence(z, gz, a, c, w_g, h0, eps)
 
     add_rmsnorm = staticmethod(kernels.add_rmsnorm)
+    add_rstd = staticmethod(kernels.add_rstd)
 
     memory_write = staticmethod(lambda mem, k, v: _one(kernels.memory_write(mem, k, v)))
 
@@ -79,9 +80,10 @@ class ReferenceOps:
 
     pointwise = staticmethod(lambda *xs, expr: _one(kernels.pointwise(xs, expr)))
     linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
-    rms_linear_swiglu = staticmethod(
-        lambda x, w_norm, w_gate, w_up, eps: _one(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps))
-    )
+
+    @staticmethod
+    def rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd=None, *, eps):
+        return _one(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps, rstd))
 
     def moe(self, x, router, w_gate, w_up, w_down, top_k, capacity_factor):
         return kernels.moe(x, router, w_gate, w_up, w_down, top_k, capacity_factor, self.training)

@@ -46,6 +46,17 @@ def _grouped(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _scale_rows(acc, RSTD, rows, M):
+    """rmsnorm(x) W^T = rstd * (x (W diag(w_norm))^T): each row's sums times its 1/rms. The
+    statistics come from the kernel that wrote x (add_rstd), not from this GEMM's K loop: with
+    Triton 3.6 on the H200, a K loop whose wgmma operand also fed a sum of squares gave 36%
+    relative error (the interpreter agreed with fp64: a miscompile, likely the pipeliner's),
+    and a second load of x for the sums does not fit (fp32: 246 KB of shared memory; bf16
+    spills)."""
+    return acc * tl.load(RSTD + rows, mask=rows < M, other=0.0)[:, None]
+
+
+@triton.jit
 def _swiglu_tma(
     XD,  # descriptor of x [M, K], blocks [BLOCK_M, BLOCK_K]
     WD,  # descriptor of the interleaved weight [2 F_pad, K], blocks [2 HALF, BLOCK_K]
@@ -64,22 +75,19 @@ def _swiglu_tma(
     GROUP_M: tl.constexpr,
     STAGES: tl.constexpr,
     DTYPE: tl.constexpr,  # the operands' dtype, for the autotuning key only: descriptors carry none it sees
-    NORM: tl.constexpr,  # x is RMS-normalised on the way in (the norm's weight is folded into WD)
-    EPS,
+    NORM: tl.constexpr,  # rmsnorm(x): rows scaled by RSTD in the epilogue (the norm's weight is folded into WD)
+    RSTD,  # [M] fp32, 1/rms of each row of x (NORM only)
 ):
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, HALF)
     for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped(tile, tiles_m, tiles_n, GROUP_M)
         acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
-        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             a = operand(XD.load([pid_m * BLOCK_M, k0]), UPCAST)
             b = operand(WD.load([pid_n * 2 * HALF, k0]), UPCAST)
             acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
-            if NORM:
-                squares += tl.sum(a.to(tl.float32) * a.to(tl.float32), axis=1)
-        if NORM:  # rmsnorm(x) W^T = rstd * (x (W diag(w_norm))^T): rstd scales each row's sums
-            acc = acc * tl.rsqrt(squares / K + EPS)[:, None]
+        if NORM:
+            acc = _scale_rows(acc, RSTD, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M)
         g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))
         at = [pid_m * BLOCK_M, pid_n * HALF]
         OD.store(at, (g * tl.sigmoid(g) * u).to(OD.dtype))
@@ -107,7 +115,7 @@ def _swiglu_fwd(
     GROUP_M: tl.constexpr,
     STAGES: tl.constexpr,
     NORM: tl.constexpr,  # as _swiglu_tma's
-    EPS,
+    RSTD,
 ):
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, HALF), GROUP_M)
 
@@ -119,18 +127,15 @@ def _swiglu_fwd(
     x_ptrs = X + rows.to(tl.int64)[:, None] * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = W + wrows.to(tl.int64)[None, :] * K + ks[:, None]  # [BLOCK_K, 2 HALF]: W^T tiles
     acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         k_ok = ks < K - k0
         a = operand(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), UPCAST)
         b = operand(tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), UPCAST)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if NORM:
-            squares += tl.sum(a.to(tl.float32) * a.to(tl.float32), axis=1)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if NORM:
-        acc = acc * tl.rsqrt(squares / K + EPS)[:, None]
+        acc = _scale_rows(acc, RSTD, rows, M)
 
     # [BLOCK_M, 2 HALF] -> gate and up halves [BLOCK_M, HALF]
     g, u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))
@@ -200,17 +205,17 @@ def interleave(w_gate: Tensor, w_up: Tensor, half: int, scale: Tensor | None = N
 
 
 def linear_swiglu_fwd(
-    x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool, w_norm: Tensor | None = None, eps: float = 1e-6
+    x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool, w_norm: Tensor | None = None, rstd: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Contiguous x [M, K], w_gate/w_up [N, K] -> (out [M, N], g, u); g and u are empty
-    tensors unless `save`. With `w_norm` [K], x is rmsnorm(x, w_norm, eps) on the way in: the
-    kernel sums each row's squares as its K loop reads it and scales the accumulators by rstd;
-    w_norm is folded into the weights' per-call copy."""
+    tensors unless `save`. With `w_norm` [K] and `rstd` [M] fp32 (1/rms of each row of x), x is
+    rmsnorm(x, w_norm) on the way in: the epilogue scales each row's sums by rstd, and w_norm is
+    folded into the weights' per-call copy."""
     if not tensor_cores(x.dtype):  # exact fp32: cuBLAS's SGEMM, then the pointwise ops
         if w_norm is None:
             out, g, u = reference.linear_swiglu(x, w_gate, w_up)
         else:
-            out, g, u = reference.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps)
+            out, g, u = reference.rms_linear_swiglu(x, rstd, w_norm, w_gate, w_up)
         return (out, g, u) if save else (out, x.new_empty(0), x.new_empty(0))
     rows, width = x.shape
     hidden = w_gate.shape[0]
@@ -220,7 +225,8 @@ def linear_swiglu_fwd(
     u = new_output(x, (rows, hidden)) if save else x.new_empty(0)
     if not rows * hidden:
         return out, g, u
-    meta = {"SAVE": save, "HALF": half, **dot_meta(x.dtype), "NORM": w_norm is not None, "EPS": eps}
+    meta = {"SAVE": save, "HALF": half, **dot_meta(x.dtype), "NORM": w_norm is not None}
+    meta["RSTD"] = rstd.float() if w_norm is not None else out  # not read without NORM
     w = interleave(w_gate, w_up, half, w_norm)
     tiles_n = triton.cdiv(hidden, half)
     fixed = knobs.interpret or not knobs.autotune

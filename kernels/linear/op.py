@@ -99,41 +99,43 @@ def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     return torch.ops.mmrec.linear_swiglu_fwd(rows, w_gate, w_up, save)[0].view(*lead, -1)
 
 
-def _rms_reference(x, w_norm, w_gate, w_up, eps, save):
-    out, g, u = reference.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps)
+def _rms_reference(x, rstd, w_norm, w_gate, w_up, save):
+    out, g, u = reference.rms_linear_swiglu(x, rstd, w_norm, w_gate, w_up)
     return (out, g, u) if save else (out, x.new_empty(0), x.new_empty(0))
 
 
 @torch.library.custom_op("mmrec::rms_linear_swiglu_fwd", mutates_args=())
 def rms_linear_swiglu_fwd(
-    x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, eps: float, save: bool
+    x: Tensor, rstd: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, save: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """linear_swiglu_fwd of rmsnorm(x, w_norm, eps), the norm applied inside the GEMM."""
-    return _rms_reference(x, w_norm, w_gate, w_up, eps, save)
+    """linear_swiglu_fwd of rmsnorm(x, w_norm), the norm applied inside the GEMM; rstd [N] is
+    1/rms of each row of x (add_rstd's). Its gradient flows to x through the op's backward,
+    which differentiates the whole norm: rstd itself gets none."""
+    return _rms_reference(x, rstd, w_norm, w_gate, w_up, save)
 
 
 @rms_linear_swiglu_fwd.register_kernel("cuda")
-def _rms_fwd_cuda(x, w_norm, w_gate, w_up, eps, save):
+def _rms_fwd_cuda(x, rstd, w_norm, w_gate, w_up, save):
     if not knobs.use_triton:
-        return _rms_reference(x, w_norm, w_gate, w_up, eps, save)
-    return kernel.linear_swiglu_fwd(x, w_gate, w_up, save, w_norm, eps)
+        return _rms_reference(x, rstd, w_norm, w_gate, w_up, save)
+    return kernel.linear_swiglu_fwd(x, w_gate, w_up, save, w_norm, rstd)
 
 
 @rms_linear_swiglu_fwd.register_fake
-def _rms_fwd_fake(x, w_norm, w_gate, w_up, eps, save):
+def _rms_fwd_fake(x, rstd, w_norm, w_gate, w_up, save):
     return _fwd_fake(x, w_gate, w_up, save)
 
 
 def _rms_setup_context(ctx, inputs, output) -> None:
-    x, w_norm, w_gate, w_up, eps, save = inputs
+    x, rstd, w_norm, w_gate, w_up, save = inputs
     if not save:
         raise RuntimeError("mmrec::rms_linear_swiglu_fwd was called with save=False where a gradient is needed")
-    ctx.eps = eps
-    ctx.save_for_backward(x, w_norm, w_gate, w_up, output[1], output[2])
+    ctx.save_for_backward(x, rstd, w_norm, w_gate, w_up, output[1], output[2])
 
 
 def _rms_backward(ctx, dout: Tensor, _dg, _du):
-    return (*reference.rms_linear_swiglu_backward(*ctx.saved_tensors, dout, ctx.eps), None, None)
+    dx, dw_norm, dw_gate, dw_up = reference.rms_linear_swiglu_backward(*ctx.saved_tensors, dout)
+    return dx, None, dw_norm, dw_gate, dw_up, None
 
 
 rms_linear_swiglu_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
@@ -141,27 +143,39 @@ rms_linear_swiglu_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_
 
 class _DirectRms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_norm, w_gate, w_up, eps):
+    def forward(ctx, x, rstd, w_norm, w_gate, w_up):
         save = any(ctx.needs_input_grad)
-        out, g, u = kernel.linear_swiglu_fwd(x, w_gate, w_up, save, w_norm, eps)
+        out, g, u = kernel.linear_swiglu_fwd(x, w_gate, w_up, save, w_norm, rstd)
         if save:
-            ctx.eps = eps
-            ctx.save_for_backward(x, w_norm, w_gate, w_up, g, u)
+            ctx.save_for_backward(x, rstd, w_norm, w_gate, w_up, g, u)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return (*reference.rms_linear_swiglu_backward(*ctx.saved_tensors, dout.contiguous(), ctx.eps), None)
+        dx, dw_norm, dw_gate, dw_up = reference.rms_linear_swiglu_backward(*ctx.saved_tensors, dout.contiguous())
+        return dx, None, dw_norm, dw_gate, dw_up
 
 
-def rms_linear_swiglu(x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, eps: float = 1e-6) -> Tensor:
+def rms_linear_swiglu(
+    x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, eps: float = 1e-6, rstd: Tensor | None = None
+) -> Tensor:
     """linear_swiglu(rmsnorm(x, w_norm, eps), w_gate, w_up) for x [..., D]: on CUDA (and under the
-    interpreter) one Triton GEMM that normalises x as it reads it, so the normalised x is never
-    written; the reference elsewhere."""
+    interpreter) one Triton GEMM that applies the norm in its epilogue, so the normalised x is
+    never written; the reference elsewhere. `rstd` [...]: the rows' 1/rms as add_rstd gave them
+    with the sum that is x (eps is then add_rstd's); without it, add_rstd computes them here
+    (one read of x)."""
     rows, w_gate, w_up = _rows_and_weights("rms_linear_swiglu", x, w_gate, w_up)
     w_norm = tensor_arg("rms_linear_swiglu", "w_norm", w_norm, (rows.shape[1],), like=x)
     lead = x.shape[:-1]
+    if rstd is None:
+        from ..norm.op import add_rstd
+
+        rstd = add_rstd(x, None, eps)[1]
+    elif not isinstance(rstd, Tensor) or tuple(rstd.shape) != tuple(lead) or rstd.device != x.device:
+        got = f"{list(rstd.shape)} on {rstd.device}" if isinstance(rstd, Tensor) else type(rstd).__name__
+        raise KernelInputError(f"rms_linear_swiglu: rstd: expected shape {list(lead)} on {x.device}, got {got}")
+    rstd = rstd.reshape(-1).contiguous()
     if launches_directly(rows):
-        return _DirectRms.apply(rows, w_norm, w_gate, w_up, eps).view(*lead, -1)
+        return _DirectRms.apply(rows, rstd, w_norm, w_gate, w_up).view(*lead, -1)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_norm, w_gate, w_up))
-    return torch.ops.mmrec.rms_linear_swiglu_fwd(rows, w_norm, w_gate, w_up, eps, save)[0].view(*lead, -1)
+    return torch.ops.mmrec.rms_linear_swiglu_fwd(rows, rstd, w_norm, w_gate, w_up, save)[0].view(*lead, -1)

@@ -41,28 +41,28 @@ def linear_swiglu_backward(
 
 
 def rms_linear_swiglu(
-    x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, eps: float
+    x: Tensor, rstd: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """linear_swiglu(rmsnorm(x, w_norm, eps), w_gate, w_up): the norm as the model's rmsnorm
-    computes it (kernels/nn/reference.py), then the SwiGLU GEMM. -> (out, g, u)."""
-    from ..nn.reference import rmsnorm
-
-    return linear_swiglu(rmsnorm(x, w_norm, eps), w_gate, w_up)
+    """linear_swiglu(rmsnorm(x, w_norm), w_gate, w_up) for x [N, D] with its rows' 1/rms given
+    (rstd [N], from add_rstd): the norm rounded as the model's rmsnorm rounds it
+    (kernels/nn/reference.py), then the SwiGLU GEMM. -> (out, g, u)."""
+    xf = x.to(_acc(x))
+    return linear_swiglu((xf * rstd.to(xf.dtype)[:, None]).to(x.dtype) * w_norm, w_gate, w_up)
 
 
 def rms_linear_swiglu_backward(
-    x: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor, dout: Tensor, eps: float
+    x: Tensor, rstd: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor, dout: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (dx, dw_norm, dw_gate, dw_up): the normalised input recomputed, the SwiGLU GEMM's
-    backward, then RMSNorm's: with xhat = x rstd and d = d(normalised) * w_norm,
-    dx = rstd (d - xhat mean(d xhat)), dw_norm = sum over rows of d(normalised) xhat."""
+    """-> (dx, dw_norm, dw_gate, dw_up): the SwiGLU GEMM's backward on the normalised input
+    (recomputed), then RMSNorm's, through rstd too: with xhat = x rstd and d = dn * w_norm
+    (dn: the gradient reaching the normalised rows), dx = rstd (d - xhat mean(d xhat)),
+    dw_norm = sum over rows of dn xhat."""
     acc = _acc(x)
-    xf = x.to(acc)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    xhat = (xf * rstd).to(x.dtype)
+    r = rstd.to(acc)[:, None]
+    xhat = (x.to(acc) * r).to(x.dtype)
     dn, dw_gate, dw_up = linear_swiglu_backward(xhat * w_norm, w_gate, w_up, g, u, dout)
     d = dn.to(acc) * w_norm.to(acc)
     xh = xhat.to(acc)
-    dx = rstd * (d - xh * (d * xh).mean(-1, keepdim=True))
+    dx = r * (d - xh * (d * xh).mean(-1, keepdim=True))
     dw_norm = (dn.to(acc) * xh).sum(0)
     return dx.to(x.dtype), dw_norm.to(w_norm.dtype), dw_gate, dw_up

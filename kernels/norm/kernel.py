@@ -18,7 +18,7 @@ from ..launch import Launcher
 
 
 @triton.jit
-def _add_rmsnorm_fwd(A, B, W, S, U, RSTD, D, EPS, HAS_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _add_rmsnorm_fwd(A, B, W, S, U, RSTD, D, EPS, HAS_B: tl.constexpr, WRITE_U: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
@@ -29,9 +29,10 @@ def _add_rmsnorm_fwd(A, B, W, S, U, RSTD, D, EPS, HAS_B: tl.constexpr, BLOCK_D: 
         tl.store(S + row * D + cols, x, mask=ok)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + EPS)
-    normed = (xf * rstd).to(U.dtype.element_ty).to(tl.float32)  # the reference rounds before the weight
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(U + row * D + cols, (normed * w).to(U.dtype.element_ty), mask=ok)
+    if WRITE_U:  # else only the statistics, for a GEMM that applies the norm itself (add_rstd)
+        normed = (xf * rstd).to(U.dtype.element_ty).to(tl.float32)  # the reference rounds before the weight
+        w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(U + row * D + cols, (normed * w).to(U.dtype.element_ty), mask=ok)
     tl.store(RSTD + row, rstd)
 
 
@@ -79,9 +80,22 @@ def add_rmsnorm_fwd(a: Tensor, b: Tensor | None, weight: Tensor, eps: float) -> 
     block = triton.next_power_of_2(width)
     _launch_fwd(
         (rstd.shape[0],), _rows(a), _rows(b) if b is not None else a, weight, s, u, rstd, width, eps,
-        HAS_B=b is not None, BLOCK_D=block, num_warps=_warps(block),
+        HAS_B=b is not None, WRITE_U=True, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return s, u, rstd
+
+
+def add_rstd_fwd(a: Tensor, b: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """-> (s, rstd [N] fp32): add_rmsnorm_fwd without the normalised rows. Without b, s is a."""
+    width = a.shape[-1]
+    s = new_output(a) if b is not None else a
+    rstd = torch.empty(a.numel() // width, device=a.device, dtype=torch.float32)
+    block = triton.next_power_of_2(width)
+    _launch_fwd(
+        (rstd.shape[0],), _rows(a), _rows(b) if b is not None else a, a, s, a, rstd, width, eps,
+        HAS_B=b is not None, WRITE_U=False, BLOCK_D=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return s, rstd
 
 
 def add_rmsnorm_bwd(s: Tensor, weight: Tensor, rstd: Tensor, ds: Tensor | None, du: Tensor) -> tuple[Tensor, Tensor]:

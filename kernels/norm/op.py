@@ -1,4 +1,6 @@
 """`torch.ops.mmrec.add_rmsnorm_fwd/_bwd`: residual add + RMSNorm in one kernel each way.
+`torch.ops.mmrec.add_rstd_fwd`: the same add with only the norm's statistics (1/rms per row),
+for a GEMM that applies the norm itself (fuse-norm-prologue: rms_linear_swiglu).
 
 CUDA runs the Triton kernels; other devices and fake tensors run the reference or its shape
 rule. As with the recurrences, eager CUDA calls (and CPU tensors under TRITON_INTERPRET=1) go to
@@ -78,6 +80,66 @@ def _backward(ctx, ds: Tensor | None, du: Tensor | None, _drstd):
 add_rmsnorm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _without_sum_rstd(run, a, b, eps):
+    s, rstd = run(a, b, eps)
+    return s if b is not None else a.new_empty(0), rstd
+
+
+@torch.library.custom_op("mmrec::add_rstd_fwd", mutates_args=())
+def add_rstd_fwd(a: Tensor, b: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """-> (a + b, or an empty tensor without b; 1/rms of each row of the sum, fp32)."""
+    return _without_sum_rstd(reference.add_rstd, a, b, eps)
+
+
+@add_rstd_fwd.register_kernel("cuda")
+def _rstd_cuda(a, b, eps):
+    return _without_sum_rstd(kernel.add_rstd_fwd if knobs.use_triton else reference.add_rstd, a, b, eps)
+
+
+@add_rstd_fwd.register_fake
+def _rstd_fake(a, b, eps):
+    s = torch.empty_like(a) if b is not None else a.new_empty(0)
+    return s, a.new_empty(a.numel() // a.shape[-1], dtype=torch.promote_types(a.dtype, torch.float32))
+
+
+def _no_rstd_gradient(drstd: Tensor | None) -> None:
+    # The consumer (rms_linear_swiglu) differentiates through the statistics itself and passes
+    # none back; anything else that differentiates rstd would get a wrong gradient from here.
+    if drstd is not None:
+        raise RuntimeError(
+            "add_rstd: rstd carries no gradient (its reader, rms_linear_swiglu, differentiates the norm "
+            "itself); compute rstd with torch ops where its gradient is needed"
+        )
+
+
+def _rstd_setup_context(ctx, inputs, output) -> None:
+    ctx.has_b = inputs[1] is not None
+    ctx.set_materialize_grads(False)
+
+
+def _rstd_backward(ctx, ds: Tensor | None, drstd: Tensor | None):
+    _no_rstd_gradient(drstd)
+    return ds, ds if ctx.has_b else None, None
+
+
+add_rstd_fwd.register_autograd(_rstd_backward, setup_context=_rstd_setup_context)
+
+
+class _DirectRstd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, eps):
+        s, rstd = kernel.add_rstd_fwd(a, b, eps)
+        ctx.has_b = b is not None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(rstd)
+        return (s, rstd) if b is not None else (rstd,)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ds = grads[0] if ctx.has_b else None
+        return ds, ds if ctx.has_b else None, None
+
+
 class _Direct(torch.autograd.Function):
     """The launchers with the op's autograd, without its dispatch (`checks.launches_directly`)."""
 
@@ -99,13 +161,13 @@ class _Direct(torch.autograd.Function):
         return dx, dx if ctx.has_b else None, dw, None
 
 
-def _args(op: str, a: Tensor, b: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+def _args(op: str, a: Tensor, b: Tensor | None, weight: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     if not isinstance(a, Tensor) or a.dim() < 1:
         raise KernelInputError(f"{op}: x: expected a tensor [..., D], got {type(a).__name__}")
     a = tensor_arg(op, "x" if b is None else "lhs", a, tuple(a.shape))
     if b is not None:
         b = tensor_arg(op, "rhs", b, tuple(a.shape), like=a)
-    return a, b, tensor_arg(op, "weight", weight, (a.shape[-1],), like=a)
+    return a, b, None if weight is None else tensor_arg(op, "weight", weight, (a.shape[-1],), like=a)
 
 
 def _fused(a: Tensor) -> bool:
@@ -133,3 +195,19 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     if launches_directly(x):
         return _Direct.apply(x, None, weight, eps)[0]
     return torch.ops.mmrec.add_rmsnorm_fwd(x, None, weight, eps)[1]
+
+
+def add_rstd(lhs: Tensor, rhs: Tensor | None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(lhs + rhs, or lhs without rhs; rstd [...] = 1 / sqrt(mean((lhs + rhs)^2) + eps) per row,
+    fp32): the residual add with only the RMSNorm's statistics, in one kernel on CUDA. rstd is
+    for rms_linear_swiglu, which differentiates the norm itself: it carries no gradient."""
+    lhs, rhs, _ = _args("add_rstd", lhs, rhs, None)
+    lead = lhs.shape[:-1]
+    if not _fused(lhs):
+        s, rstd = reference.add_rstd(lhs, rhs, eps)
+        return s, rstd.detach().view(lead)
+    if launches_directly(lhs):
+        *s, rstd = _DirectRstd.apply(lhs, rhs, eps)
+        return (s[0] if s else lhs), rstd.view(lead)
+    s, rstd = torch.ops.mmrec.add_rstd_fwd(lhs, rhs, eps)
+    return (s if rhs is not None else lhs), rstd.view(lead)

@@ -36,3 +36,10 @@ def add_rmsnorm_backward(
         dx = dx + ds.to(acc).reshape(-1, width)
     dw = (duf * xhat).sum(0)
     return dx.view(s.shape).to(s.dtype), dw.to(weight.dtype)
+
+
+def add_rstd(a: Tensor, b: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """-> (s = a + b, or a itself without b; rstd [N], fp32 or wider): add_rmsnorm without the norm."""
+    s = a if b is None else a + b
+    sf = s.to(torch.promote_types(s.dtype, torch.float32))
+    return s, torch.rsqrt(sf.pow(2).mean(-1) + eps).flatten()

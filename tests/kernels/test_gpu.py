@@ -411,27 +411,35 @@ def test_whole_decay_kernel_at_model_sizes(dtype, width, hidden, tf32_products):
         assert rel(got, w) < tol, f"output {i}: relative error {rel(got, w):.1e}"
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_swiglu_gemm_at_benchmark_size(dtype, tf32_products):
-    """fuse-norm-prologue's GEMM (the RMSNorm inside, autotuned TMA kernel) at the block's FFN
-    width against fp64, forward and gradients, rows far from unit RMS."""
+def test_rms_swiglu_gemm_at_benchmark_size(dtype, compiled, tf32_products):
+    """fuse-norm-prologue's pair at the block's FFN width against fp64, forward and gradients,
+    rows far from unit RMS: add_rstd (the residual add and each row's 1/rms), then the autotuned
+    TMA GEMM applying the norm in its epilogue; eager and under torch.compile."""
     torch.manual_seed(0)
     rows, width, hidden = 4096 + 7, 1024, 2816
-    x = (torch.randn(rows, width, device="cuda") * 3).to(dtype).requires_grad_()
+    x, resid = ((torch.randn(rows, width, device="cuda") * 2).to(dtype).requires_grad_() for _ in range(2))
     w_norm = (torch.rand(width, device="cuda") + 0.5).to(dtype).requires_grad_()
     w_gate, w_up = (
         (torch.randn(hidden, width, device="cuda") / width**0.5).to(dtype).requires_grad_() for _ in range(2)
     )
-    leaves = (x, w_norm, w_gate, w_up)
-    out = kernels.rms_linear_swiglu(*leaves, 1e-6)
+    leaves = (x, resid, w_norm, w_gate, w_up)
+
+    def fused(x, resid, w_norm, w_gate, w_up):
+        total, rstd = kernels.add_rstd(x, resid, 1e-6)
+        return kernels.rms_linear_swiglu(total, w_norm, w_gate, w_up, rstd=rstd)
+
+    out = (torch.compile(fused, fullgraph=True) if compiled else fused)(*leaves)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref = [t.detach().double().requires_grad_() for t in leaves]
-    u = ref[0] * torch.rsqrt(ref[0].pow(2).mean(-1, keepdim=True) + 1e-6) * ref[1]
-    want = F.silu(u @ ref[2].T) * (u @ ref[3].T)
+    total = ref[0] + ref[1]
+    u = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-6) * ref[2]
+    want = F.silu(u @ ref[3].T) * (u @ ref[4].T)
     want_grads = torch.autograd.grad(want, ref, dout.double())
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # fp32: TF32 products
     for name, got, w in zip(
-        ["out", "dx", "dw_norm", "dw_gate", "dw_up"], (out, *grads), (want, *want_grads), strict=True
+        ["out", "dx", "dresid", "dw_norm", "dw_gate", "dw_up"], (out, *grads), (want, *want_grads), strict=True
     ):
         assert rel(got, w) < tol, f"{name}: relative error {rel(got, w):.1e}"

@@ -17,6 +17,9 @@ from tests.conftest import TRITON_DEVICE, assert_close
 def _poison(monkeypatch):
     monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
     monkeypatch.setattr(kernels.knobs, "autotune", False)
+    # The kernels' logic in exact fp32 on CUDA too (the op itself leaves exact fp32 to cuBLAS:
+    # dot.tensor_cores); at these sizes the CUDA-core dots' spills cost nothing.
+    monkeypatch.setattr(kernel, "tensor_cores", lambda dtype: True)
 
 
 def make(lead, width, hidden, dtype, device=TRITON_DEVICE):
@@ -119,30 +122,39 @@ def test_zero_width_rows_give_zeros():
     assert out.shape == (5, 16) and torch.equal(out.cpu(), torch.zeros(5, 16))
 
 
-def fp64_rms_autograd(x, w_norm, w_gate, w_up, dout, eps):
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w_norm, w_gate, w_up)]
-    xs, wn = leaves[0], leaves[1]
+def fp64_rms_autograd(parts, w_norm, w_gate, w_up, dout, eps):
+    """fp64 autograd of linear_swiglu(rmsnorm(sum(parts))) -> (out, grads of parts, w_norm, w_gate, w_up)."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (*parts, w_norm, w_gate, w_up)]
+    xs, (wn, wg, wu) = sum(leaves[: len(parts)]), leaves[len(parts) :]
     u = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps) * wn
-    out = F.silu(F.linear(u, leaves[2])) * F.linear(u, leaves[3])
+    out = F.silu(F.linear(u, wg)) * F.linear(u, wu)
     return out.detach(), torch.autograd.grad((out * dout.cpu().double()).sum(), leaves)
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("residual", [False, True], ids=["own-rstd", "add_rstd"])
 @pytest.mark.parametrize(("lead", "width", "hidden"), [((2, 37), 24, 40), ((63,), 16, 16), ((5,), 48, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_linear_swiglu_matches_fp64_autograd(lead, width, hidden, dtype, path):
-    """The norm inside the GEMM: each row's squares summed as the K loop reads it (K tiles of 16
-    under the interpreter, so width 24 takes a partial one), rstd applied to the accumulators,
-    the norm's weight folded into the weights' copy; both kernels."""
+def test_rms_linear_swiglu_matches_fp64_autograd(lead, width, hidden, dtype, residual, path):
+    """The norm in the GEMM's epilogue (rows scaled by rstd, the norm's weight folded into the
+    weights' copy), both kernels, every gradient (x's through rstd too): with rstd computed by
+    the op itself, and as fuse-norm-prologue builds it, from the add_rstd that made x."""
     x, w_gate, w_up = make(lead, width, hidden, dtype)
     w_norm = (torch.rand(width) + 0.5).to(TRITON_DEVICE, dtype).requires_grad_()
-    x = (x.detach() * 3).requires_grad_()  # rows far from unit RMS
-    out = kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, 1e-5)
+    parts = [(x.detach() * 3).requires_grad_()]  # rows far from unit RMS
+    if residual:
+        parts.append(torch.randn_like(parts[0]).requires_grad_())
+        s, rstd = kernels.add_rstd(*parts, 1e-5)
+        assert rstd.shape == lead and rstd.dtype == torch.float32
+        out = kernels.rms_linear_swiglu(s, w_norm, w_gate, w_up, rstd=rstd)
+    else:
+        out = kernels.rms_linear_swiglu(parts[0], w_norm, w_gate, w_up, 1e-5)
     assert out.shape == (*lead, hidden)
     dout = torch.randn_like(out)
-    grads = torch.autograd.grad((out.float() * dout.float()).sum(), (x, w_norm, w_gate, w_up))
-    ref, ref_grads = fp64_rms_autograd(x, w_norm, w_gate, w_up, dout, 1e-5)
-    names = ["out", "dx", "dw_norm", "dw_gate", "dw_up"]
+    leaves = (*parts, w_norm, w_gate, w_up)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), leaves)
+    ref, ref_grads = fp64_rms_autograd(parts, w_norm, w_gate, w_up, dout, 1e-5)
+    names = ["out", *(f"d{n}" for n in ("a", "b")[: len(parts)]), "dw_norm", "dw_gate", "dw_up"]
     for name, got, want in zip(names, (out, *grads), (ref, *ref_grads), strict=True):
         assert got.dtype == dtype, name
         if dtype == torch.float32:
@@ -153,14 +165,21 @@ def test_rms_linear_swiglu_matches_fp64_autograd(lead, width, hidden, dtype, pat
             assert err < 2e-2, f"{name}: relative error {err:.1e}"
 
 
+def test_rms_linear_swiglu_checks_rstd():
+    x, w_gate, w_up = make((2, 3), 8, 10, torch.float32, device="cpu")
+    with pytest.raises(KernelInputError, match=r"rms_linear_swiglu: rstd: expected shape \[2, 3\] on cpu, got \[6\]"):
+        kernels.rms_linear_swiglu(x, torch.ones(8), w_gate, w_up, rstd=torch.ones(6))
+
+
 def test_rms_reference_backward_matches_autograd():
     x, w_gate, w_up = make((9,), 7, 5, torch.float64, device="cpu")
     w_norm = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_()
-    out, g, u = reference.rms_linear_swiglu(x, w_norm, w_gate, w_up, 1e-5)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5)  # differentiable here: autograd's dx goes through it
+    out, g, u = reference.rms_linear_swiglu(x, rstd, w_norm, w_gate, w_up)
     dout = torch.randn_like(out)
     want = torch.autograd.grad((out * dout).sum(), (x, w_norm, w_gate, w_up))
-    leaves = (x.detach(), w_norm.detach(), w_gate.detach(), w_up.detach())
-    got = reference.rms_linear_swiglu_backward(*leaves, g.detach(), u.detach(), dout, 1e-5)
+    leaves = (x.detach(), rstd.detach(), w_norm.detach(), w_gate.detach(), w_up.detach())
+    got = reference.rms_linear_swiglu_backward(*leaves, g.detach(), u.detach(), dout)
     for name, a, b in zip(["x", "w_norm", "w_gate", "w_up"], got, want, strict=True):
         assert_close(a, b, what=f"d{name}", rtol=1e-10, atol=1e-12)
 
@@ -168,4 +187,5 @@ def test_rms_reference_backward_matches_autograd():
 def test_opcheck_rms_linear_swiglu():
     x, w_gate, w_up = make((6,), 8, 10, torch.float32, device="cpu")
     w_norm = (torch.rand(8) + 0.5).requires_grad_()
-    torch.library.opcheck(torch.ops.mmrec.rms_linear_swiglu_fwd.default, (x, w_norm, w_gate, w_up, 1e-6, True))
+    rstd = torch.rsqrt(x.detach().pow(2).mean(-1) + 1e-6)
+    torch.library.opcheck(torch.ops.mmrec.rms_linear_swiglu_fwd.default, (x, rstd, w_norm, w_gate, w_up, True))

@@ -109,3 +109,38 @@ def test_reference_backward_matches_autograd():
     _, (ra, _rb, rw) = reference_grads(a, b, w, 1e-6, ds, du)
     assert_close(dx, ra, what="dx", rtol=1e-10, atol=1e-12)
     assert_close(dw, rw, what="dw", rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(3, 5, 37), (1, 7, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_b", [True, False])
+def test_add_rstd_gives_the_sum_and_the_norm_statistics(shape, dtype, with_b):
+    """add_rstd: add_rmsnorm's kernel without the normalised rows; the sum's gradient is the
+    add's, and rstd refuses a gradient (its reader differentiates the norm itself)."""
+    a, b, w = make(shape, dtype)
+    s, rstd = kernels.add_rstd(a, b if with_b else None, 1e-5)
+    want_s, _, want_rstd = reference.add_rmsnorm(a.detach().cpu(), b.detach().cpu() if with_b else None, w.cpu(), 1e-5)
+    assert rstd.shape == shape[:-1] and rstd.dtype == torch.float32
+    assert_close(
+        rstd.cpu(), want_rstd.float().view(shape[:-1]), what="rstd", rtol=1e-5 if dtype == torch.float32 else 1e-2
+    )
+    if not with_b:
+        assert s is a
+        return
+    assert_close(s.cpu(), want_s, what="s", rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    ds = torch.randn_like(s)
+    da, db = torch.autograd.grad(s, (a, b), ds)
+    assert torch.equal(da, ds) and torch.equal(db, ds)
+    with pytest.raises(RuntimeError, match="add_rstd: rstd carries no gradient"):
+        _, rstd = kernels.add_rstd(a, b, 1e-5)
+        if rstd.requires_grad:  # the op's autograd (the direct launch marks rstd non-differentiable)
+            torch.autograd.grad(rstd.sum(), (a,))
+        else:
+            raise RuntimeError("add_rstd: rstd carries no gradient")
+
+
+@pytest.mark.parametrize("with_b", [True, False])
+def test_opcheck_add_rstd(with_b):
+    a, b = (torch.randn(2, 5, 12) for _ in range(2))
+    torch.library.opcheck(torch.ops.mmrec.add_rstd_fwd.default, (a, b if with_b else None, 1e-6))

@@ -375,15 +375,15 @@ def test_fuse_norm_prologue_golden():
   return hidden = %hidden, x = %x, other = %other, v = %v
 }
 """
-    # %v has a second use (an output): it stays; the add before %u is left for fuse-residual-norm,
-    # which finds no norm after it any more.
+    # %v has a second use (an output): it stays. The add before %u gives the norm's statistics
+    # (add_rstd), so fuse-residual-norm finds no norm after it any more.
     after = """graph @g(%a: f32[B, T, 4], %b: f32[B, T, 4]) {
   param @w_norm: f32[4] = ones
   param @w_gate: f32[8, 4] = normal(0.02)
   param @w_up: f32[8, 4] = normal(0.02)
-  %x: f32[B, T, 4] = add(%a, %b)
+  %x: f32[B, T, 4], %x.rstd: f32[B, T] = add_rstd(%a, %b) {eps = 1e-05}
   %v: f32[B, T, 4] = rmsnorm(%b, @w_norm)
-  %hidden: f32[B, T, 8] = rms_linear_swiglu(%x, @w_norm, @w_gate, @w_up) {eps = 1e-05}
+  %hidden: f32[B, T, 8] = rms_linear_swiglu(%x, @w_norm, @w_gate, @w_up, %x.rstd) {eps = 1e-05}
   %other: f32[B, T, 8] = linear_swiglu(%v, @w_gate, @w_up)
   return hidden = %hidden, x = %x, other = %other, v = %v
 }
