@@ -16,7 +16,9 @@ forward and forward+backward, for each way of running the same graph, in one run
   of the GEMM epilogue (under torch.compile it would be Inductor's, as without it);
 - fuse-decay for fuse-decay-recurrence + torch.compile: the whole MDI decay as one kernel
   (opt-in pass, kernels/decay) and the plain gated recurrence reading gamma;
-- the same + fuse-norm-prologue: also the FFN's RMSNorm inside the SwiGLU GEMM (opt-in pass).
+- the same + fuse-norm-prologue: also the FFN's RMSNorm applied by the SwiGLU GEMM, its statistics
+  from the residual add before it (add_rstd; opt-in pass);
+- fused + fuse-norm-prologue + torch.compile: the default pipeline with fuse-norm-prologue alone.
 
 Also printed: the activation bytes per token the fusion report counts for the block before and
 after the pipeline (passes/report.py's cost model: the kernels each op launches, each reading
@@ -66,6 +68,8 @@ ELEMENTWISE = without("fuse-epilogue", insert=("fuse-elementwise", "dce"))
 WHOLE_DECAY = without("fuse-decay-recurrence", insert=("fuse-decay", "cse"))
 NORM_PROLOGUE = [*WHOLE_DECAY]
 NORM_PROLOGUE.insert(NORM_PROLOGUE.index("fuse-epilogue") + 1, "fuse-norm-prologue")
+NORM_ONLY = without("")
+NORM_ONLY.insert(NORM_ONLY.index("fuse-epilogue") + 1, "fuse-norm-prologue")
 REFERENCE = "torch.compile of the eager reference model"
 ELEMENTWISE_NAME = "fuse-elementwise for fuse-epilogue, eager"
 # (name, pipeline (None: the default one), under torch.compile, our Triton kernels)
@@ -79,6 +83,7 @@ VARIANTS = (
     (ELEMENTWISE_NAME, ELEMENTWISE, False, True),
     ("fuse-decay for fuse-decay-recurrence + torch.compile", WHOLE_DECAY, True, True),
     ("... + fuse-norm-prologue + torch.compile", NORM_PROLOGUE, True, True),
+    ("fused + fuse-norm-prologue + torch.compile", NORM_ONLY, True, True),
 )
 DEVICE = "cuda"
 
@@ -242,6 +247,7 @@ def main() -> None:
             ELEMENTWISE_NAME,
             "fuse-decay for fuse-decay-recurrence + torch.compile",
             "... + fuse-norm-prologue + torch.compile",
+            "fused + fuse-norm-prologue + torch.compile",
         ):
             if unfused is None or name not in payload["block"]:
                 continue

@@ -10,8 +10,8 @@ triton.testing.do_bench, forward and forward+backward):
   cuBLAS GEMM over both weights followed by silu * product (eager, and torch.compile'd, where
   Inductor fuses the pointwise part), at the block's FFN shape, fp32 with TF32 and bf16; the
   GEMM alone (cuBLAS, no epilogue) is printed as the floor of what fusion can reach; and
-  rms_linear_swiglu (fuse-norm-prologue: the RMSNorm before it inside the GEMM) against the norm
-  as its own kernel plus linear_swiglu, and against torch.compile of the plain ops;
+  add_rstd + rms_linear_swiglu (fuse-norm-prologue: the residual add gives the norm's statistics,
+  the GEMM applies the norm) against add_rmsnorm + linear_swiglu and torch.compile of the plain ops;
 - pointwise (fuse-elementwise's generated kernel) for silu(gate) * up at the block's FFN shape
   vs the two PyTorch ops (eager, and torch.compile'd into Inductor's one kernel) and vs the copy
   floor of its traffic (read 2 rows, write 1), fp32 and bf16;
@@ -185,27 +185,36 @@ def swiglu_section(rows: int, width: int, hidden: int, dtype) -> None:
     )
     compare("swiglu", shape, variants, (x, w_gate, w_up), grads)
 
-    # fuse-norm-prologue: the RMSNorm before it inside the GEMM, against the norm as its own
-    # Triton kernel (add_rmsnorm's, as the default pipeline runs it) plus the fused GEMM
+    # fuse-norm-prologue: the residual add and RMSNorm before the GEMM. The default pipeline runs
+    # add_rmsnorm (sum and normalised sum, one kernel) then the fused GEMM; fuse-norm-prologue
+    # runs add_rstd (the sum and 1/rms per row) and the GEMM applies the norm in its epilogue.
     w_norm = (torch.rand(width, device=DEVICE) + 0.5).to(dtype).requires_grad_()
+    resid = torch.randn_like(x).requires_grad_()
 
-    def norm_then_gemm(x, w_norm, w_gate, w_up):
-        return kernels.linear_swiglu(kernels.rmsnorm(x, w_norm, 1e-6), w_gate, w_up)
+    def default(x, resid, w_norm, w_gate, w_up):
+        total, normed = kernels.add_rmsnorm(x, resid, w_norm, 1e-6)
+        return total, kernels.linear_swiglu(normed, w_gate, w_up)
 
-    def plain_norm(x, w_norm, w_gate, w_up):
-        return unfused(ref_rmsnorm(x, w_norm, 1e-6), w_gate, w_up)
+    def prologue(x, resid, w_norm, w_gate, w_up):
+        total, rstd = kernels.add_rstd(x, resid, 1e-6)
+        return total, kernels.rms_linear_swiglu(total, w_norm, w_gate, w_up, rstd=rstd)
 
+    def plain(x, resid, w_norm, w_gate, w_up):
+        total = x + resid
+        return total, unfused(ref_rmsnorm(total, w_norm, 1e-6), w_gate, w_up)
+
+    leaves = (x, resid, w_norm, w_gate, w_up)
     with torch.no_grad():
-        exact = plain_norm(*(t.double() for t in (x, w_norm, w_gate, w_up)))
-        ours = rel_err(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, 1e-6), exact)
-        print(f"  with the RMSNorm: rel err vs fp64: mmrec {ours:.1e}")
+        exact = plain(*(t.double() for t in leaves))[1]
+        ours = rel_err(prologue(*leaves)[1], exact)
+        print(f"  with the residual add and RMSNorm: rel err vs fp64: mmrec {ours:.1e}")
         assert ours < 1e-2, f"rms_linear_swiglu is off: rel err {ours:.1e} vs fp64"
     variants = (
-        ("rmsnorm + GEMM + silu * up, torch.compile", torch.compile(plain_norm, fullgraph=True)),
-        ("rmsnorm kernel + linear_swiglu (default)", norm_then_gemm),
-        ("mmrec rms_linear_swiglu (norm inside)", lambda *a: kernels.rms_linear_swiglu(*a, 1e-6)),
+        ("add + rmsnorm + GEMM + silu * up, torch.compile", torch.compile(plain, fullgraph=True)),
+        ("add_rmsnorm + linear_swiglu (default)", default),
+        ("mmrec add_rstd + rms_linear_swiglu", prologue),
     )
-    compare("swiglu", shape + " with rmsnorm", variants, (x, w_norm, w_gate, w_up), grads)
+    compare("swiglu", shape + " with add + rmsnorm", variants, leaves, [torch.randn_like(x), *grads])
 
 
 def decay_mlp_section(rows: int, width: int, dtype) -> None:
