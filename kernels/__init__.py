@@ -12,7 +12,7 @@ from .checks import KernelInputError
 from .config import knobs
 from .decay.op import mdi_decay_fused, mdi_decay_logits
 from .decay.reference import decay_gate, mdi_decay
-from .linear.op import linear_swiglu, rms_linear_swiglu
+from .linear.op import linear_residual, linear_swiglu, rms_linear_swiglu
 from .memory.op import hds_query, memory_write, memory_write_
 from .memory.reference import Memory, MemorySpec, reset_rows
 from .nn.reference import moe, swiglu, uboo_loss
@@ -32,6 +32,7 @@ __all__ = [
     "gated_recurrence",
     "hds_query",
     "knobs",
+    "linear_residual",
     "linear_scan",
     "linear_swiglu",
     "mdi_decay",

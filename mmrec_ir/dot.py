@@ -15,6 +15,7 @@ _FUSED_COLOUR = {
     "add_rstd": "#fde0c5",
     "linear": "#c9e4de",
     "linear_swiglu": "#c9e4de",
+    "linear_residual": "#c9e4de",
     "rms_linear_swiglu": "#c9e4de",
     "pointwise": "#fde0c5",
 }
@@ -51,7 +52,14 @@ def to_dot(graph: Graph, title: str | None = None) -> str:
         cluster_of[ident] = layer_of(node, cluster_of.get(first, ""))
         for out in node.outputs:
             producer[out.ref] = ident
-        fused = node.op in ("add_rmsnorm", "add_rstd", "linear_swiglu", "rms_linear_swiglu", "pointwise")
+        fused = node.op in (
+            "add_rmsnorm",
+            "add_rstd",
+            "linear_swiglu",
+            "linear_residual",
+            "rms_linear_swiglu",
+            "pointwise",
+        )
         fused = fused or (node.op == "linear" and len(node.outputs) > 1)
         if fused:
             style = f'style=filled, fillcolor="{_FUSED_COLOUR[node.op]}"'

@@ -134,6 +134,15 @@ def _linear(x, weights, splits):
     return [x.with_shape((*x.shape[:-1], s)) for s in sizes]
 
 
+@op("linear_residual", ("x", "weight", "residual"))
+def _linear_residual(x, weight, residual):
+    """residual + x @ weight^T: one GEMM that adds the residual in its epilogue
+    (fuse-linear-residual)."""
+    y = _linear(x, [weight], ())[0]
+    expect("residual", residual, y.shape, y.dtype)
+    return [y]
+
+
 @op("linear_swiglu", ("x", "w_gate", "w_up"))
 def _linear_swiglu(x, w_gate, w_up):
     """silu(x @ w_gate^T) * (x @ w_up^T): one GEMM with the SwiGLU epilogue (fuse-epilogue)."""

@@ -7,6 +7,7 @@ from .fuse_decay import FuseDecay
 from .fuse_decay_recurrence import FuseDecayRecurrence
 from .fuse_elementwise import FuseElementwise
 from .fuse_epilogue import FuseEpilogue
+from .fuse_linear_residual import FuseLinearResidual
 from .fuse_norm_prologue import FuseNormPrologue
 from .fuse_projections import FuseProjections
 from .fuse_residual_epilogue import FuseResidualEpilogue
@@ -26,6 +27,7 @@ __all__ = [
     "FuseDecayRecurrence",
     "FuseElementwise",
     "FuseEpilogue",
+    "FuseLinearResidual",
     "FuseNormPrologue",
     "FuseProjections",
     "FuseResidualEpilogue",

@@ -5,11 +5,11 @@ one kernel. One table row per kernel with such an epilogue; today the memory que
 takes the residual as its optional last operand and the Triton kernel adds it to m before its
 one store (the block's h + m, SPEC §5).
 
-Not a row: a linear. PyTorch's addmm with a 2-D input (x + h @ W^T) copies x into its result
-with a separate kernel before the GEMM reads it back as C (only a 1-D bias takes cuBLASLt's
-epilogue), so it moves what a linear and an add move; a GEMM with a real residual epilogue
-would be our own Triton GEMM (kernels/linear's persistent TMA form ties cuBLAS in fp32 with
-an epilogue to fuse; a plain residual GEMM is not written).
+Not a row here: a linear. PyTorch's addmm with a 2-D input (x + h @ W^T) copies x into its
+result with a separate kernel before the GEMM reads it back as C (only a 1-D bias takes
+cuBLASLt's epilogue), so it moves what a linear and an add move; our own GEMM with the residual
+in its epilogue (kernels/linear/residual.py) is the opt-in pass fuse-linear-residual, with this
+pass's rule, until it has been timed on a GPU.
 
 fp32 graphs only. The backward forms FlashAttention's delta = rowsum(dout * m) from the saved
 sum less the residual; in bf16/fp16 that m carries the rounding of the sum, 2^-9 |h + m| instead
@@ -43,21 +43,28 @@ def _epilogue(term: Node, residual: str, dtype: DType, outputs) -> Node | None:
     return None
 
 
-def _fuse(index: int, node: Node, ctx: Context) -> bool:
-    for term, residual in (node.inputs, node.inputs[::-1]):  # add commutes
-        found = ctx.producer(term)
-        if found is None or term == residual or ctx.uses.get(term) != 1 or ctx.types[residual] != ctx.types[term]:
-            continue
-        term_index, producer = found
-        fused = None if ctx.touched(term_index) else _epilogue(producer, residual, ctx.types[term].dtype, node.outputs)
-        if fused is None:
-            continue
-        ctx.replace(index, [fused], remove=(term_index,))
-        return True
-    return False
+def fuse_residual(epilogue):
+    """The rule for `add`: the first term whose producer `epilogue` can take the other term into
+    (epilogue(producer, residual, dtype, outputs) -> the fused node, or None)."""
+
+    def fuse(index: int, node: Node, ctx: Context) -> bool:
+        for term, residual in (node.inputs, node.inputs[::-1]):  # add commutes
+            found = ctx.producer(term)
+            if found is None or term == residual or ctx.uses.get(term) != 1 or ctx.types[residual] != ctx.types[term]:
+                continue
+            term_index, producer = found
+            dtype = ctx.types[term].dtype
+            fused = None if ctx.touched(term_index) else epilogue(producer, residual, dtype, node.outputs)
+            if fused is None:
+                continue
+            ctx.replace(index, [fused], remove=(term_index,))
+            return True
+        return False
+
+    return fuse
 
 
 @dataclass(frozen=True)
 class FuseResidualEpilogue(RewritePass):
     name = "fuse-residual-epilogue"
-    rules = (Rule("add", _fuse),)
+    rules = (Rule("add", fuse_residual(_epilogue)),)

@@ -80,6 +80,7 @@ class ReferenceOps:
 
     pointwise = staticmethod(lambda *xs, expr: _one(kernels.pointwise(xs, expr)))
     linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
+    linear_residual = staticmethod(lambda x, weight, residual: _one(kernels.linear_residual(x, weight, residual)))
 
     @staticmethod
     def rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd=None, *, eps):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, launches_directly, tensor_arg
 from ..config import knobs
-from . import kernel, reference
+from . import kernel, reference, residual
 
 
 def _reference(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,3 +179,69 @@ def rms_linear_swiglu(
         return _DirectRms.apply(rows, rstd, w_norm, w_gate, w_up).view(*lead, -1)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_norm, w_gate, w_up))
     return torch.ops.mmrec.rms_linear_swiglu_fwd(rows, rstd, w_norm, w_gate, w_up, save)[0].view(*lead, -1)
+
+
+# `torch.ops.mmrec.linear_residual_fwd`: residual + x w^T, the add in the GEMM's epilogue
+# (residual.py). Its backward is the add's and the GEMM's, in PyTorch (cuBLAS).
+
+
+@torch.library.custom_op("mmrec::linear_residual_fwd", mutates_args=())
+def linear_residual_fwd(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
+    """x [N, D], w [F, D], res [N, F] -> res + x w^T (products and sum in fp32, rounded once)."""
+    return reference.linear_residual(x, w, res)
+
+
+@linear_residual_fwd.register_kernel("cuda")
+def _residual_cuda(x, w, res):
+    return residual.linear_residual_fwd(x, w, res) if knobs.use_triton else reference.linear_residual(x, w, res)
+
+
+@linear_residual_fwd.register_fake
+def _residual_fake(x, w, res):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _residual_setup_context(ctx, inputs, output) -> None:
+    x, w, _res = inputs
+    ctx.save_for_backward(x, w)
+
+
+def _residual_backward(ctx, dout: Tensor):
+    return (*reference.linear_residual_backward(*ctx.saved_tensors, dout), dout)
+
+
+linear_residual_fwd.register_autograd(_residual_backward, setup_context=_residual_setup_context)
+
+
+class _DirectResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, res):
+        ctx.save_for_backward(x, w)
+        return residual.linear_residual_fwd(x, w, res)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*reference.linear_residual_backward(*ctx.saved_tensors, dout), dout)
+
+
+def linear_residual(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
+    """res + x @ w^T for x [..., D], w [F, D], res [..., F] -> [..., F]: on CUDA (and under the
+    interpreter) one Triton GEMM that adds the residual in its epilogue, so x @ w^T is never
+    written; the reference (cuBLAS's addmm) elsewhere."""
+    op = "linear_residual"
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise KernelInputError(f"{op}: x: expected a tensor [..., D], got {type(x).__name__}")
+    width = x.shape[-1]
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        raise KernelInputError(f"{op}: w: expected [F, {width}], got {getattr(w, 'shape', None)}")
+    w = tensor_arg(op, "w", w, (w.shape[0], width), like=x)
+    lead = x.shape[:-1]
+    rows = tensor_arg(op, "x", x, tuple(x.shape)).reshape(math.prod(lead), width)
+    if not isinstance(res, Tensor) or tuple(res.shape) != (*lead, w.shape[0]):
+        tensor_arg(op, "res", res, (*lead, w.shape[0]), like=x)  # raises, naming what is wrong
+    tensor_arg(op, "res", res[..., :0], (*lead, 0), like=x)  # dtype and device, without a copy
+    res = res.reshape(rows.shape[0], w.shape[0])  # a view where it can be: the kernel takes row strides
+    res = res if res.stride(-1) == 1 else res.contiguous()
+    if launches_directly(rows):
+        return _DirectResidual.apply(rows, w, res).view(*lead, -1)
+    return torch.ops.mmrec.linear_residual_fwd(rows, w, res).view(*lead, -1)

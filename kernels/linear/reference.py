@@ -66,3 +66,14 @@ def rms_linear_swiglu_backward(
     dx = r * (d - xh * (d * xh).mean(-1, keepdim=True))
     dw_norm = (dn.to(acc) * xh).sum(0)
     return dx.to(x.dtype), dw_norm.to(w_norm.dtype), dw_gate, dw_up
+
+
+def linear_residual(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
+    """res + x w^T for x [N, D], w [F, D], res [N, F]: cuBLAS's addmm (fp32 products, one rounding
+    of the sum), the oracle of residual.py."""
+    return torch.addmm(res, x, w.t())
+
+
+def linear_residual_backward(x: Tensor, w: Tensor, dout: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (dx = dout w, dw = dout^T x); the residual's gradient is dout itself."""
+    return dout @ w, dout.t() @ x

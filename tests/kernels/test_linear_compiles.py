@@ -33,3 +33,27 @@ def test_tma_swiglu_compiles_for_sm90_without_spills(dtype, block_k, norm):
     assert "wgmma.mma_async" in compiled.asm["ptx"]
     if not assert_fits(compiled, fn.__name__):
         pytest.skip("no cuobjdump in this Triton wheel to read the register use")
+
+
+@pytest.mark.parametrize(("dtype", "tile"), [("fp32", (128, 128, 32, 8, 4)), ("bf16", (128, 128, 64, 8, 4))])
+def test_residual_gemm_compiles_for_sm90_without_spills(dtype, tile):
+    """kernels/linear/residual.py at its launcher's untuned tiles: wgmma, no spills, fits."""
+    from kernels.linear import residual
+
+    fn = residual._residual_tma
+    bm, bn, bk, warps, stages = tile
+    consts = {"PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False, "BLOCK_M": bm, "BLOCK_N": bn}
+    consts |= {"BLOCK_K": bk, "GROUP_M": 8, "STAGES": stages, "DTYPE": dtype}
+    blocks = {"XD": [bm, bk], "WD": [bn, bk], "OD": [bm, bn]}
+
+    def arg(a):
+        if a in consts:
+            return "constexpr"
+        if a in blocks:
+            return f"tensordesc<{dtype}{blocks[a]}>"
+        return f"*{dtype}" if a == "R" else "i32"
+
+    compiled = compile_sm90(fn, {a: arg(a) for a in fn.arg_names}, consts, warps)
+    assert "wgmma.mma_async" in compiled.asm["ptx"]
+    if not assert_fits(compiled, fn.__name__):
+        pytest.skip("no cuobjdump in this Triton wheel to read the register use")

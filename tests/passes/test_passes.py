@@ -391,20 +391,38 @@ def test_fuse_norm_prologue_golden():
     assert run(before, "fuse-norm-prologue,fuse-residual-norm") == after
 
 
-def test_norm_and_decay_fusions_keep_the_model_numerics():
-    """The default pipeline with fuse-decay for fuse-decay-recurrence and fuse-norm-prologue added
-    (the opt-in pipeline that reaches 2x fewer counted bytes): logits and every gradient equal the
-    unfused model's (CPU: the references)."""
+def _opt_in(decay: bool, extra: list[str]) -> list[str]:
+    """The default pipeline with fuse-decay for fuse-decay-recurrence (`decay`) and the passes
+    `extra` added after fuse-epilogue, in that order."""
+    names = [p.name for p in passes.default_pipeline()]
+    if decay:
+        names = ["fuse-decay" if n == "fuse-decay-recurrence" else n for n in names]
+    at = names.index("fuse-epilogue") + 1
+    return names[:at] + extra + names[at:]
+
+
+@pytest.mark.parametrize(
+    ("names", "counts"),
+    [
+        (_opt_in(True, ["fuse-norm-prologue"]), {"rms_linear_swiglu": 2, "mdi_decay_fused": 2, "add_rstd": 2}),
+        (
+            _opt_in(False, ["fuse-linear-residual", "fuse-norm-prologue"]),
+            {"linear_residual": 4, "rms_linear_swiglu": 2, "add_rstd": 0, "add_rmsnorm": 0},
+        ),
+    ],
+    ids=["decay+norm", "linear-residual+norm"],
+)
+def test_opt_in_fusions_keep_the_model_numerics(names, counts):
+    """The opt-in pipelines that reach 2x fewer counted bytes: logits and every gradient equal
+    the unfused model's (CPU: the references)."""
     import torch.nn.functional as F
 
     import runtime
 
     graph = models.build(models.load_config("tiny"))
-    names = [("fuse-decay" if p.name == "fuse-decay-recurrence" else p.name) for p in passes.default_pipeline()]
-    names.insert(names.index("fuse-epilogue") + 1, "fuse-norm-prologue")
     fused = passes.run_pipeline(graph, passes.lookup(names)).graph
     ops = [n.op for n in fused.nodes]
-    assert ops.count("rms_linear_swiglu") == 2 and ops.count("mdi_decay_fused") == 2
+    assert {op: ops.count(op) for op in counts} == counts
     tokens = torch.randint(0, 2048, (2, 37))
     outputs = []
     for pipeline in (["infer-shapes"], names):
@@ -416,6 +434,36 @@ def test_norm_and_decay_fusions_keep_the_model_numerics():
     torch.testing.assert_close(ours, plain)
     for f, p in zip(our_grads, plain_grads, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-6)
+
+
+def test_fuse_linear_residual_golden():
+    # %y feeds the add only: the GEMM takes the residual. %z is also an output, so its add
+    # stays; the bf16 projection stays with cuBLAS.
+    before = """graph @g(%h: f32[B, T, 4], %x: f32[B, T, 4], %hb: bf16[B, T, 4], %xb: bf16[B, T, 4]) {
+  param @w: f32[4, 4] = normal(0.02)
+  param @wb: bf16[4, 4] = normal(0.02)
+  %y: f32[B, T, 4] = linear(%h, @w)
+  %s: f32[B, T, 4] = add(%x, %y)
+  %z: f32[B, T, 4] = linear(%s, @w)
+  %s2: f32[B, T, 4] = add(%z, %s)
+  %yb: bf16[B, T, 4] = linear(%hb, @wb)
+  %sb: bf16[B, T, 4] = add(%xb, %yb)
+  return s = %s2, z = %z, sb = %sb
+}
+"""
+    after = """graph @g(%h: f32[B, T, 4], %x: f32[B, T, 4], %hb: bf16[B, T, 4], %xb: bf16[B, T, 4]) {
+  param @w: f32[4, 4] = normal(0.02)
+  param @wb: bf16[4, 4] = normal(0.02)
+  %s: f32[B, T, 4] = linear_residual(%h, @w, %x)
+  %z: f32[B, T, 4] = linear(%s, @w)
+  %s2: f32[B, T, 4] = add(%z, %s)
+  %yb: bf16[B, T, 4] = linear(%hb, @wb)
+  %sb: bf16[B, T, 4] = add(%xb, %yb)
+  return s = %s2, z = %z, sb = %sb
+}
+"""
+    assert run(before, "fuse-linear-residual") == after
+    assert print_graph(parse(after)) == after
 
 
 @pytest.mark.parametrize("extra", [", gate = %gate", ", act = %act", ", up = %up"])
@@ -541,7 +589,8 @@ def test_fusions_cse_and_dce_preserve_values_and_gradients(graph):
         return outs, gx, gy
 
     pipeline = (
-        "cse,fuse-projections,fuse-epilogue,fuse-norm-prologue,fuse-residual-epilogue,fuse-residual-norm,"
+        "cse,fuse-projections,fuse-epilogue,fuse-linear-residual,fuse-norm-prologue,fuse-residual-epilogue,"
+        "fuse-residual-norm,"
         "fuse-elementwise,dce"
     )
     optimized = passes.run_pipeline(graph, passes.lookup(pipeline)).graph
