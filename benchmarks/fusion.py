@@ -12,6 +12,11 @@ triton.testing.do_bench, forward and forward+backward):
   GEMM alone (cuBLAS, no epilogue) is printed as the floor of what fusion can reach; and
   add_rstd + rms_linear_swiglu (fuse-norm-prologue: the residual add gives the norm's statistics,
   the GEMM applies the norm) against add_rmsnorm + linear_swiglu and torch.compile of the plain ops;
+- linear_residual (fuse-linear-residual: the residual add in a Triton GEMM's epilogue) vs cuBLAS's
+  GEMM + the add (eager and torch.compile'd) at the block's down projection (2816 -> 1024) and
+  output projection (1024 -> 1024), and rms_linear (fuse-norm-prologue's plain GEMM: the RMSNorm
+  in the epilogue) vs our norm kernel + cuBLAS and torch.compile of the plain ops (1024 -> 2816,
+  1024 -> 1024), fp32 with TF32 and bf16;
 - pointwise (fuse-elementwise's generated kernel) for silu(gate) * up at the block's FFN shape
   vs the two PyTorch ops (eager, and torch.compile'd into Inductor's one kernel) and vs the copy
   floor of its traffic (read 2 rows, write 1), fp32 and bf16;
@@ -23,7 +28,7 @@ triton.testing.do_bench, forward and forward+backward):
 
 Each of our kernels is checked against the reference on the benchmark inputs before timing.
 
-    python benchmarks/fusion.py [--only decay,norm,swiglu,pointwise,decaymlp] [--json out.json]
+    python benchmarks/fusion.py [--only decay,norm,swiglu,gemm,pointwise,decaymlp] [--json out.json]
 """
 
 from __future__ import annotations
@@ -301,10 +306,63 @@ def pointwise_section(rows: int, hidden: int, dtype) -> None:
     print(f"  mmrec pointwise forward: {ours['fwd_ms'] / floor:.2f}x the floor")
 
 
+def gemm_section(rows: int, width: int, out_width: int, dtype) -> None:
+    """fuse-linear-residual and fuse-norm-prologue's plain GEMM (kernels/linear/gemm.py): the
+    down projection with the residual add (x + h W^T, h [N, F], F -> D) and the input
+    projection with the RMSNorm before it (rmsnorm(x) W^T, D -> the five fused outputs)."""
+    shape = f"{rows} x {width} -> {out_width} {str(dtype).replace('torch.', '')}"
+    print(f"GEMM + residual add, {shape}")
+    h = torch.randn(rows, width, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = (torch.randn(out_width, width, device=DEVICE) / width**0.5).to(dtype).requires_grad_()
+    x = torch.randn(rows, out_width, device=DEVICE, dtype=dtype, requires_grad=True)
+    grads = [torch.randn(rows, out_width, device=DEVICE, dtype=dtype)]
+
+    def plain(h, w, x):
+        return x + torch.nn.functional.linear(h, w)
+
+    with torch.no_grad():
+        exact = plain(h.double(), w.double(), x.double())
+        ours = rel_err(kernels.linear_residual(h, w, x), exact)
+        print(f"  rel err vs fp64: mmrec {ours:.1e}, cuBLAS + add {rel_err(plain(h, w, x), exact):.1e}")
+        assert ours < 1e-2, f"linear_residual is off: rel err {ours:.1e} vs fp64"
+        gemm = bench(lambda: torch.nn.functional.linear(h, w))
+    print(f"  {'cuBLAS GEMM alone (no add)':<46} fwd {gemm:8.3f} ms")
+    ROWS.append({"group": "gemm", "name": "cublas gemm alone", "shape": shape, "fwd_ms": gemm, "fwd_bwd_ms": None})
+    variants = (
+        ("GEMM + add, eager", plain),
+        ("GEMM + add, torch.compile", torch.compile(plain, fullgraph=True)),
+        ("mmrec linear_residual (Triton, fused)", kernels.linear_residual),
+    )
+    compare("gemm", shape + " + residual", variants, (h, w, x), grads)
+
+    # the norm: x [N, out_width] normalised, then projected back to `width` columns
+    w_norm = (torch.rand(out_width, device=DEVICE) + 0.5).to(dtype).requires_grad_()
+    w_in = (torch.randn(width, out_width, device=DEVICE) / out_width**0.5).to(dtype).requires_grad_()
+    grads = [torch.randn(rows, width, device=DEVICE, dtype=dtype)]
+
+    def norm_then_gemm(x, w_norm, w_in):
+        return torch.nn.functional.linear(ref_rmsnorm(x, w_norm, 1e-6), w_in)
+
+    def default(x, w_norm, w_in):  # the default pipeline: our norm kernel, then cuBLAS
+        return torch.nn.functional.linear(kernels.rmsnorm(x, w_norm, 1e-6), w_in)
+
+    with torch.no_grad():
+        exact = norm_then_gemm(x.double(), w_norm.double(), w_in.double())
+        ours = rel_err(kernels.rms_linear(x, w_norm, w_in, 1e-6), exact)
+        print(f"  with the RMSNorm ({out_width} -> {width}): rel err vs fp64: mmrec {ours:.1e}")
+        assert ours < 1e-2, f"rms_linear is off: rel err {ours:.1e} vs fp64"
+    variants = (
+        ("rmsnorm + GEMM, torch.compile", torch.compile(norm_then_gemm, fullgraph=True)),
+        ("rmsnorm kernel + cuBLAS (default)", default),
+        ("mmrec rms_linear (norm in the epilogue)", lambda *a: kernels.rms_linear(*a, 1e-6)),
+    )
+    compare("gemm", f"{rows} x {out_width} -> {width} with rmsnorm", variants, (x, w_norm, w_in), grads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--only", default="decay,norm,swiglu,pointwise,decaymlp", help="comma-separated sections")
+    parser.add_argument("--only", default="decay,norm,swiglu,gemm,pointwise,decaymlp", help="comma-separated sections")
     args = parser.parse_args()
     info = run_info("benchmarks/fusion.py")
     torch.manual_seed(0)
@@ -319,6 +377,11 @@ def main() -> None:
         torch.set_float32_matmul_precision("high")
         swiglu_section(8 * 4096, 1024, 2816, torch.float32)
         swiglu_section(8 * 4096, 1024, 2816, torch.bfloat16)
+    if "gemm" in sections:
+        torch.set_float32_matmul_precision("high")
+        for dtype in (torch.float32, torch.bfloat16):
+            gemm_section(8 * 4096, 2816, 1024, dtype)  # the FFN's down projection + residual
+            gemm_section(8 * 4096, 1024, 1024, dtype)  # the mixer's output projection + residual
     if "decaymlp" in sections:
         torch.set_float32_matmul_precision("high")
         for width in (1024, 768):

@@ -12,7 +12,7 @@ from .checks import KernelInputError
 from .config import knobs
 from .decay.op import mdi_decay_fused, mdi_decay_logits
 from .decay.reference import decay_gate, mdi_decay
-from .linear.op import linear_residual, linear_swiglu, rms_linear_swiglu
+from .linear.op import linear_residual, linear_swiglu, rms_linear, rms_linear_swiglu
 from .memory.op import hds_query, memory_write, memory_write_
 from .memory.reference import Memory, MemorySpec, reset_rows
 from .nn.reference import moe, swiglu, uboo_loss
@@ -43,6 +43,7 @@ __all__ = [
     "moe",
     "pointwise",
     "reset_rows",
+    "rms_linear",
     "rms_linear_swiglu",
     "rmsnorm",
     "swiglu",

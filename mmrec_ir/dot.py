@@ -16,6 +16,7 @@ _FUSED_COLOUR = {
     "linear": "#c9e4de",
     "linear_swiglu": "#c9e4de",
     "linear_residual": "#c9e4de",
+    "rms_linear": "#c9e4de",
     "rms_linear_swiglu": "#c9e4de",
     "pointwise": "#fde0c5",
 }

@@ -134,6 +134,15 @@ def _linear(x, weights, splits):
     return [x.with_shape((*x.shape[:-1], s)) for s in sizes]
 
 
+@op("rms_linear", ("x", "w_norm", "weights*"), splits=(), eps=1e-6)
+def _rms_linear(x, w_norm, weights, splits, eps):
+    """linear(rmsnorm(x, w_norm), weights...): one GEMM applying the norm in its epilogue
+    (fuse-norm-prologue); the rows' 1/rms are computed first (one read of x)."""
+    x = floating("x", x)
+    expect("w_norm", w_norm, (x.shape[-1],), x.dtype)
+    return _linear(x, weights, splits)
+
+
 @op("linear_residual", ("x", "weight", "residual"))
 def _linear_residual(x, weight, residual):
     """residual + x @ weight^T: one GEMM that adds the residual in its epilogue

@@ -1,7 +1,10 @@
-"""fuse-norm-prologue: an rmsnorm whose only reader is a SwiGLU GEMM moves into that GEMM, which
-applies it in its epilogue: rmsnorm(x) W^T = rstd (x (W diag(w_norm))^T), so the GEMM reads x
-itself, the norm's weight is folded into the weights' per-call copy, and each row's sums are
-scaled by its 1/rms (rstd). The normalised rows are never written or read back.
+"""fuse-norm-prologue: an rmsnorm whose only reader is a GEMM moves into that GEMM, which applies
+it in its epilogue: rmsnorm(x) W^T = rstd (x (W diag(w_norm))^T), so the GEMM reads x itself,
+the norm's weight is folded into the weights' per-call copy, and each row's sums are scaled by
+its 1/rms (rstd). The normalised rows are never written or read back. Two rows: the SwiGLU GEMM
+(`linear_swiglu` -> `rms_linear_swiglu`, kernels/linear/kernel.py) and a plain projection of
+parameter weights (`linear` -> `rms_linear`, kernels/linear/gemm.py; the block's input
+projection), which computes rstd itself.
 
 The statistics come from the kernel that makes x: a residual add before the norm becomes
 `add_rstd`, which writes the sum and 4 bytes of rstd a row (three rows a token, against the four
@@ -18,6 +21,10 @@ its weight is a parameter; the add's operands have the sum's type. Exact up to r
             %h = linear_swiglu(%u, @w_gate, @w_up)
     after:  %x, %x.rstd = add_rstd(%a, %b) {eps = 1e-06}
             %h = rms_linear_swiglu(%x, @w_norm, @w_gate, @w_up, %x.rstd) {eps = 1e-06}
+
+    before: %u = rmsnorm(%x, @w_norm) {eps = 1e-06}
+            %q, %k = linear(%u, @w_q, @w_k)
+    after:  %q, %k = rms_linear(%x, @w_norm, @w_q, @w_k) {eps = 1e-06}
 """
 
 from __future__ import annotations
@@ -25,17 +32,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmrec_ir import DType, Node, TensorType, Value
+from mmrec_ir.graph import make_attrs
 
 from .rewrite import Context, RewritePass, Rule
 
 
-def _fuse(index: int, node: Node, ctx: Context) -> bool:
+def _norm(node: Node, ctx: Context) -> tuple[int, Node] | None:
+    """The rmsnorm (parameter weight, not yet rewritten) whose only reader is `node`."""
     found = ctx.producer(node.inputs[0])
     if found is None or ctx.uses.get(node.inputs[0]) != 1:
-        return False
+        return None
     norm_index, norm = found
     if norm.op != "rmsnorm" or not norm.inputs[1].startswith("@") or ctx.touched(norm_index):
+        return None
+    return found
+
+
+def _fuse_linear(index: int, node: Node, ctx: Context) -> bool:
+    found = _norm(node, ctx)
+    if found is None or not all(w.startswith("@") for w in node.inputs[1:]):
         return False
+    norm_index, norm = found
+    attrs = make_attrs({**norm.attr, **node.attr})
+    fused = Node("rms_linear", (norm.inputs[0], norm.inputs[1], *node.inputs[1:]), node.outputs, attrs)
+    ctx.replace(index, [fused], remove=(norm_index,))
+    return True
+
+
+def _fuse(index: int, node: Node, ctx: Context) -> bool:
+    found = _norm(node, ctx)
+    if found is None:
+        return False
+    norm_index, norm = found
     x = norm.inputs[0]
     operands = (x, norm.inputs[1], *node.inputs[1:])
     added = ctx.producer(x)
@@ -54,4 +82,4 @@ def _fuse(index: int, node: Node, ctx: Context) -> bool:
 @dataclass(frozen=True)
 class FuseNormPrologue(RewritePass):
     name = "fuse-norm-prologue"
-    rules = (Rule("linear_swiglu", _fuse),)
+    rules = (Rule("linear_swiglu", _fuse), Rule("linear", _fuse_linear))

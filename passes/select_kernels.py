@@ -39,6 +39,7 @@ CUDA_KERNELS: dict[str, str] = {
     "pointwise": "triton (generated from expr; under torch.compile: Inductor)",
     "linear_swiglu": "triton:mmrec::linear_swiglu_fwd (backward: cublas + torch)",
     "linear_residual": "triton:mmrec::linear_residual_fwd (backward: cublas)",
+    "rms_linear": "triton:mmrec::add_rstd_fwd + triton:mmrec::rms_linear_fwd (backward: cublas + torch)",
     "rms_linear_swiglu": "triton:mmrec::rms_linear_swiglu_fwd (backward: cublas + torch)",
     "lm_head": "cublas",
     "ffn": "cublas + torch",

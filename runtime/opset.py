@@ -83,6 +83,17 @@ class ReferenceOps:
     linear_residual = staticmethod(lambda x, weight, residual: _one(kernels.linear_residual(x, weight, residual)))
 
     @staticmethod
+    def rms_linear(x, w_norm, *weights, splits=(), eps):
+        rows = [w.shape[0] for w in weights]
+        sizes = list(splits or rows)
+        # The fused GEMM copies the weights once per call (concatenated, the norm's weight folded
+        # in): that pays when x is large, not in decoding, where the norm and plain linears run.
+        if x.numel() <= 2 * sum(w.numel() for w in weights):
+            return ReferenceOps.linear(kernels.rmsnorm(x, w_norm, eps), *weights, splits=splits)
+        y = kernels.rms_linear(x, w_norm, weights[0] if len(weights) == 1 else torch.cat(weights), eps)
+        return tuple(torch.split(y, sizes, dim=-1)) if len(sizes) > 1 else (y,)
+
+    @staticmethod
     def rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd=None, *, eps):
         return _one(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps, rstd))
 

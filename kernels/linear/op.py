@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, launches_directly, tensor_arg
 from ..config import knobs
-from . import kernel, reference, residual
+from . import gemm, kernel, reference
 
 
 def _reference(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,33 +167,26 @@ def rms_linear_swiglu(
     rows, w_gate, w_up = _rows_and_weights("rms_linear_swiglu", x, w_gate, w_up)
     w_norm = tensor_arg("rms_linear_swiglu", "w_norm", w_norm, (rows.shape[1],), like=x)
     lead = x.shape[:-1]
-    if rstd is None:
-        from ..norm.op import add_rstd
-
-        rstd = add_rstd(x, None, eps)[1]
-    elif not isinstance(rstd, Tensor) or tuple(rstd.shape) != tuple(lead) or rstd.device != x.device:
-        got = f"{list(rstd.shape)} on {rstd.device}" if isinstance(rstd, Tensor) else type(rstd).__name__
-        raise KernelInputError(f"rms_linear_swiglu: rstd: expected shape {list(lead)} on {x.device}, got {got}")
-    rstd = rstd.reshape(-1).contiguous()
+    rstd = _rstd("rms_linear_swiglu", x, rstd, eps)
     if launches_directly(rows):
         return _DirectRms.apply(rows, rstd, w_norm, w_gate, w_up).view(*lead, -1)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_norm, w_gate, w_up))
     return torch.ops.mmrec.rms_linear_swiglu_fwd(rows, rstd, w_norm, w_gate, w_up, save)[0].view(*lead, -1)
 
 
-# `torch.ops.mmrec.linear_residual_fwd`: residual + x w^T, the add in the GEMM's epilogue
-# (residual.py). Its backward is the add's and the GEMM's, in PyTorch (cuBLAS).
+# `torch.ops.mmrec.linear_residual_fwd` and `rms_linear_fwd`: the plain GEMM (gemm.py) with the
+# residual add, or the RMSNorm, in its epilogue. Backwards in PyTorch (cuBLAS GEMMs).
 
 
 @torch.library.custom_op("mmrec::linear_residual_fwd", mutates_args=())
 def linear_residual_fwd(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
     """x [N, D], w [F, D], res [N, F] -> res + x w^T (products and sum in fp32, rounded once)."""
-    return reference.linear_residual(x, w, res)
+    return reference.linear_epilogue(x, w, res)
 
 
 @linear_residual_fwd.register_kernel("cuda")
 def _residual_cuda(x, w, res):
-    return residual.linear_residual_fwd(x, w, res) if knobs.use_triton else reference.linear_residual(x, w, res)
+    return gemm.linear_fwd(x, w, res) if knobs.use_triton else reference.linear_epilogue(x, w, res)
 
 
 @linear_residual_fwd.register_fake
@@ -207,7 +200,8 @@ def _residual_setup_context(ctx, inputs, output) -> None:
 
 
 def _residual_backward(ctx, dout: Tensor):
-    return (*reference.linear_residual_backward(*ctx.saved_tensors, dout), dout)
+    dx, dw, _ = reference.linear_epilogue_backward(*ctx.saved_tensors, dout)
+    return dx, dw, dout
 
 
 linear_residual_fwd.register_autograd(_residual_backward, setup_context=_residual_setup_context)
@@ -217,11 +211,101 @@ class _DirectResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, res):
         ctx.save_for_backward(x, w)
-        return residual.linear_residual_fwd(x, w, res)
+        return gemm.linear_fwd(x, w, res)
 
     @staticmethod
     def backward(ctx, dout):
-        return (*reference.linear_residual_backward(*ctx.saved_tensors, dout), dout)
+        dx, dw, _ = reference.linear_epilogue_backward(*ctx.saved_tensors, dout)
+        return dx, dw, dout
+
+
+@torch.library.custom_op("mmrec::rms_linear_fwd", mutates_args=())
+def rms_linear_fwd(x: Tensor, rstd: Tensor, w_norm: Tensor, w: Tensor) -> Tensor:
+    """rmsnorm(x, w_norm) w^T for x [N, D] with its rows' 1/rms given (rstd [N], add_rstd's),
+    w [F, D]. Its backward differentiates the whole norm (through rstd): rstd gets no gradient."""
+    return reference.linear_epilogue(x, w, None, w_norm, rstd)
+
+
+@rms_linear_fwd.register_kernel("cuda")
+def _rms_linear_cuda(x, rstd, w_norm, w):
+    if not knobs.use_triton:
+        return reference.linear_epilogue(x, w, None, w_norm, rstd)
+    return gemm.linear_fwd(x, w, None, w_norm, rstd)
+
+
+@rms_linear_fwd.register_fake
+def _rms_linear_fake(x, rstd, w_norm, w):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _rms_linear_setup_context(ctx, inputs, output) -> None:
+    x, rstd, w_norm, w = inputs
+    ctx.save_for_backward(x, rstd, w_norm, w)
+
+
+def _rms_linear_backward(ctx, dout: Tensor):
+    x, rstd, w_norm, w = ctx.saved_tensors
+    dx, dw, dw_norm = reference.linear_epilogue_backward(x, w, dout, w_norm, rstd)
+    return dx, None, dw_norm, dw
+
+
+rms_linear_fwd.register_autograd(_rms_linear_backward, setup_context=_rms_linear_setup_context)
+
+
+class _DirectRmsLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rstd, w_norm, w):
+        ctx.save_for_backward(x, rstd, w_norm, w)
+        return gemm.linear_fwd(x, w, None, w_norm, rstd)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, rstd, w_norm, w = ctx.saved_tensors
+        dx, dw, dw_norm = reference.linear_epilogue_backward(x, w, dout.contiguous(), w_norm, rstd)
+        return dx, None, dw_norm, dw
+
+
+def rms_linear(x: Tensor, w_norm: Tensor, w: Tensor, eps: float = 1e-6, rstd: Tensor | None = None) -> Tensor:
+    """rmsnorm(x, w_norm, eps) @ w^T for x [..., D], w [F, D] -> [..., F]: on CUDA (and under the
+    interpreter) one Triton GEMM that applies the norm in its epilogue (w_norm folded into a copy
+    of w), so the normalised x is never written; the reference elsewhere. `rstd` [...]: the rows'
+    1/rms from the add_rstd that made x; without it add_rstd computes them here (one read of x)."""
+    op = "rms_linear"
+    rows, lead = _rows(op, x)
+    w = _weight(op, "w", w, rows)
+    w_norm = tensor_arg(op, "w_norm", w_norm, (rows.shape[1],), like=x)
+    rstd = _rstd(op, x, rstd, eps)
+    if launches_directly(rows):
+        return _DirectRmsLinear.apply(rows, rstd, w_norm, w).view(*lead, -1)
+    return torch.ops.mmrec.rms_linear_fwd(rows, rstd, w_norm, w).view(*lead, -1)
+
+
+def _rows(op: str, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """x [..., D] as contiguous rows [N, D], and its leading shape."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise KernelInputError(f"{op}: x: expected a tensor [..., D], got {type(x).__name__}")
+    lead = tuple(x.shape[:-1])
+    return tensor_arg(op, "x", x, tuple(x.shape)).reshape(math.prod(lead), x.shape[-1]), lead
+
+
+def _weight(op: str, name: str, w: Tensor, rows: Tensor) -> Tensor:
+    width = rows.shape[1]
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        raise KernelInputError(f"{op}: {name}: expected [F, {width}], got {getattr(w, 'shape', None)}")
+    return tensor_arg(op, name, w, (w.shape[0], width), like=rows)
+
+
+def _rstd(op: str, x: Tensor, rstd: Tensor | None, eps: float) -> Tensor:
+    """The rows' 1/rms as [N]: add_rstd's on x where not given, else checked against x."""
+    lead = tuple(x.shape[:-1])
+    if rstd is None:
+        from ..norm.op import add_rstd
+
+        rstd = add_rstd(x, None, eps)[1]
+    elif not isinstance(rstd, Tensor) or tuple(rstd.shape) != lead or rstd.device != x.device:
+        got = f"{list(rstd.shape)} on {rstd.device}" if isinstance(rstd, Tensor) else type(rstd).__name__
+        raise KernelInputError(f"{op}: rstd: expected shape {list(lead)} on {x.device}, got {got}")
+    return rstd.reshape(-1).contiguous()
 
 
 def linear_residual(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
@@ -229,14 +313,8 @@ def linear_residual(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
     interpreter) one Triton GEMM that adds the residual in its epilogue, so x @ w^T is never
     written; the reference (cuBLAS's addmm) elsewhere."""
     op = "linear_residual"
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise KernelInputError(f"{op}: x: expected a tensor [..., D], got {type(x).__name__}")
-    width = x.shape[-1]
-    if not isinstance(w, Tensor) or w.dim() != 2:
-        raise KernelInputError(f"{op}: w: expected [F, {width}], got {getattr(w, 'shape', None)}")
-    w = tensor_arg(op, "w", w, (w.shape[0], width), like=x)
-    lead = x.shape[:-1]
-    rows = tensor_arg(op, "x", x, tuple(x.shape)).reshape(math.prod(lead), width)
+    rows, lead = _rows(op, x)
+    w = _weight(op, "w", w, rows)
     if not isinstance(res, Tensor) or tuple(res.shape) != (*lead, w.shape[0]):
         tensor_arg(op, "res", res, (*lead, w.shape[0]), like=x)  # raises, naming what is wrong
     tensor_arg(op, "res", res[..., :0], (*lead, 0), like=x)  # dtype and device, without a copy

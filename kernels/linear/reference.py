@@ -68,12 +68,32 @@ def rms_linear_swiglu_backward(
     return dx.to(x.dtype), dw_norm.to(w_norm.dtype), dw_gate, dw_up
 
 
-def linear_residual(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
-    """res + x w^T for x [N, D], w [F, D], res [N, F]: cuBLAS's addmm (fp32 products, one rounding
-    of the sum), the oracle of residual.py."""
-    return torch.addmm(res, x, w.t())
+def linear_epilogue(
+    x: Tensor, w: Tensor, res: Tensor | None = None, w_norm: Tensor | None = None, rstd: Tensor | None = None
+) -> Tensor:
+    """[rmsnorm(x, w_norm), the rows' 1/rms given as rstd [N]] @ w^T [+ res] for x [N, D],
+    w [F, D], res [N, F]: the oracle of gemm.py. The norm rounds as the model's rmsnorm does
+    (kernels/nn/reference.py); with res, cuBLAS's addmm (fp32 products, one rounding of the sum)."""
+    if w_norm is not None:
+        xf = x.to(_acc(x))
+        x = (xf * rstd.to(xf.dtype)[:, None]).to(x.dtype) * w_norm
+    return F.linear(x, w) if res is None else torch.addmm(res, x, w.t())
 
 
-def linear_residual_backward(x: Tensor, w: Tensor, dout: Tensor) -> tuple[Tensor, Tensor]:
-    """-> (dx = dout w, dw = dout^T x); the residual's gradient is dout itself."""
-    return dout @ w, dout.t() @ x
+def linear_epilogue_backward(
+    x: Tensor, w: Tensor, dout: Tensor, w_norm: Tensor | None = None, rstd: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """-> (dx, dw, dw_norm or None); a residual's gradient is dout itself. With the norm, x's
+    gradient goes through rstd too: with xhat = x rstd and d = (dout w) * w_norm,
+    dx = rstd (d - xhat mean(d xhat)), dw = dout^T (xhat * w_norm), dw_norm = sum of (dout w) xhat."""
+    if w_norm is None:
+        return dout @ w, dout.t() @ x, None
+    acc = _acc(x)
+    r = rstd.to(acc)[:, None]
+    xhat = (x.to(acc) * r).to(x.dtype)
+    dn = dout @ w
+    dw = dout.t() @ (xhat * w_norm)
+    d = dn.to(acc) * w_norm.to(acc)
+    xh = xhat.to(acc)
+    dx = r * (d - xh * (d * xh).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw, (dn.to(acc) * xh).sum(0).to(w_norm.dtype)

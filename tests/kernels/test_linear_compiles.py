@@ -35,15 +35,17 @@ def test_tma_swiglu_compiles_for_sm90_without_spills(dtype, block_k, norm):
         pytest.skip("no cuobjdump in this Triton wheel to read the register use")
 
 
+@pytest.mark.parametrize("epilogue", ["residual", "rmsnorm"])
 @pytest.mark.parametrize(("dtype", "tile"), [("fp32", (128, 128, 32, 8, 4)), ("bf16", (128, 128, 64, 8, 4))])
-def test_residual_gemm_compiles_for_sm90_without_spills(dtype, tile):
-    """kernels/linear/residual.py at its launcher's untuned tiles: wgmma, no spills, fits."""
-    from kernels.linear import residual
+def test_epilogue_gemm_compiles_for_sm90_without_spills(dtype, tile, epilogue):
+    """kernels/linear/gemm.py at its launcher's untuned tiles: wgmma, no spills, fits."""
+    from kernels.linear import gemm
 
-    fn = residual._residual_tma
+    fn = gemm._gemm_tma
     bm, bn, bk, warps, stages = tile
     consts = {"PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False, "BLOCK_M": bm, "BLOCK_N": bn}
     consts |= {"BLOCK_K": bk, "GROUP_M": 8, "STAGES": stages, "DTYPE": dtype}
+    consts |= {"HAS_RES": epilogue == "residual", "NORM": epilogue == "rmsnorm"}
     blocks = {"XD": [bm, bk], "WD": [bn, bk], "OD": [bm, bn]}
 
     def arg(a):
@@ -51,7 +53,7 @@ def test_residual_gemm_compiles_for_sm90_without_spills(dtype, tile):
             return "constexpr"
         if a in blocks:
             return f"tensordesc<{dtype}{blocks[a]}>"
-        return f"*{dtype}" if a == "R" else "i32"
+        return {"R": f"*{dtype}", "RSTD": "*fp32"}.get(a, "i32")
 
     compiled = compile_sm90(fn, {a: arg(a) for a in fn.arg_names}, consts, warps)
     assert "wgmma.mma_async" in compiled.asm["ptx"]

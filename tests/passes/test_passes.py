@@ -401,13 +401,49 @@ def _opt_in(decay: bool, extra: list[str]) -> list[str]:
     return names[:at] + extra + names[at:]
 
 
+def test_fuse_norm_prologue_takes_a_projection():
+    # The norm feeding the two-weight projection goes into it (rms_linear); a norm whose output
+    # is also returned stays.
+    graph = """graph @g(%x: f32[B, T, 4]) {
+  param @w_norm: f32[4] = ones
+  param @w_q: f32[6, 4] = normal(0.02)
+  param @w_k: f32[2, 4] = normal(0.02)
+  %u: f32[B, T, 4] = rmsnorm(%x, @w_norm)
+  %q: f32[B, T, 6], %k: f32[B, T, 2] = linear(%u, @w_q, @w_k)
+  return q = %q, k = %k
+}
+"""
+    after = """graph @g(%x: f32[B, T, 4]) {
+  param @w_norm: f32[4] = ones
+  param @w_q: f32[6, 4] = normal(0.02)
+  param @w_k: f32[2, 4] = normal(0.02)
+  %q: f32[B, T, 6], %k: f32[B, T, 2] = rms_linear(%x, @w_norm, @w_q, @w_k)
+  return q = %q, k = %k
+}
+"""
+    assert run(graph, "fuse-norm-prologue") == after
+    assert print_graph(parse(after)) == after
+    kept = """graph @g(%x: f32[B, T, 4]) {
+  param @w_norm: f32[4] = ones
+  param @w_q: f32[6, 4] = normal(0.02)
+  %u: f32[B, T, 4] = rmsnorm(%x, @w_norm)
+  %q: f32[B, T, 6] = linear(%u, @w_q)
+  return q = %q, u = %u
+}
+"""
+    assert run(kept, "fuse-norm-prologue") == kept
+
+
 @pytest.mark.parametrize(
     ("names", "counts"),
     [
-        (_opt_in(True, ["fuse-norm-prologue"]), {"rms_linear_swiglu": 2, "mdi_decay_fused": 2, "add_rstd": 2}),
+        (
+            _opt_in(True, ["fuse-norm-prologue"]),
+            {"rms_linear_swiglu": 2, "mdi_decay_fused": 2, "add_rstd": 2, "rms_linear": 2},
+        ),
         (
             _opt_in(False, ["fuse-linear-residual", "fuse-norm-prologue"]),
-            {"linear_residual": 4, "rms_linear_swiglu": 2, "add_rstd": 0, "add_rmsnorm": 0},
+            {"linear_residual": 4, "rms_linear_swiglu": 2, "rms_linear": 2, "rmsnorm": 1, "add_rmsnorm": 0},
         ),
     ],
     ids=["decay+norm", "linear-residual+norm"],
