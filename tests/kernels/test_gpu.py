@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import kernels
 import models
+import passes
 import runtime
 from kernels.linear import kernel as linear_kernel
 from kernels.recurrence import reference as gated_ref
@@ -221,15 +222,29 @@ def test_memory_query_at_gpu_tile_sizes(dtype, tma, monkeypatch):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
-def test_default_pipeline_keeps_the_model_gradients_on_cuda():
+def _opt_in(extra: list[str], decay: bool = False) -> list[str]:
+    names = [p.name for p in passes.default_pipeline()]
+    if decay:
+        names = ["fuse-decay" if n == "fuse-decay-recurrence" else n for n in names]
+    at = names.index("fuse-epilogue") + 1
+    return names[:at] + extra + names[at:]
+
+
+@pytest.mark.parametrize(
+    "fused_pipeline",
+    [None, _opt_in(["fuse-linear-residual", "fuse-norm-prologue"]), _opt_in(["fuse-norm-prologue"], decay=True)],
+    ids=["default", "linear-residual+norm", "decay+norm"],
+)
+def test_pipelines_keep_the_model_gradients_on_cuda(fused_pipeline):
     # The fused model (the memory kernel adding h, the decay inside the recurrence, the residual
-    # norms, the fused projections) against the unfused graph, both on our CUDA kernels: the
-    # CPU version of this test runs the references, whose backward cannot see a wrong delta.
+    # norms, the fused projections; and the opt-in pipelines) against the unfused graph, both on
+    # our CUDA kernels: the CPU version of this test runs the references, whose backward cannot
+    # see a wrong delta. Exact fp32, so the GEMM kernels give way to cuBLAS (kernels/dot.py).
     cfg = models.load_config("tiny")
     graph = models.build(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 131), device="cuda")
     results = []
-    for pipeline in (["infer-shapes"], None):
+    for pipeline in (["infer-shapes"], fused_pipeline):
         model = runtime.compile(graph, passes=pipeline, seed=3).cuda().train()
         out = model(tokens[:, :-1])
         loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
@@ -442,4 +457,37 @@ def test_rms_swiglu_gemm_at_benchmark_size(dtype, compiled, tf32_products):
     for name, got, w in zip(
         ["out", "dx", "dresid", "dw_norm", "dw_gate", "dw_up"], (out, *grads), (want, *want_grads), strict=True
     ):
+        assert rel(got, w) < tol, f"{name}: relative error {rel(got, w):.1e}"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_epilogue_gemms_at_block_sizes(dtype, compiled, tf32_products):
+    """fuse-linear-residual's and fuse-norm-prologue's plain GEMM (kernels/linear/gemm.py,
+    autotuned) at the block's shapes against fp64, forward and gradients: the down projection
+    with the residual (2816 -> 1024, the residual a column slice), then the input projection
+    with the RMSNorm (1024 -> 3584); eager and under torch.compile."""
+    torch.manual_seed(0)
+    rows, width, hidden, wide = 4096 + 7, 1024, 2816, 3584
+    h = torch.randn(rows, hidden, device="cuda").to(dtype).requires_grad_()
+    w_down = (torch.randn(width, hidden, device="cuda") / hidden**0.5).to(dtype).requires_grad_()
+    stream = (torch.randn(rows, width + 64, device="cuda") * 2).to(dtype).requires_grad_()
+    w_norm = (torch.rand(width, device="cuda") + 0.5).to(dtype).requires_grad_()
+    w_in = (torch.randn(wide, width, device="cuda") / width**0.5).to(dtype).requires_grad_()
+    leaves = (h, w_down, stream, w_norm, w_in)
+
+    def fused(h, w_down, stream, w_norm, w_in):
+        x = kernels.linear_residual(h, w_down, stream[:, :width])
+        return x, kernels.rms_linear(x, w_norm, w_in, 1e-6)
+
+    outs = (torch.compile(fused, fullgraph=True) if compiled else fused)(*leaves)
+    douts = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, douts)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    x = ref[2][:, :width] + ref[0] @ ref[1].T
+    y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * ref[3]) @ ref[4].T
+    want_grads = torch.autograd.grad((x, y), ref, [d.double() for d in douts])
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # fp32: TF32 products
+    names = ["x", "y", "dh", "dw_down", "dstream", "dw_norm", "dw_in"]
+    for name, got, w in zip(names, (*outs, *grads), (x, y, *want_grads), strict=True):
         assert rel(got, w) < tol, f"{name}: relative error {rel(got, w):.1e}"
