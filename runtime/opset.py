@@ -16,6 +16,18 @@ def _one(x):
     return (x,)
 
 
+def _interleave_pays(x, w_gate) -> bool:
+    """Whether the SwiGLU GEMM (kernels/linear) moves fewer bytes than cuBLAS's two GEMMs and the
+    pointwise ops for x's rows. Per call it copies both weights into their interleaved order
+    (reads and writes 2 F D), then reads x once and writes one [rows, F]; unfused reads x twice,
+    the weights once, and writes and reads back the two pre-activations. So it pays from
+    rows (D + 4 F) > 4 F D on, about D rows: not in decoding, where a token's step would copy
+    the weights three times over what it reads of them."""
+    hidden, width = w_gate.shape
+    rows = x.numel() // max(width, 1)
+    return rows * (width + 4 * hidden) > 4 * hidden * width
+
+
 class ReferenceOps:
     """The plain-PyTorch op set. `training` switches MoE capacity limits on."""
 
@@ -79,7 +91,13 @@ class ReferenceOps:
         return tuple(ys) if sizes == rows else tuple(torch.split(torch.cat(ys, dim=-1), sizes, dim=-1))
 
     pointwise = staticmethod(lambda *xs, expr: _one(kernels.pointwise(xs, expr)))
-    linear_swiglu = staticmethod(lambda x, w_gate, w_up: _one(kernels.linear_swiglu(x, w_gate, w_up)))
+
+    @staticmethod
+    def linear_swiglu(x, w_gate, w_up):
+        if _interleave_pays(x, w_gate):
+            return _one(kernels.linear_swiglu(x, w_gate, w_up))
+        return _one(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))
+
     linear_residual = staticmethod(lambda x, weight, residual: _one(kernels.linear_residual(x, weight, residual)))
 
     @staticmethod
@@ -95,7 +113,10 @@ class ReferenceOps:
 
     @staticmethod
     def rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd=None, *, eps):
-        return _one(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps, rstd))
+        if _interleave_pays(x, w_gate):
+            return _one(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps, rstd))
+        u = kernels.rmsnorm(x, w_norm, eps)
+        return _one(F.silu(F.linear(u, w_gate)) * F.linear(u, w_up))
 
     def moe(self, x, router, w_gate, w_up, w_down, top_k, capacity_factor):
         return kernels.moe(x, router, w_gate, w_up, w_down, top_k, capacity_factor, self.training)

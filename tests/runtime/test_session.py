@@ -85,20 +85,31 @@ def test_session_on_the_triton_kernels_equals_one_forward():
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA graph and the TF32 tensor-core kernels need a GPU")
 @pytest.mark.gpu
-def test_session_with_tf32_graphs_the_tma_swiglu_gemm():
-    """With TF32 on, the default pipeline's SwiGLU GEMM is the persistent TMA kernel (exact fp32
-    leaves it to cuBLAS): captured in the session's CUDA graph, its descriptors and weight copy
-    replay with every token, and the logits match one forward."""
+def test_session_with_tf32_matches_one_forward():
+    """With TF32 on, the default pipeline's SwiGLU GEMM is the persistent TMA kernel for the
+    whole sequence's forward (exact fp32 leaves it to cuBLAS), and cuBLAS's two GEMMs in the
+    session's steps (a token's step would copy the weights for the interleave:
+    runtime/opset.py); the logits agree."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
+        from kernels.linear import kernel
+
         model = tiny_model().to("cuda").eval()
         assert any(n.op == "linear_swiglu" for n in model.graph.nodes)
-        tokens = torch.randint(0, model.vocab_size, (2, 40), device="cuda")
-        with torch.no_grad():
-            full, _ = model(tokens)
-        session = DecodeSession(model, batch=2, device="cuda")
-        got = decode(session, tokens, 9)
+        tokens = torch.randint(0, model.vocab_size, (2, STEPS), device="cuda")  # 150 rows: the kernel pays
+        launches = []
+        real = kernel.linear_swiglu_fwd
+        kernel.linear_swiglu_fwd = lambda *a: launches.append(a[0].shape[0]) or real(*a)
+        try:
+            with torch.no_grad():
+                full, _ = model(tokens)
+            assert launches == [2 * STEPS] * 2, launches  # one per layer
+            session = DecodeSession(model, batch=2, device="cuda")
+            got = decode(session, tokens, 9)
+        finally:
+            kernel.linear_swiglu_fwd = real
+        assert launches == [2 * STEPS] * 2, launches  # the session's steps (and 18-row prefill) ran cuBLAS
         assert session.graphed
         assert_close(got.cpu(), full.cpu(), rtol=5e-3, atol=5e-3, what="session with TF32")
     finally:
