@@ -72,7 +72,7 @@ class _Direct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        return reference.linear_swiglu_backward(*ctx.saved_tensors, dout)
+        return reference.linear_swiglu_backward(*ctx.saved_tensors, dout, grad=kernel.swiglu_grad)
 
 
 def _rows_and_weights(op: str, x: Tensor, w_gate: Tensor, w_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,7 +152,9 @@ class _DirectRms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        dx, dw_norm, dw_gate, dw_up = reference.rms_linear_swiglu_backward(*ctx.saved_tensors, dout.contiguous())
+        dx, dw_norm, dw_gate, dw_up = reference.rms_linear_swiglu_backward(
+            *ctx.saved_tensors, dout.contiguous(), grad=kernel.swiglu_grad
+        )
         return dx, None, dw_norm, dw_gate, dw_up
 
 

@@ -25,16 +25,23 @@ def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> tuple[Tensor, Tens
     return (F.silu(g) * u).to(x.dtype), g.to(x.dtype), u.to(x.dtype)
 
 
-def linear_swiglu_backward(
-    x: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor, dout: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dx [N, D], dw_gate, dw_up [F, D]). silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
-    The two halves' gradients side by side [N, 2F] make each remaining product one GEMM over
-    both weights: dx = [dg, du] @ [w_gate; w_up], [dw_gate; dw_up] = [dg, du]^T @ x."""
-    acc = _acc(x)
+def swiglu_grad(g: Tensor, u: Tensor, dout: Tensor) -> Tensor:
+    """[dg, du] side by side [N, 2F] in g's dtype: dg = dout u silu'(g), du = dout silu(g), with
+    silu'(g) = s (1 + g (1 - s)), s = sigmoid(g), in fp32."""
+    acc = _acc(g)
     gf, uf, df = g.to(acc), u.to(acc), dout.to(acc)
     s = torch.sigmoid(gf)
-    dgu = torch.cat([df * uf * s * (1 + gf * (1 - s)), df * gf * s], dim=-1).to(x.dtype)
+    return torch.cat([df * uf * s * (1 + gf * (1 - s)), df * gf * s], dim=-1).to(g.dtype)
+
+
+def linear_swiglu_backward(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor, dout: Tensor, grad=swiglu_grad
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx [N, D], dw_gate, dw_up [F, D]). The two halves' gradients side by side [N, 2F]
+    (`grad`: swiglu_grad, or the Triton kernel of the same in eager CUDA calls) make each
+    remaining product one GEMM over both weights: dx = [dg, du] @ [w_gate; w_up],
+    [dw_gate; dw_up] = [dg, du]^T @ x."""
+    dgu = grad(g, u, dout)
     dx = dgu @ torch.cat([w_gate, w_up])
     dw = dgu.t() @ x
     return dx, *dw.split(w_gate.shape[0])
@@ -51,7 +58,15 @@ def rms_linear_swiglu(
 
 
 def rms_linear_swiglu_backward(
-    x: Tensor, rstd: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor, dout: Tensor
+    x: Tensor,
+    rstd: Tensor,
+    w_norm: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    g: Tensor,
+    u: Tensor,
+    dout: Tensor,
+    grad=swiglu_grad,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dw_norm, dw_gate, dw_up): the SwiGLU GEMM's backward on the normalised input
     (recomputed), then RMSNorm's, through rstd too: with xhat = x rstd and d = dn * w_norm
@@ -60,7 +75,7 @@ def rms_linear_swiglu_backward(
     acc = _acc(x)
     r = rstd.to(acc)[:, None]
     xhat = (x.to(acc) * r).to(x.dtype)
-    dn, dw_gate, dw_up = linear_swiglu_backward(xhat * w_norm, w_gate, w_up, g, u, dout)
+    dn, dw_gate, dw_up = linear_swiglu_backward(xhat * w_norm, w_gate, w_up, g, u, dout, grad)
     d = dn.to(acc) * w_norm.to(acc)
     xh = xhat.to(acc)
     dx = r * (d - xh * (d * xh).mean(-1, keepdim=True))
