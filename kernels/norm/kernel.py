@@ -71,30 +71,29 @@ def _warps(block: int) -> int:
     return 1 if knobs.interpret else min(16, max(4, block // 256))
 
 
-def add_rmsnorm_fwd(a: Tensor, b: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (s, u, rstd [N] fp32). Without b, s is a itself (no copy)."""
+def _forward(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """-> (s, u or None without weight, rstd [N] fp32). Without b, s is a itself (no copy)."""
     width = a.shape[-1]
     s = new_output(a) if b is not None else a
-    u = new_output(a)
+    u = new_output(a) if weight is not None else None
     rstd = torch.empty(a.numel() // width, device=a.device, dtype=torch.float32)
     block = triton.next_power_of_2(width)
     _launch_fwd(
-        (rstd.shape[0],), _rows(a), _rows(b) if b is not None else a, weight, s, u, rstd, width, eps,
-        HAS_B=b is not None, WRITE_U=True, BLOCK_D=block, num_warps=_warps(block),
+        (rstd.shape[0],), _rows(a), _rows(b) if b is not None else a, a if weight is None else weight, s,
+        a if u is None else u, rstd, width, eps, HAS_B=b is not None, WRITE_U=u is not None, BLOCK_D=block,
+        num_warps=_warps(block),
     )  # fmt: skip
     return s, u, rstd
 
 
+def add_rmsnorm_fwd(a: Tensor, b: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (s, u, rstd [N] fp32). Without b, s is a itself (no copy)."""
+    return _forward(a, b, weight, eps)
+
+
 def add_rstd_fwd(a: Tensor, b: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     """-> (s, rstd [N] fp32): add_rmsnorm_fwd without the normalised rows. Without b, s is a."""
-    width = a.shape[-1]
-    s = new_output(a) if b is not None else a
-    rstd = torch.empty(a.numel() // width, device=a.device, dtype=torch.float32)
-    block = triton.next_power_of_2(width)
-    _launch_fwd(
-        (rstd.shape[0],), _rows(a), _rows(b) if b is not None else a, a, s, a, rstd, width, eps,
-        HAS_B=b is not None, WRITE_U=False, BLOCK_D=block, num_warps=_warps(block),
-    )  # fmt: skip
+    s, _, rstd = _forward(a, b, None, eps)
     return s, rstd
 
 
