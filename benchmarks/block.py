@@ -17,7 +17,8 @@ forward and forward+backward, for each way of running the same graph, in one run
 - fuse-decay for fuse-decay-recurrence + torch.compile: the whole MDI decay as one kernel
   (opt-in pass, kernels/decay) and the plain gated recurrence reading gamma;
 - the same + fuse-norm-prologue: also the FFN's RMSNorm applied by the SwiGLU GEMM, its statistics
-  from the residual add before it (add_rstd; opt-in pass);
+  from the residual add before it (add_rstd), and the input norm by the input projection's GEMM
+  (rms_linear; opt-in pass);
 - fused + fuse-norm-prologue + torch.compile: the default pipeline with fuse-norm-prologue alone;
 - fused + fuse-linear-residual + fuse-norm-prologue + torch.compile: also both residual adds in
   their projections' epilogues and the input norm in the input projection's (our plain GEMM,

@@ -58,6 +58,7 @@ def to_dot(graph: Graph, title: str | None = None) -> str:
             "add_rstd",
             "linear_swiglu",
             "linear_residual",
+            "rms_linear",
             "rms_linear_swiglu",
             "pointwise",
         )

@@ -1,6 +1,6 @@
 """fuse-linear-residual: a residual add moves into the epilogue of the projection that computes one
 of its terms: `linear` + `add` become `linear_residual`, one Triton GEMM
-(kernels/linear/residual.py) that reads the residual tile in its epilogue and writes the sum.
+(kernels/linear/gemm.py) that reads the residual tile in its epilogue and writes the sum.
 Per token that saves the projection's write and the add's read of it (two rows) and one kernel.
 It is fuse-residual-epilogue's rule for a plain GEMM, kept a pass of its own while it is opt-in:
 PyTorch's addmm with a 2-D input copies the input into its result before cuBLAS reads it back,

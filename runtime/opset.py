@@ -16,16 +16,28 @@ def _one(x):
     return (x,)
 
 
-def _interleave_pays(x, w_gate) -> bool:
+def _interleave_pays(x, w_gate, norm: bool = False) -> bool:
     """Whether the SwiGLU GEMM (kernels/linear) moves fewer bytes than cuBLAS's two GEMMs and the
     pointwise ops for x's rows. Per call it copies both weights into their interleaved order
     (reads and writes 2 F D), then reads x once and writes one [rows, F]; unfused reads x twice,
     the weights once, and writes and reads back the two pre-activations. So it pays from
-    rows (D + 4 F) > 4 F D on, about D rows: not in decoding, where a token's step would copy
-    the weights three times over what it reads of them."""
+    rows (D + 4 F) > 4 F D on, about D rows; with the norm (`norm`), whose normalised rows the
+    unfused path also writes and reads back, from rows (3 D + 4 F) > 4 F D. Not in decoding,
+    where a token's step would copy the weights three times over what it reads of them. (In
+    training the kernel also writes g and u: break-even about twice the rows, still far below a
+    training batch's.)"""
     hidden, width = w_gate.shape
     rows = x.numel() // max(width, 1)
-    return rows * (width + 4 * hidden) > 4 * hidden * width
+    return rows * ((3 if norm else 1) * width + 4 * hidden) > 4 * hidden * width
+
+
+def _fold_pays(x, weights) -> bool:
+    """Whether rms_linear (kernels/linear/gemm.py) moves fewer bytes than the norm kernel and
+    cuBLAS for x's rows. Per call it copies the weights W (concatenated, the norm's weight folded
+    in: reads and writes W, twice over with several weights) and reads x once more for rstd;
+    unfused writes and reads back the normalised rows. So it pays from rows D > 2 W on (several
+    weights are concatenated on both paths): not in decoding."""
+    return x.numel() > 2 * sum(w.numel() for w in weights)
 
 
 class ReferenceOps:
@@ -104,18 +116,16 @@ class ReferenceOps:
     def rms_linear(x, w_norm, *weights, splits=(), eps):
         rows = [w.shape[0] for w in weights]
         sizes = list(splits or rows)
-        # The fused GEMM copies the weights once per call (concatenated, the norm's weight folded
-        # in): that pays when x is large, not in decoding, where the norm and plain linears run.
-        if x.numel() <= 2 * sum(w.numel() for w in weights):
+        if not _fold_pays(x, weights):  # decoding: the norm kernel and cuBLAS
             return ReferenceOps.linear(kernels.rmsnorm(x, w_norm, eps), *weights, splits=splits)
         y = kernels.rms_linear(x, w_norm, weights[0] if len(weights) == 1 else torch.cat(weights), eps)
         return tuple(torch.split(y, sizes, dim=-1)) if len(sizes) > 1 else (y,)
 
     @staticmethod
     def rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd=None, *, eps):
-        if _interleave_pays(x, w_gate):
+        if _interleave_pays(x, w_gate, norm=True):
             return _one(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps, rstd))
-        u = kernels.rmsnorm(x, w_norm, eps)
+        u = kernels.rmsnorm(x, w_norm, eps)  # recomputes rstd (the same eps as add_rstd's)
         return _one(F.silu(F.linear(u, w_gate)) * F.linear(u, w_up))
 
     def moe(self, x, router, w_gate, w_up, w_down, top_k, capacity_factor):

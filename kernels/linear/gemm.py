@@ -119,7 +119,8 @@ def linear_fwd(
     out_width = w.shape[0]
     norm = w_norm is not None
     operands = (x, w) if res is None else (x, w, res)
-    if not tensor_cores(x.dtype) or not tma.matrices_ok(*operands) or rows * out_width == 0:
+    out_aligned = out_width * x.element_size() % 16 == 0  # the output goes by descriptor too
+    if not tensor_cores(x.dtype) or not out_aligned or not tma.matrices_ok(*operands) or rows * out_width == 0:
         return reference.linear_epilogue(x, w, res, w_norm, rstd)  # exact fp32, no TMA, or empty
     if norm:
         w = w * w_norm  # a copy of the weight per call, not per token

@@ -203,6 +203,8 @@ def _swiglu_grad(G, U, DOUT, DGU, M, N, BLOCK: tl.constexpr):
 def swiglu_grad(g: Tensor, u: Tensor, dout: Tensor) -> Tensor:
     """reference.swiglu_grad in one Triton kernel (eager CUDA calls and the interpreter; under
     torch.compile the op's backward is the PyTorch one, which Inductor fuses the same way)."""
+    if g.dtype == torch.float64:  # the kernel computes in fp32
+        return reference.swiglu_grad(g, u, dout)
     rows, hidden = g.shape
     dgu = new_output(g, (rows, 2 * hidden))
     if rows * hidden:

@@ -4,7 +4,8 @@ CUDA runs the Triton kernel; other devices and fake tensors run the reference or
 rule. The forward saves g and u (the pre-activations) only when a gradient is needed; the
 backward is the pointwise derivative and two GEMMs in PyTorch (reference.py), so under
 torch.compile Inductor sees and fuses it. Eager CUDA calls and the interpreter launch the kernel
-directly under an autograd.Function, as the other ops do.
+directly under an autograd.Function, as the other ops do, and their backward's pointwise part is
+one Triton kernel (kernel.swiglu_grad).
 """
 
 from __future__ import annotations

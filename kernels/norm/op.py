@@ -93,7 +93,8 @@ def add_rstd_fwd(a: Tensor, b: Tensor | None, eps: float) -> tuple[Tensor, Tenso
 
 @add_rstd_fwd.register_kernel("cuda")
 def _rstd_cuda(a, b, eps):
-    return _without_sum_rstd(kernel.add_rstd_fwd if knobs.use_triton else reference.add_rstd, a, b, eps)
+    fused = knobs.use_triton and a.dtype != torch.float64  # the kernel's rstd is fp32: keep fp64's
+    return _without_sum_rstd(kernel.add_rstd_fwd if fused else reference.add_rstd, a, b, eps)
 
 
 @add_rstd_fwd.register_fake
@@ -103,12 +104,12 @@ def _rstd_fake(a, b, eps):
 
 
 def _no_rstd_gradient(drstd: Tensor | None) -> None:
-    # The consumer (rms_linear_swiglu) differentiates through the statistics itself and passes
+    # The consumers (rms_linear_swiglu, rms_linear) differentiate through the statistics and pass
     # none back; anything else that differentiates rstd would get a wrong gradient from here.
     if drstd is not None:
         raise RuntimeError(
-            "add_rstd: rstd carries no gradient (its reader, rms_linear_swiglu, differentiates the norm "
-            "itself); compute rstd with torch ops where its gradient is needed"
+            "add_rstd: rstd carries no gradient (its readers, rms_linear_swiglu and rms_linear, differentiate "
+            "the norm themselves); compute rstd with torch ops where its gradient is needed"
         )
 
 
@@ -131,12 +132,12 @@ class _DirectRstd(torch.autograd.Function):
         s, rstd = kernel.add_rstd_fwd(a, b, eps)
         ctx.has_b = b is not None
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(rstd)
         return (s, rstd) if b is not None else (rstd,)
 
     @staticmethod
     def backward(ctx, *grads):
-        ds = grads[0] if ctx.has_b else None
+        ds, drstd = grads if ctx.has_b else (None, grads[0])
+        _no_rstd_gradient(drstd)
         return ds, ds if ctx.has_b else None, None
 
 
@@ -200,12 +201,10 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
 def add_rstd(lhs: Tensor, rhs: Tensor | None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """(lhs + rhs, or lhs without rhs; rstd [...] = 1 / sqrt(mean((lhs + rhs)^2) + eps) per row,
     fp32): the residual add with only the RMSNorm's statistics, in one kernel on CUDA. rstd is
-    for rms_linear_swiglu, which differentiates the norm itself: it carries no gradient."""
+    for rms_linear_swiglu and rms_linear, which differentiate the norm themselves: a gradient
+    reaching rstd is an error."""
     lhs, rhs, _ = _args("add_rstd", lhs, rhs, None)
     lead = lhs.shape[:-1]
-    if not _fused(lhs):
-        s, rstd = reference.add_rstd(lhs, rhs, eps)
-        return s, rstd.detach().view(lead)
     if launches_directly(lhs):
         *s, rstd = _DirectRstd.apply(lhs, rhs, eps)
         return (s[0] if s else lhs), rstd.view(lead)

@@ -9,6 +9,7 @@ import torch
 import kernels
 from kernels.checks import KernelInputError
 from kernels.linear import gemm, reference
+from kernels.nn.reference import rmsnorm as ref_rmsnorm
 from tests.conftest import TRITON_DEVICE, assert_close
 
 
@@ -107,6 +108,21 @@ def test_rms_linear_matches_fp64(lead, width, out_width, dtype, residual, monkey
     names = ["out", *(f"d{n}" for n in ("a", "b")[: len(parts)]), "dw_norm", "dw"]
     for name, got, want_ in zip(names, (out, *grads), (want.detach(), *want_grads), strict=True):
         check(name, got, want_, dtype)
+
+
+@pytest.mark.triton
+def test_unaligned_output_rows_fall_back(monkeypatch):
+    """Output rows of 5 fp32 values (20 bytes) cannot leave by TMA: the reference runs."""
+    calls, _ = spy(monkeypatch)
+    x, w_norm, w = torch.randn(4, 16), torch.rand(16) + 0.5, torch.randn(5, 16)
+    x, w_norm, w = (t.to(TRITON_DEVICE) for t in (x, w_norm, w))
+    out = kernels.rms_linear(x, w_norm, w, 1e-6)
+    res = torch.randn(4, 8).to(TRITON_DEVICE)[:, :5]
+    summed = kernels.linear_residual(x, w, res)
+    assert not calls
+    normed = ref_rmsnorm(x.cpu(), w_norm.cpu(), 1e-6)
+    assert_close(out.cpu(), normed @ w.cpu().T, what="rms_linear", rtol=1e-5, atol=1e-5)
+    assert_close(summed.cpu(), res.cpu() + x.cpu() @ w.cpu().T, what="linear_residual", rtol=1e-5, atol=1e-5)
 
 
 def test_reference_backward_matches_autograd():

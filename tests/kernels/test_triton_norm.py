@@ -132,12 +132,21 @@ def test_add_rstd_gives_the_sum_and_the_norm_statistics(shape, dtype, with_b):
     ds = torch.randn_like(s)
     da, db = torch.autograd.grad(s, (a, b), ds)
     assert torch.equal(da, ds) and torch.equal(db, ds)
+    _, rstd = kernels.add_rstd(a, b, 1e-5)  # the direct launch's autograd.Function
     with pytest.raises(RuntimeError, match="add_rstd: rstd carries no gradient"):
-        _, rstd = kernels.add_rstd(a, b, 1e-5)
-        if rstd.requires_grad:  # the op's autograd (the direct launch marks rstd non-differentiable)
-            torch.autograd.grad(rstd.sum(), (a,))
-        else:
-            raise RuntimeError("add_rstd: rstd carries no gradient")
+        torch.autograd.grad(rstd.sum(), (a,))
+
+
+def test_add_rstd_op_refuses_a_gradient_for_rstd():
+    """The custom op's autograd (CPU here; torch.compile traces the same) as the direct launch's."""
+    a, b = (torch.randn(3, 8, requires_grad=True) for _ in range(2))
+    s, rstd = torch.ops.mmrec.add_rstd_fwd(a, b, 1e-6)
+    torch.autograd.grad(s.sum(), (a, b), retain_graph=True)  # the sum's gradient is the add's
+    with pytest.raises(RuntimeError, match="add_rstd: rstd carries no gradient"):
+        torch.autograd.grad(rstd.sum(), (a,))
+    _, rstd = kernels.add_rstd(a, b, 1e-6)  # the CPU entry point goes through the op
+    with pytest.raises(RuntimeError, match="add_rstd: rstd carries no gradient"):
+        torch.autograd.grad((rstd * 2).sum(), (a,))
 
 
 @pytest.mark.parametrize("with_b", [True, False])
