@@ -56,7 +56,7 @@ def claim(node: Node) -> str:
     if node.op == "gated_recurrence" and len(node.inputs) < 5:  # no W_g: runs as a linear scan
         cuda = CUDA_KERNELS["linear_scan"]
     if node.op == "rms_linear_swiglu" and len(node.inputs) < 5:  # computes its rstd first
-        cuda = "triton:mmrec::add_rstd_fwd + " + cuda.removeprefix("triton:")
+        cuda = "triton:mmrec::add_rstd_fwd + " + cuda
     return f"cuda: {cuda}; cpu: reference"
 
 
