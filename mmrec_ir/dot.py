@@ -13,6 +13,7 @@ from .graph import Graph, Node
 _FUSED_COLOUR = {
     "add_rmsnorm": "#fde0c5",
     "add_rstd": "#fde0c5",
+    "rms_stats": "#fde0c5",
     "linear": "#c9e4de",
     "linear_swiglu": "#c9e4de",
     "linear_residual": "#c9e4de",
@@ -56,6 +57,7 @@ def to_dot(graph: Graph, title: str | None = None) -> str:
         fused = node.op in (
             "add_rmsnorm",
             "add_rstd",
+            "rms_stats",
             "linear_swiglu",
             "linear_residual",
             "rms_linear",

@@ -134,13 +134,23 @@ def _linear(x, weights, splits):
     return [x.with_shape((*x.shape[:-1], s)) for s in sizes]
 
 
-@op("rms_linear", ("x", "w_norm", "weights*"), splits=(), eps=1e-6)
-def _rms_linear(x, w_norm, weights, splits, eps):
+@op("rms_linear", ("x", "w_norm", "rstd", "weights*"), splits=(), eps=1e-6)
+def _rms_linear(x, w_norm, rstd, weights, splits, eps):
     """linear(rmsnorm(x, w_norm), weights...): one GEMM applying the norm in its epilogue
-    (fuse-norm-prologue); the rows' 1/rms are computed first (one read of x)."""
+    (fuse-norm-prologue), with the rows' 1/rms given (rstd f32, x's shape without the last dim:
+    from the add_rstd or rms_stats that read x)."""
     x = floating("x", x)
     expect("w_norm", w_norm, (x.shape[-1],), x.dtype)
+    expect("rstd", rstd, x.shape[:-1], DType.f32)
     return _linear(x, weights, splits)
+
+
+@op("rms_stats", ("x",), eps=1e-6)
+def _rms_stats(x, eps):
+    """1 / sqrt(mean(x^2, last dim) + eps) per row, f32: an RMSNorm's statistics for a GEMM that
+    applies the norm itself (fuse-norm-prologue), where no add before it can give them."""
+    x = floating("x", x)
+    return [TensorType(DType.f32, x.shape[:-1])]
 
 
 @op("linear_residual", ("x", "weight", "residual"))

@@ -64,7 +64,7 @@ def node_kernels(node: Node, types: dict) -> list[tuple[str, int]]:
         if node.op == "mdi_decay":
             chains += [("mul", 3 * d * e), ("clamp", 2 * d * e)]
         return chains
-    if node.op == "rms_linear" or (node.op == "rms_linear_swiglu" and len(node.inputs) < 5):
+    if node.op == "rms_linear_swiglu" and len(node.inputs) < 5:
         # add_rstd on x first (rstd, 4 bytes a row), then the GEMM reads x and writes its outputs
         x = _token_bytes(types[node.inputs[0]])
         return [("add_rstd", x + 4), (node.op, x + sum(_token_bytes(out.type) for out in node.outputs))]

@@ -112,13 +112,16 @@ class ReferenceOps:
 
     linear_residual = staticmethod(lambda x, weight, residual: _one(kernels.linear_residual(x, weight, residual)))
 
+    rms_stats = staticmethod(lambda x, eps: _one(kernels.add_rstd(x, None, eps)[1]))
+
     @staticmethod
-    def rms_linear(x, w_norm, *weights, splits=(), eps):
+    def rms_linear(x, w_norm, rstd, *weights, splits=(), eps):
         rows = [w.shape[0] for w in weights]
         sizes = list(splits or rows)
         if not _fold_pays(x, weights):  # decoding: the norm kernel and cuBLAS
             return ReferenceOps.linear(kernels.rmsnorm(x, w_norm, eps), *weights, splits=splits)
-        y = kernels.rms_linear(x, w_norm, weights[0] if len(weights) == 1 else torch.cat(weights), eps)
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        y = kernels.rms_linear(x, w_norm, w, eps, rstd)
         return tuple(torch.split(y, sizes, dim=-1)) if len(sizes) > 1 else (y,)
 
     @staticmethod

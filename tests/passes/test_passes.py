@@ -381,9 +381,9 @@ def test_fuse_norm_prologue_golden():
   param @w_norm: f32[4] = ones
   param @w_gate: f32[8, 4] = normal(0.02)
   param @w_up: f32[8, 4] = normal(0.02)
-  %x: f32[B, T, 4], %x.rstd: f32[B, T] = add_rstd(%a, %b) {eps = 1e-05}
+  %x: f32[B, T, 4], %u.rstd: f32[B, T] = add_rstd(%a, %b) {eps = 1e-05}
   %v: f32[B, T, 4] = rmsnorm(%b, @w_norm)
-  %hidden: f32[B, T, 8] = rms_linear_swiglu(%x, @w_norm, @w_gate, @w_up, %x.rstd) {eps = 1e-05}
+  %hidden: f32[B, T, 8] = rms_linear_swiglu(%x, @w_norm, @w_gate, @w_up, %u.rstd) {eps = 1e-05}
   %other: f32[B, T, 8] = linear_swiglu(%v, @w_gate, @w_up)
   return hidden = %hidden, x = %x, other = %other, v = %v
 }
@@ -402,8 +402,8 @@ def _opt_in(decay: bool, extra: list[str]) -> list[str]:
 
 
 def test_fuse_norm_prologue_takes_a_projection():
-    # The norm feeding the two-weight projection goes into it (rms_linear); a norm whose output
-    # is also returned stays.
+    # The norm feeding the two-weight projection goes into it (rms_linear), its statistics from
+    # an rms_stats where no add makes x; a norm whose output is also returned stays.
     graph = """graph @g(%x: f32[B, T, 4]) {
   param @w_norm: f32[4] = ones
   param @w_q: f32[6, 4] = normal(0.02)
@@ -417,7 +417,8 @@ def test_fuse_norm_prologue_takes_a_projection():
   param @w_norm: f32[4] = ones
   param @w_q: f32[6, 4] = normal(0.02)
   param @w_k: f32[2, 4] = normal(0.02)
-  %q: f32[B, T, 6], %k: f32[B, T, 2] = rms_linear(%x, @w_norm, @w_q, @w_k)
+  %u.rstd: f32[B, T] = rms_stats(%x)
+  %q: f32[B, T, 6], %k: f32[B, T, 2] = rms_linear(%x, @w_norm, %u.rstd, @w_q, @w_k)
   return q = %q, k = %k
 }
 """
@@ -439,11 +440,11 @@ def test_fuse_norm_prologue_takes_a_projection():
     [
         (
             _opt_in(True, ["fuse-norm-prologue"]),
-            {"rms_linear_swiglu": 2, "mdi_decay_fused": 2, "add_rstd": 2, "rms_linear": 2},
+            {"rms_linear_swiglu": 2, "mdi_decay_fused": 2, "add_rstd": 3, "rms_stats": 1, "rms_linear": 2},
         ),
         (
             _opt_in(False, ["fuse-linear-residual", "fuse-norm-prologue"]),
-            {"linear_residual": 4, "rms_linear_swiglu": 2, "rms_linear": 2, "rmsnorm": 1, "add_rmsnorm": 0},
+            {"linear_residual": 4, "rms_linear_swiglu": 2, "rms_linear": 2, "rms_stats": 4, "rmsnorm": 1},
         ),
     ],
     ids=["decay+norm", "linear-residual+norm"],
