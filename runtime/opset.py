@@ -31,6 +31,14 @@ def _interleave_pays(x, w_gate, norm: bool = False) -> bool:
     return rows * ((3 if norm else 1) * width + 4 * hidden) > 4 * hidden * width
 
 
+def _many_rows(x) -> bool:
+    """Whether x has the rows our persistent GEMM (kernels/linear/gemm.py) is for. It tiles 128
+    rows a program, so a decoding step's few rows would leave all but N / 128 SMs idle where
+    cuBLAS's GEMV kernels spread the weight's read over the whole GPU; and its autotuning key
+    leaves out the row count, so its first call should be a large one."""
+    return x.numel() // max(x.shape[-1], 1) >= 1024
+
+
 def _fold_pays(x, weights) -> bool:
     """Whether rms_linear (kernels/linear/gemm.py) moves fewer bytes than the norm kernel and
     cuBLAS for x's rows. Per call it copies the weights W (concatenated, the norm's weight folded
@@ -110,7 +118,11 @@ class ReferenceOps:
             return _one(kernels.linear_swiglu(x, w_gate, w_up))
         return _one(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))
 
-    linear_residual = staticmethod(lambda x, weight, residual: _one(kernels.linear_residual(x, weight, residual)))
+    @staticmethod
+    def linear_residual(x, weight, residual):
+        if _many_rows(x):
+            return _one(kernels.linear_residual(x, weight, residual))
+        return _one(residual + F.linear(x, weight))
 
     rms_stats = staticmethod(lambda x, eps: _one(kernels.add_rstd(x, None, eps)[1]))
 
