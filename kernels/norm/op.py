@@ -87,7 +87,7 @@ def _without_sum_rstd(run, a, b, eps):
 
 @torch.library.custom_op("mmrec::add_rstd_fwd", mutates_args=())
 def add_rstd_fwd(a: Tensor, b: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-    """-> (a + b, or an empty tensor without b; 1/rms of each row of the sum, fp32)."""
+    """-> (a + b, or an empty tensor without b; 1/rms of each row of the sum, fp32 (fp64 for fp64))."""
     return _without_sum_rstd(reference.add_rstd, a, b, eps)
 
 
@@ -120,7 +120,7 @@ def _rstd_setup_context(ctx, inputs, output) -> None:
 
 def _rstd_backward(ctx, ds: Tensor | None, drstd: Tensor | None):
     _no_rstd_gradient(drstd)
-    return ds, ds if ctx.has_b else None, None
+    return (ds, ds, None) if ctx.has_b else (None, None, None)  # without b, s is the empty placeholder
 
 
 add_rstd_fwd.register_autograd(_rstd_backward, setup_context=_rstd_setup_context)
