@@ -391,6 +391,25 @@ def test_fuse_norm_prologue_golden():
     assert run(before, "fuse-norm-prologue,fuse-residual-norm") == after
 
 
+def _logits_and_grads(graph, pipelines):
+    """For each pipeline (None: the default), the tiny model's logits on fixed tokens and the
+    gradients of its loss (cross-entropy, plus the auxiliary loss where there is one)."""
+    import torch.nn.functional as F
+
+    import runtime
+
+    tokens = torch.randint(0, 2048, (2, 37))
+    outputs = []
+    for pipeline in pipelines:
+        model = runtime.compile(graph, passes=pipeline, seed=3)
+        out = model(tokens[:, :-1])
+        loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
+        if out.aux is not None:
+            loss = loss + out.aux
+        outputs.append((out[0], torch.autograd.grad(loss, list(model.parameters()))))
+    return outputs
+
+
 def _opt_in(decay: bool, extra: list[str]) -> list[str]:
     """The default pipeline with fuse-decay for fuse-decay-recurrence (`decay`) and the passes
     `extra` added after fuse-epilogue, in that order."""
@@ -454,9 +473,6 @@ def test_opt_in_fusions_keep_the_model_numerics(names, counts, monkeypatch):
     the unfused model's (CPU: the references). The runtime's size rules would send the tiny
     model's few rows to the unfused ops (runtime/opset.py); forced here onto the fused ones, so
     that their wiring (add_rstd's rstd, the concatenated and split projections) runs."""
-    import torch.nn.functional as F
-
-    import runtime
     from runtime import opset
 
     monkeypatch.setattr(opset, "_interleave_pays", lambda *a, **k: True)
@@ -467,14 +483,7 @@ def test_opt_in_fusions_keep_the_model_numerics(names, counts, monkeypatch):
     fused = passes.run_pipeline(graph, passes.lookup(names)).graph
     ops = [n.op for n in fused.nodes]
     assert {op: ops.count(op) for op in counts} == counts
-    tokens = torch.randint(0, 2048, (2, 37))
-    outputs = []
-    for pipeline in (["infer-shapes"], names):
-        model = runtime.compile(graph, passes=pipeline, seed=3)
-        out = model(tokens[:, :-1])
-        loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
-        outputs.append((out[0], torch.autograd.grad(loss, list(model.parameters()))))
-    (plain, plain_grads), (ours, our_grads) = outputs
+    (plain, plain_grads), (ours, our_grads) = _logits_and_grads(graph, (["infer-shapes"], names))
     torch.testing.assert_close(ours, plain)
     for f, p in zip(our_grads, plain_grads, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-6)
@@ -526,9 +535,6 @@ def test_fuse_epilogue_leaves_bf16_to_cublas():
 @pytest.mark.parametrize("variant", [{}, {"recurrence": "linear"}, {"moe": {"experts": 2, "top_k": 1}, "uboo": True}])
 def test_default_pipeline_keeps_the_model_numerics(variant):
     """Fused and lowered model == the model as written: logits and every gradient."""
-    import torch.nn.functional as F
-
-    import runtime
 
     graph = models.build(models.load_config("tiny", variant))
     result = passes.run_pipeline(graph, passes.default_pipeline())
@@ -541,16 +547,7 @@ def test_default_pipeline_keeps_the_model_numerics(variant):
     assert "gated_recurrence" not in ops  # lowered to a scan, or fused with its decay
     assert ("decay_recurrence" in ops) == (variant.get("recurrence") != "linear")
 
-    tokens = torch.randint(0, 2048, (2, 37))
-    outputs = []
-    for pipeline in (["infer-shapes"], None):
-        model = runtime.compile(graph, passes=pipeline, seed=3)
-        out = model(tokens[:, :-1])
-        loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
-        if out.aux is not None:
-            loss = loss + out.aux
-        outputs.append((out[0], torch.autograd.grad(loss, list(model.parameters()))))
-    (plain, plain_grads), (fused, fused_grads) = outputs
+    (plain, plain_grads), (fused, fused_grads) = _logits_and_grads(graph, (["infer-shapes"], None))
     torch.testing.assert_close(fused, plain)
     for f, p in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-6)
@@ -560,9 +557,6 @@ def test_fuse_elementwise_on_the_model_keeps_its_numerics():
     """With fuse-elementwise in place of fuse-epilogue, the SwiGLU's silu * up becomes one
     pointwise node per block; on CPU it runs the plain ops, so logits and gradients equal those of
     the same pipeline without it exactly."""
-    import torch.nn.functional as F
-
-    import runtime
 
     graph = models.build(models.load_config("tiny"))
     plain = [p.name for p in passes.default_pipeline() if p.name != "fuse-epilogue"]
@@ -570,13 +564,7 @@ def test_fuse_elementwise_on_the_model_keeps_its_numerics():
     pipeline.insert(pipeline.index("dce"), "fuse-elementwise")
     fused = passes.run_pipeline(graph, passes.lookup(pipeline)).graph
     assert [n.attr["expr"] for n in fused.nodes if n.op == "pointwise"] == ["mul(silu(%0), %1)"] * 2
-    tokens = torch.randint(0, 2048, (2, 37))
-    outputs = []
-    for passes_ in (plain, pipeline):
-        model = runtime.compile(graph, passes=passes_, seed=3)
-        out = model(tokens[:, :-1])
-        loss = F.cross_entropy(out[0].flatten(0, 1), tokens[:, 1:].flatten())
-        outputs.append((out[0], torch.autograd.grad(loss, list(model.parameters()))))
+    outputs = _logits_and_grads(graph, (plain, pipeline))
     assert torch.equal(outputs[0][0], outputs[1][0])
     for a, b in zip(outputs[0][1], outputs[1][1], strict=True):
         assert torch.equal(a, b)
