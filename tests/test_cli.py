@@ -146,7 +146,7 @@ def test_inspect_dump_and_svg(capsys, tmp_path):
     code, out, _ = run(
         capsys, "inspect", "--config", "tiny", "--dump", str(tmp_path / "stages"), "--svg", str(tmp_path / "g.svg")
     )
-    assert code == 0 and "wrote 13 files" in out
+    assert code == 0 and "wrote 15 files" in out
     names = sorted(p.name for p in (tmp_path / "stages").iterdir())
     assert names == [
         "00-input.mlir",
@@ -156,14 +156,16 @@ def test_inspect_dump_and_svg(capsys, tmp_path):
         "04-cse.mlir",
         "05-fuse-projections.mlir",
         "06-fuse-epilogue.mlir",
-        "07-fuse-residual-epilogue.mlir",
-        "08-fuse-residual-norm.mlir",
-        "09-dce.mlir",
-        "10-select-kernels.mlir",
+        "07-fuse-linear-residual.mlir",
+        "08-fuse-norm-prologue.mlir",
+        "09-fuse-residual-epilogue.mlir",
+        "10-fuse-residual-norm.mlir",
+        "11-dce.mlir",
+        "12-select-kernels.mlir",
         "forward.py",
         "passes.txt",
     ]
-    for stage in names[:11]:
+    for stage in names[:13]:
         verify(parse((tmp_path / "stages" / stage).read_text()))
     for svg, recurrence in (("g.svg", "decay_recurrence"), ("g.before.svg", "gated_recurrence")):
         root = ET.parse(tmp_path / svg).getroot()

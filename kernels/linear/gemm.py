@@ -38,10 +38,31 @@ from .kernel import _grouped
 
 
 @triton.jit
+def _epilogue(acc, OD, R, RES_STRIDE, RSTD, row0, col0, M, N, HAS_RES: tl.constexpr, NORM: tl.constexpr):
+    """The output piece acc at (row0, col0): rows scaled by rstd, the residual added (plain
+    loads in the accumulator's layout), one rounding, a TMA store."""
+    rows = row0 + tl.arange(0, acc.shape[0])
+    if NORM:
+        acc = acc * tl.load(RSTD + rows, mask=rows < M, other=0.0)[:, None]
+    if HAS_RES:
+        cols = col0 + tl.arange(0, acc.shape[1])
+        ok = (rows < M)[:, None] & (cols < N)[None, :]
+        res = tl.load(R + rows.to(tl.int64)[:, None] * RES_STRIDE + cols[None, :], mask=ok, other=0.0)
+        acc += res.to(tl.float32)
+    OD.store([row0, col0], acc.to(OD.dtype))
+
+
+@triton.jit
+def _halves(acc):
+    """[rows, n] -> its left and right [rows, n / 2] column halves."""
+    return tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, acc.shape[1] // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def _gemm_tma(
     XD,  # descriptor of x [M, K], blocks [BLOCK_M, BLOCK_K]
     WD,  # descriptor of w [N, K], blocks [BLOCK_N, BLOCK_K] (with NORM: w_norm folded in)
-    OD,  # descriptor of out [M, N], blocks [BLOCK_M, BLOCK_N]
+    OD,  # descriptor of out [M, N], blocks [BLOCK_M, BLOCK_N / SPLIT]
     R,  # residual [M, N], rows RES_STRIDE apart (HAS_RES)
     RES_STRIDE,
     RSTD,  # [M] fp32, 1/rms of each row of x (NORM)
@@ -55,27 +76,36 @@ def _gemm_tma(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,  # the epilogue in 1, 2 or 4 column pieces (less staging memory, fewer registers)
+    FLATTEN: tl.constexpr,  # one pipelined loop over tiles and K (the next tile's loads overlap)
     DTYPE: tl.constexpr,  # the operands' dtype, for the autotuning key only (descriptors show none)
     HAS_RES: tl.constexpr,
     NORM: tl.constexpr,
 ):
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = _grouped(tile, tiles_m, tiles_n, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            a = operand(XD.load([pid_m * BLOCK_M, k0]), UPCAST)
-            b = operand(WD.load([pid_n * BLOCK_N, k0]), UPCAST)
+        for k in tl.range(tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+            a = operand(XD.load([pid_m * BLOCK_M, k * BLOCK_K]), UPCAST)
+            b = operand(WD.load([pid_n * BLOCK_N, k * BLOCK_K]), UPCAST)
             acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if NORM:
-            acc = acc * tl.load(RSTD + rows, mask=rows < M, other=0.0)[:, None]
-        if HAS_RES:
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            ok = (rows < M)[:, None] & (cols < N)[None, :]
-            res = tl.load(R + rows.to(tl.int64)[:, None] * RES_STRIDE + cols[None, :], mask=ok, other=0.0)
-            acc += res.to(tl.float32)
-        OD.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(OD.dtype))
+        row0, col0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+        if SPLIT == 1:
+            _epilogue(acc, OD, R, RES_STRIDE, RSTD, row0, col0, M, N, HAS_RES, NORM)
+        else:
+            left, right = _halves(acc)
+            if SPLIT == 2:
+                _epilogue(left, OD, R, RES_STRIDE, RSTD, row0, col0, M, N, HAS_RES, NORM)
+                _epilogue(right, OD, R, RES_STRIDE, RSTD, row0, col0 + BLOCK_N // 2, M, N, HAS_RES, NORM)
+            else:
+                quarter = BLOCK_N // 4
+                a, b = _halves(left)
+                _epilogue(a, OD, R, RES_STRIDE, RSTD, row0, col0, M, N, HAS_RES, NORM)
+                _epilogue(b, OD, R, RES_STRIDE, RSTD, row0, col0 + quarter, M, N, HAS_RES, NORM)
+                a, b = _halves(right)
+                _epilogue(a, OD, R, RES_STRIDE, RSTD, row0, col0 + 2 * quarter, M, N, HAS_RES, NORM)
+                _epilogue(b, OD, R, RES_STRIDE, RSTD, row0, col0 + 3 * quarter, M, N, HAS_RES, NORM)
 
 
 def _blocks(nargs: dict) -> None:
@@ -83,26 +113,33 @@ def _blocks(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["XD"].block_shape = [bm, bk]
     nargs["WD"].block_shape = [bn, bk]
-    nargs["OD"].block_shape = [bm, bn]
+    nargs["OD"].block_shape = [bm, bn // nargs["SPLIT"]]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT, FLATTEN), the H200 sweep's winners first (the
+# launcher's fixed tile without autotuning; scratch sweep of session 15, BENCHMARKS.md):
+# - fp32: a 128 x 256 tile ran 1.05x-1.12x the 128 x 128 one. It fits sm_90's 227 KB only with the
+#   epilogue in pieces (a whole tile's staging takes 128 KB), and in quarters the residual's
+#   registers do not spill (tests/kernels/test_linear_compiles.py).
+# - bf16: the flattened 128 x 128 x 64 loop with 4 warps, 1.04x-1.15x; flattening costs a second
+#   staging buffer, which fp32's large tiles cannot take.
+# Warp specialization (tl.range(warp_specialize=True)) failed to compile or did not help on sm_90.
+TILES = {
+    torch.float32: [(128, 256, 32, 8, 3, 4, False), (256, 128, 32, 8, 3, 4, False), (128, 128, 32, 8, 4, 1, False)],
+    torch.bfloat16: [(128, 128, 64, 4, 4, 4, True), (128, 256, 64, 8, 3, 4, False), (256, 128, 64, 8, 3, 4, False)],
+}
+TILES[torch.float16] = TILES[torch.bfloat16]
 
 
 def _configs() -> list[triton.Config]:
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) near the SwiGLU GEMM's H200 winners. Compiled for
-    # sm_90 (tests/kernels/test_linear_compiles.py): in fp32 a 256-wide tile's output staging
-    # alone takes 128 KB (272 KB in all), so fp32 runs 128 x 128 (x 32: 192 KB with 4 stages);
-    # bf16 fits 128 x 256 x 64 with 3 stages (208 KB). The autotuner skips what does not fit.
-    tiles = [
-        (128, 128, 32, 8, 4),
-        (128, 128, 32, 8, 3),
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (64, 128, 64, 4, 4),
-    ]
+    tiles = dict.fromkeys(t for dtype in TILES.values() for t in dtype)  # the union, in order
     return [
         triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "STAGES": s}, num_warps=w, pre_hook=_blocks
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "STAGES": s, "SPLIT": split, "FLATTEN": flat},
+            num_warps=w,
+            pre_hook=_blocks,
         )
-        for m, n, k, w, s in tiles
+        for m, n, k, w, s, split, flat in tiles
     ]
 
 
@@ -128,12 +165,13 @@ def linear_fwd(
     meta = {**dot_meta(x.dtype), "DTYPE": str(x.dtype).removeprefix("torch."), "HAS_RES": res is not None}
     meta["NORM"] = norm
     fixed = knobs.interpret or not knobs.autotune
-    fit = (128, 128, 32, 8, 4) if x.dtype == torch.float32 else (128, 128, 64, 8, 4)
-    bm, bn, bk, warps, stages = (16, 16, 16, 1, 1) if knobs.interpret else fit
+    # the interpreter takes each dtype's epilogue form on small tiles
+    fit = TILES[x.dtype][0] if x.dtype in TILES else TILES[torch.float32][0]
+    bm, bn, bk, warps, stages, split, flat = (16, 32, 16, 1, 1, *fit[5:]) if knobs.interpret else fit
     args = (
         TensorDescriptor.from_tensor(x, [bm, bk]),
         TensorDescriptor.from_tensor(w, [bn, bk]),
-        TensorDescriptor.from_tensor(out, [bm, bn]),
+        TensorDescriptor.from_tensor(out, [bm, bn // split]),
         out if res is None else res,  # not read without HAS_RES
         out_width if res is None else res.stride(0),
         rstd.float() if norm else out,  # not read without NORM
@@ -143,7 +181,8 @@ def linear_fwd(
     )
     if fixed:
         grid = (tma.programs(x.device, triton.cdiv(rows, bm) * triton.cdiv(out_width, bn)),)
-        _gemm_tma[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages, num_warps=warps)
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "STAGES": stages, "SPLIT": split}
+        _gemm_tma[grid](*args, **meta, **tile, FLATTEN=flat, num_warps=warps)
     else:
         tiles = lambda m: triton.cdiv(rows, m["BLOCK_M"]) * triton.cdiv(out_width, m["BLOCK_N"])  # noqa: E731
         _gemm_tuned[lambda m: (tma.programs(x.device, tiles(m)),)](*args, **meta)

@@ -142,6 +142,17 @@ def _rms_backward(ctx, dout: Tensor, _dg, _du):
 rms_linear_swiglu_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 
 
+def _norm_grad(x: Tensor, w_norm: Tensor, rstd: Tensor, _ds: None, dn: Tensor) -> tuple[Tensor, Tensor]:
+    """The eager launchers' RMSNorm backward: kernels/norm's Triton kernel (fp64: the reference,
+    as the kernel computes in fp32). Under torch.compile the op's backward leaves the plain ops
+    (reference.rmsnorm_backward) to Inductor."""
+    from ..norm import kernel as norm_kernel
+
+    if x.dtype == torch.float64:
+        return reference.rmsnorm_backward(x, w_norm, rstd, None, dn)
+    return norm_kernel.add_rmsnorm_bwd(x, w_norm, rstd.float(), None, dn.contiguous())
+
+
 class _DirectRms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rstd, w_norm, w_gate, w_up):
@@ -154,7 +165,7 @@ class _DirectRms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         dx, dw_norm, dw_gate, dw_up = reference.rms_linear_swiglu_backward(
-            *ctx.saved_tensors, dout.contiguous(), grad=kernel.swiglu_grad
+            *ctx.saved_tensors, dout.contiguous(), grad=kernel.swiglu_grad, norm_grad=_norm_grad
         )
         return dx, None, dw_norm, dw_gate, dw_up
 
@@ -264,7 +275,7 @@ class _DirectRmsLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, rstd, w_norm, w = ctx.saved_tensors
-        dx, dw, dw_norm = reference.linear_epilogue_backward(x, w, dout.contiguous(), w_norm, rstd)
+        dx, dw, dw_norm = reference.linear_epilogue_backward(x, w, dout.contiguous(), w_norm, rstd, _norm_grad)
         return dx, None, dw_norm, dw
 
 

@@ -67,20 +67,28 @@ def rms_linear_swiglu_backward(
     u: Tensor,
     dout: Tensor,
     grad=swiglu_grad,
+    norm_grad=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dw_norm, dw_gate, dw_up): the SwiGLU GEMM's backward on the normalised input
-    (recomputed), then RMSNorm's, through rstd too: with xhat = x rstd and d = dn * w_norm
-    (dn: the gradient reaching the normalised rows), dx = rstd (d - xhat mean(d xhat)),
-    dw_norm = sum over rows of dn xhat."""
+    (recomputed), then RMSNorm's (`rmsnorm_backward`, or `norm_grad` of the same signature:
+    the norm's Triton backward in eager CUDA calls)."""
+    xn = (x.to(_acc(x)) * rstd.to(_acc(x))[:, None]).to(x.dtype) * w_norm
+    dn, dw_gate, dw_up = linear_swiglu_backward(xn, w_gate, w_up, g, u, dout, grad)
+    dx, dw_norm = (norm_grad or rmsnorm_backward)(x, w_norm, rstd, None, dn)
+    return dx, dw_norm, dw_gate, dw_up
+
+
+def rmsnorm_backward(x: Tensor, w_norm: Tensor, rstd: Tensor, _ds: None, dn: Tensor) -> tuple[Tensor, Tensor]:
+    """RMSNorm's backward through rstd too, from dn, the gradient reaching the normalised rows:
+    with xhat = x rstd (rounded as the forward rounds it) and d = dn * w_norm,
+    dx = rstd (d - xhat mean(d xhat)), dw_norm = sum over rows of dn xhat. (The signature is
+    kernels/norm's add_rmsnorm backward's, without a sum's own gradient.)"""
     acc = _acc(x)
     r = rstd.to(acc)[:, None]
-    xhat = (x.to(acc) * r).to(x.dtype)
-    dn, dw_gate, dw_up = linear_swiglu_backward(xhat * w_norm, w_gate, w_up, g, u, dout, grad)
+    xh = (x.to(acc) * r).to(x.dtype).to(acc)
     d = dn.to(acc) * w_norm.to(acc)
-    xh = xhat.to(acc)
     dx = r * (d - xh * (d * xh).mean(-1, keepdim=True))
-    dw_norm = (dn.to(acc) * xh).sum(0)
-    return dx.to(x.dtype), dw_norm.to(w_norm.dtype), dw_gate, dw_up
+    return dx.to(x.dtype), (dn.to(acc) * xh).sum(0).to(w_norm.dtype)
 
 
 def linear_epilogue(
@@ -96,19 +104,18 @@ def linear_epilogue(
 
 
 def linear_epilogue_backward(
-    x: Tensor, w: Tensor, dout: Tensor, w_norm: Tensor | None = None, rstd: Tensor | None = None
+    x: Tensor,
+    w: Tensor,
+    dout: Tensor,
+    w_norm: Tensor | None = None,
+    rstd: Tensor | None = None,
+    norm_grad=None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """-> (dx, dw, dw_norm or None); a residual's gradient is dout itself. With the norm, x's
-    gradient goes through rstd too: with xhat = x rstd and d = (dout w) * w_norm,
-    dx = rstd (d - xhat mean(d xhat)), dw = dout^T (xhat * w_norm), dw_norm = sum of (dout w) xhat."""
+    """-> (dx, dw, dw_norm or None); a residual's gradient is dout itself. With the norm:
+    dw = dout^T xn with xn = rmsnorm(x) recomputed, and x's gradient is RMSNorm's backward of
+    dn = dout w (rmsnorm_backward, or `norm_grad`: the norm's Triton backward in eager CUDA calls)."""
     if w_norm is None:
         return dout @ w, dout.t() @ x, None
-    acc = _acc(x)
-    r = rstd.to(acc)[:, None]
-    xhat = (x.to(acc) * r).to(x.dtype)
-    dn = dout @ w
-    dw = dout.t() @ (xhat * w_norm)
-    d = dn.to(acc) * w_norm.to(acc)
-    xh = xhat.to(acc)
-    dx = r * (d - xh * (d * xh).mean(-1, keepdim=True))
-    return dx.to(x.dtype), dw, (dn.to(acc) * xh).sum(0).to(w_norm.dtype)
+    xn = (x.to(_acc(x)) * rstd.to(_acc(x))[:, None]).to(x.dtype) * w_norm
+    dx, dw_norm = (norm_grad or rmsnorm_backward)(x, w_norm, rstd, None, dout @ w)
+    return dx, dout.t() @ xn, dw_norm
