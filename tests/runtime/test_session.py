@@ -86,17 +86,17 @@ def test_session_on_the_triton_kernels_equals_one_forward():
 @pytest.mark.skipif(not CUDA, reason="the CUDA graph and the TF32 tensor-core kernels need a GPU")
 @pytest.mark.gpu
 def test_session_with_tf32_matches_one_forward():
-    """With TF32 on, the default pipeline's SwiGLU GEMM is the persistent TMA kernel for the
-    whole sequence's forward (exact fp32 leaves it to cuBLAS), and cuBLAS's two GEMMs in the
-    session's steps (a token's step would copy the weights for the interleave:
-    runtime/opset.py); the logits agree."""
+    """With TF32 on, the default pipeline's SwiGLU GEMM (its norm applied inside) is the
+    persistent TMA kernel for the whole sequence's forward (exact fp32 leaves it to cuBLAS),
+    and cuBLAS's two GEMMs in the session's steps (a token's step would copy the weights for
+    the interleave: runtime/opset.py); the logits agree."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
         from kernels.linear import kernel
 
         model = tiny_model().to("cuda").eval()
-        assert any(n.op == "linear_swiglu" for n in model.graph.nodes)
+        assert any(n.op == "rms_linear_swiglu" for n in model.graph.nodes)  # the FFN norm inside
         tokens = torch.randint(0, model.vocab_size, (2, STEPS), device="cuda")  # 150 rows: the kernel pays
         launches = []
         real = kernel.linear_swiglu_fwd
