@@ -8,10 +8,11 @@ and R <= 256 (kernels/decay: the hidden's two parts are TMA boxes of at most 256
 decay that differs stays as it is. Exact: the kernel computes SPEC §3 as written, rounding the
 hiddens to the activation dtype as the plain ops do.
 
-Opt-in: the kernel fits sm_90 when compiled on the CPU machine (no spills, 112 KB of shared
-memory in fp32) but has not run on a GPU. By the fusion report's count, the default pipeline with
-this pass in place of fuse-decay-recurrence moves 1.98x fewer activation bytes per token than
-unfused in the benchmark block (D 1024; the 125M model's layers 2.01x), against 1.77x (1.79x).
+Opt-in: the kernel fits sm_90 only with unpipelined loops, and on the H200 it ran 0.33x-0.81x
+torch.compile's decay forward; the block slowed from 5.92 to 6.73 ms forward with it (session 14,
+BENCHMARKS.md). By the fusion report's count the default pipeline with this pass in place of
+fuse-decay-recurrence moves 2.33x fewer activation bytes per token than unfused in the benchmark
+block, against the default's 2.04x.
 
     before: %gamma = mdi_decay(%z, %k, @w1, @b1, @w2, @b2, @c1, @cb1, @c2, @cb2) {eps = 1e-06}
     after:  %gamma = mdi_decay_fused(%z, %k, @w1, @b1, @w2, @b2, @c1, @cb1, @c2, @cb2) {eps = 1e-06}

@@ -15,7 +15,7 @@ loop read nothing extra, but Triton 3.6 got it wrong on sm_90: docs/kernels.md.)
 Runs after fuse-epilogue (whose `linear_swiglu` it extends) and before fuse-residual-norm, which
 would otherwise take the norm together with the add. Assumes: the norm's output has no other use;
 its weight is a parameter; the add's operands have the sum's type. fp32 only, as fuse-epilogue
-is: in bf16 the plain GEMM with the norm ran 0.28x-0.90x rmsnorm + cuBLAS on the H200. Exact up
+is: in bf16 the plain GEMM with the norm ran 0.28x-0.91x rmsnorm + cuBLAS on the H200. Exact up
 to rounding.
 
     before: %x = add(%a, %b)
@@ -72,7 +72,7 @@ def _fuse_linear(index: int, node: Node, ctx: Context) -> bool:
     found = _norm(node, ctx)
     if found is None or not all(w.startswith("@") for w in node.inputs[1:]):
         return False
-    if ctx.types[node.inputs[0]].dtype is not DType.f32:  # bf16: 0.28x-0.90x cuBLAS (BENCHMARKS.md)
+    if ctx.types[node.inputs[0]].dtype is not DType.f32:  # bf16: 0.28x-0.91x cuBLAS (BENCHMARKS.md)
         return False
     norm_index, norm = found
     rstd, remove = _statistics(norm_index, norm, ctx)

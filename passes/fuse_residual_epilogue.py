@@ -8,8 +8,8 @@ one store (the block's h + m, SPEC §5).
 Not a row here: a linear. PyTorch's addmm with a 2-D input (x + h @ W^T) copies x into its
 result with a separate kernel before the GEMM reads it back as C (only a 1-D bias takes
 cuBLASLt's epilogue), so it moves what a linear and an add move; our own GEMM with the residual
-in its epilogue (kernels/linear/gemm.py) is the opt-in pass fuse-linear-residual, with this
-pass's rule, until it has been timed on a GPU.
+in its epilogue (kernels/linear/gemm.py) is the pass fuse-linear-residual, with this pass's rule,
+which runs before this one in the default pipeline.
 
 fp32 graphs only. The backward forms FlashAttention's delta = rowsum(dout * m) from the saved
 sum less the residual; in bf16/fp16 that m carries the rounding of the sum, 2^-9 |h + m| instead

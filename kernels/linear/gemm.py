@@ -117,7 +117,7 @@ def _blocks(nargs: dict) -> None:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT, FLATTEN), the H200 sweep's winners first (the
-# launcher's fixed tile without autotuning; scratch sweep of session 15, BENCHMARKS.md):
+# launcher's fixed tile without autotuning; benchmarks/gemm_sweep.py, session 15, BENCHMARKS.md):
 # - fp32: a 128 x 256 tile ran 1.05x-1.12x the 128 x 128 one. It fits sm_90's 227 KB only with the
 #   epilogue in pieces (a whole tile's staging takes 128 KB), and in quarters the residual's
 #   registers do not spill (tests/kernels/test_linear_compiles.py).
