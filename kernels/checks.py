@@ -41,12 +41,14 @@ def launches_directly(x: Tensor) -> bool:
     its custom op: on CPU tensors under the interpreter, and for eager CUDA calls, where the
     custom op's Python dispatch and autograd wrapper cost more CPU time than a whole linear-scan
     forward+backward on the GPU (measured: docs/kernels.md). Under torch.compile the custom op
-    is always what gets traced."""
-    if torch.compiler.is_compiling():
+    is always what gets traced; an exporter tracing references (knobs.trace_references) gets
+    neither."""
+    if torch.compiler.is_compiling() or knobs.trace_references:
         return False
     return (knobs.interpret and x.device.type == "cpu") or (x.is_cuda and knobs.use_triton)
 
 
 def interpreting(x: Tensor) -> bool:
     """Run the Triton kernels through the interpreter (CPU tensors, TRITON_INTERPRET=1)."""
-    return knobs.interpret and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    cpu = knobs.interpret and x.device.type == "cpu"
+    return cpu and not torch.compiler.is_compiling() and not knobs.trace_references

@@ -29,6 +29,9 @@ class Knobs:
     # MMREC_SCAN=walk: the linear scan's earlier kernels (one walker per column block, forward
     # and backward) instead of the chained ones (kernels/scan/kernel.py), for comparison.
     scan_kernels: str = os.environ.get("MMREC_SCAN", "chained")
+    # Set by kernels.library.tracing_references() (export): entry points run each op's
+    # plain-PyTorch body instead of its custom op or Triton launcher.
+    trace_references: bool = False
     # Fill every kernel output with NaN before launch, so elements a kernel fails to write
     # show up in tests (MMREC_POISON=1, or set by the tests).
     poison_outputs: bool = os.environ.get("MMREC_POISON", "0") == "1"

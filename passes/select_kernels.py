@@ -7,12 +7,13 @@ here is registered. The pass changes no numerics: it only sets the `kernel` anno
 
 On CUDA an op is claimed by one of our Triton kernels (`triton:mmrec::<op>`), by a cuBLAS GEMM
 (`cublas`), or by PyTorch's own kernels (`torch`; under torch.compile, Inductor fuses these).
-On CPU everything is the plain-PyTorch reference. There is no export lowering yet, so no ONNX
-entry is recorded.
+On CPU everything is the plain-PyTorch reference. For ONNX (runtime/export.py: `mmrec export`)
+every op is its reference traced by torch.export and lowered by torch.onnx to standard ONNX
+operators, no custom operator; ONNX_LOWERINGS says what that becomes for each op.
 
     before: %h, %h_last = linear_scan(%log_a, %b, %h0)
     after:  %h, %h_last = linear_scan(%log_a, %b, %h0)
-                {kernel = "cuda: triton:mmrec::linear_scan_fwd/_bwd; cpu: reference"}
+                {kernel = "cuda: triton:mmrec::linear_scan_fwd/_bwd; cpu: reference; onnx: reference, unrolled over T"}
 """
 
 from __future__ import annotations
@@ -52,13 +53,26 @@ CUDA_KERNELS: dict[str, str] = {
 }
 
 
+_UNROLLED = "reference, unrolled over T"
+# op -> what its ONNX lowering is made of (the exported step has a fixed T). Ops absent here
+# become the one or few ONNX operators of their PyTorch expression.
+ONNX_LOWERINGS: dict[str, str] = {
+    "linear_scan": _UNROLLED,
+    "gated_recurrence": _UNROLLED,
+    "decay_recurrence": _UNROLLED,
+    "hds_query": "reference: gathers of the rings, masked softmax, matmuls",
+    "memory_write": "reference: block sums, ring shifts by scatter and where",
+    "moe": "reference: router top-k, every expert dense, weighted sum",
+}
+
+
 def claim(node: Node) -> str:
     cuda = CUDA_KERNELS.get(node.op, _TORCH)
     if node.op == "gated_recurrence" and len(node.inputs) < 5:  # no W_g: runs as a linear scan
         cuda = CUDA_KERNELS["linear_scan"]
     if node.op == "rms_linear_swiglu" and len(node.inputs) < 5:  # computes its rstd first
         cuda = "triton:mmrec::add_rstd_fwd + " + cuda
-    return f"cuda: {cuda}; cpu: reference"
+    return f"cuda: {cuda}; cpu: reference; onnx: {ONNX_LOWERINGS.get(node.op, 'reference')}"
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,20 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    raise NotImplementedError("export is not implemented yet: ONNX, TensorRT and AOTInductor engines are planned work")
+    from .export import ExportError, export_onnx
+    from .train import load_for_inference
+
+    if args.format != "onnx":
+        raise ExportError(f"--format {args.format}: not implemented yet; onnx is (TensorRT can build from that file)")
+    model, _, _ = load_for_inference(args.ckpt, device="cpu")
+    print(f"exporting {args.ckpt}: batch {args.batch}, {args.steps} token(s) a step -> {args.out}", flush=True)
+    result = export_onnx(model, args.out, batch=args.batch, steps=args.steps)
+    print(f"wrote {result.path} in {result.seconds:.1f} s: inputs tokens + {len(result.inputs) - 1} state tensors")
+    if result.max_abs_error is None:
+        print("not checked: onnxruntime is not installed")
+    else:
+        print(f"checked with {result.checked_with}: max |onnx - torch| = {result.max_abs_error:.2e}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_cmd_inspect)
 
-    p = sub.add_parser("export", help="export an inference engine (not implemented yet)")
-    p.add_argument("--ckpt", default=f"{DEFAULT_OUT}/ckpt.pt")
+    p = sub.add_parser("export", help="export a trained model's inference step as an ONNX file")
+    p.add_argument("--ckpt", default=f"{DEFAULT_OUT}/ckpt.pt", help="checkpoint file or run folder")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "aotinductor"])
+    p.add_argument("--out", default=f"{DEFAULT_OUT}/model.onnx", help="the file to write")
+    p.add_argument("--batch", type=int, default=1, help="rows per call (fixed in the file)")
+    p.add_argument("--steps", type=int, default=1, help="tokens per call: 1 for decoding (fixed in the file)")
     p.set_defaults(fn=_cmd_export)
     return parser
 

@@ -1,3 +1,4 @@
+import importlib.util
 from pydoc_data.topics import topics
 
 import pytest
@@ -75,6 +76,13 @@ def test_train_then_generate(capsys, small):
     assert "done: step 4" in out and (out_dir / "ckpt.pt").exists()
     code, out, _ = run(capsys, "generate", "--ckpt", str(out_dir), "--prompt", "The ", "--tokens", "10")
     assert code == 0 and out.startswith("The ") and len(out) > len("The \n")
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        code, out, _ = run(capsys, "export", "--ckpt", str(out_dir), "--out", str(small / "m.onnx"), "--batch", "2")
+        assert code == 0 and (small / "m.onnx").exists() and "checked with onnxruntime" in out, out
+        error = float(out.rsplit("= ", 1)[1])
+        assert error < 1e-4, out
+    code, _, err = run(capsys, "export", "--ckpt", str(out_dir), "--format", "tensorrt")
+    one_line_error(code, err, "--format tensorrt: not implemented yet")
     code, _, err = run(
         capsys,
         "train",
@@ -109,7 +117,7 @@ def test_bad_inputs_are_one_line_errors(capsys, small, tmp_path):
         "--data",
     )
     one_line_error(*run(capsys, "inspect", "--passes", "cse,bogus")[::2], "unknown pass 'bogus'")
-    one_line_error(*run(capsys, "export")[::2], "export is not implemented yet")
+    one_line_error(*run(capsys, "export", "--ckpt", str(tmp_path / "none.pt"))[::2], "none.pt: no such file")
 
 
 def test_nan_loss_exits_nonzero_with_one_line(capsys, small, monkeypatch):

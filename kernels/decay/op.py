@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, interpreting, launches_directly, tensor_arg
 from ..config import knobs
+from ..library import call, custom_op
 from . import kernel, reference
 
 
@@ -62,7 +63,7 @@ def decay_backward(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2, eps: float, dgamma: T
     return dz, dk, dw1, db1, dw2, db2, dc1, dcb1, dc2, dcb2
 
 
-@torch.library.custom_op("mmrec::decay_mlp", mutates_args=())
+@custom_op("decay_mlp")
 def decay_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """x [M, K], w1 [R, K], b1 [R], w2 [N, R], b2 [N] -> W2 gelu(W1 x + b1) + b2 [M, N]."""
     return _mlp_reference(x, w1, b1, w2, b2)
@@ -121,11 +122,8 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, name: str = "
     b1 = tensor_arg(name, "b1", b1, (hidden,), like=x)
     b2 = tensor_arg(name, "b2", b2, (out_width,), like=x)
     rows = tensor_arg(name, "x", x, tuple(x.shape)).reshape(math.prod(x.shape[:-1]), width)
-    if launches_directly(rows):
-        out = _Direct.apply(rows, w1, b1, w2, b2)
-    else:
-        out = torch.ops.mmrec.decay_mlp(rows, w1, b1, w2, b2)
-    return out.view(*x.shape[:-1], out_width)
+    run = _Direct.apply if launches_directly(rows) else lambda *a: call("decay_mlp", *a)
+    return run(rows, w1, b1, w2, b2).view(*x.shape[:-1], out_width)
 
 
 def mdi_decay_logits(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2) -> tuple[Tensor, Tensor]:
@@ -136,7 +134,7 @@ def mdi_decay_logits(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2) -> tuple[Tensor, Te
     return reference.mdi_decay_logits(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2)
 
 
-@torch.library.custom_op("mmrec::mdi_decay_fused", mutates_args=())
+@custom_op("mdi_decay_fused")
 def _decay_op(
     z: Tensor, k: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     c1: Tensor, cb1: Tensor, c2: Tensor, cb2: Tensor, eps: float,
@@ -217,5 +215,5 @@ def mdi_decay_fused(z, k, w1, b1, w2, b2, c1, cb1, c2, cb2, eps: float = 1e-6) -
     rows_z = tensor_arg(name, "z", z, tuple(z.shape)).reshape(lead, width)
     rows_k = tensor_arg(name, "k", k, tuple(k.shape)).reshape(lead, k_width)
     args = (rows_z, rows_k, w1, b1, w2, b2, c1, cb1, c2, cb2)
-    fused = _DirectDecay.apply if launches_directly(rows_z) else torch.ops.mmrec.mdi_decay_fused
+    fused = _DirectDecay.apply if launches_directly(rows_z) else lambda *a: call("mdi_decay_fused", *a)
     return fused(*args, eps).view(*z.shape[:-1], width)

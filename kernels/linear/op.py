@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, launches_directly, tensor_arg
 from ..config import knobs
+from ..library import call, custom_op
 from . import gemm, kernel, reference
 
 
@@ -25,7 +26,7 @@ def _reference(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Ten
     return (out, g, u) if save else (out, x.new_empty(0), x.new_empty(0))
 
 
-@torch.library.custom_op("mmrec::linear_swiglu_fwd", mutates_args=())
+@custom_op("linear_swiglu_fwd")
 def linear_swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, save: bool) -> tuple[Tensor, Tensor, Tensor]:
     """x [N, D], w_gate/w_up [F, D] -> (silu(x w_gate^T) * (x w_up^T), and with `save` the two
     pre-activations g, u [N, F]; otherwise two empty tensors)."""
@@ -97,7 +98,7 @@ def linear_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     if launches_directly(rows):
         return _Direct.apply(rows, w_gate, w_up).view(*lead, -1)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_gate, w_up))
-    return torch.ops.mmrec.linear_swiglu_fwd(rows, w_gate, w_up, save)[0].view(*lead, -1)
+    return call("linear_swiglu_fwd", rows, w_gate, w_up, save)[0].view(*lead, -1)
 
 
 def _rms_reference(x, rstd, w_norm, w_gate, w_up, save):
@@ -105,7 +106,7 @@ def _rms_reference(x, rstd, w_norm, w_gate, w_up, save):
     return (out, g, u) if save else (out, x.new_empty(0), x.new_empty(0))
 
 
-@torch.library.custom_op("mmrec::rms_linear_swiglu_fwd", mutates_args=())
+@custom_op("rms_linear_swiglu_fwd")
 def rms_linear_swiglu_fwd(
     x: Tensor, rstd: Tensor, w_norm: Tensor, w_gate: Tensor, w_up: Tensor, save: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,14 +186,14 @@ def rms_linear_swiglu(
     if launches_directly(rows):
         return _DirectRms.apply(rows, rstd, w_norm, w_gate, w_up).view(*lead, -1)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_norm, w_gate, w_up))
-    return torch.ops.mmrec.rms_linear_swiglu_fwd(rows, rstd, w_norm, w_gate, w_up, save)[0].view(*lead, -1)
+    return call("rms_linear_swiglu_fwd", rows, rstd, w_norm, w_gate, w_up, save)[0].view(*lead, -1)
 
 
 # `torch.ops.mmrec.linear_residual_fwd` and `rms_linear_fwd`: the plain GEMM (gemm.py) with the
 # residual add, or the RMSNorm, in its epilogue. Backwards in PyTorch (cuBLAS GEMMs).
 
 
-@torch.library.custom_op("mmrec::linear_residual_fwd", mutates_args=())
+@custom_op("linear_residual_fwd")
 def linear_residual_fwd(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
     """x [N, D], w [F, D], res [N, F] -> res + x w^T (products and sum in fp32, rounded once)."""
     return reference.linear_epilogue(x, w, res)
@@ -233,7 +234,7 @@ class _DirectResidual(torch.autograd.Function):
         return dx, dw, dout
 
 
-@torch.library.custom_op("mmrec::rms_linear_fwd", mutates_args=())
+@custom_op("rms_linear_fwd")
 def rms_linear_fwd(x: Tensor, rstd: Tensor, w_norm: Tensor, w: Tensor) -> Tensor:
     """rmsnorm(x, w_norm) w^T for x [N, D] with its rows' 1/rms given (rstd [N], add_rstd's),
     w [F, D]. Its backward differentiates the whole norm (through rstd): rstd gets no gradient."""
@@ -291,7 +292,7 @@ def rms_linear(x: Tensor, w_norm: Tensor, w: Tensor, eps: float = 1e-6, rstd: Te
     rstd = _rstd(op, x, rstd, eps)
     if launches_directly(rows):
         return _DirectRmsLinear.apply(rows, rstd, w_norm, w).view(*lead, -1)
-    return torch.ops.mmrec.rms_linear_fwd(rows, rstd, w_norm, w).view(*lead, -1)
+    return call("rms_linear_fwd", rows, rstd, w_norm, w).view(*lead, -1)
 
 
 def _rows(op: str, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -336,4 +337,4 @@ def linear_residual(x: Tensor, w: Tensor, res: Tensor) -> Tensor:
     res = res if res.stride(-1) == 1 else res.contiguous()
     if launches_directly(rows):
         return _DirectResidual.apply(rows, w, res).view(*lead, -1)
-    return torch.ops.mmrec.linear_residual_fwd(rows, w, res).view(*lead, -1)
+    return call("linear_residual_fwd", rows, w, res).view(*lead, -1)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, interpreting
 from ..config import knobs
+from ..library import call, custom_op
 from . import decode, kernel, reference, write
 from .reference import Candidates, Memory
 
@@ -31,7 +32,7 @@ def _bwd_reference(q, keys, values, beta, pos, rings, spans, dout, heads):
     return reference.attend_backward(q, _candidates(q, keys, values, pos, rings, spans), beta, pos, heads, dout)
 
 
-@torch.library.custom_op("mmrec::hds_attend_fwd", mutates_args=())
+@custom_op("hds_attend_fwd")
 def hds_attend_fwd(
     q: Tensor,
     keys: Tensor,
@@ -62,7 +63,7 @@ def _fwd_fake(q, keys, values, beta, pos, rings, spans, heads, residual=None):
     return torch.empty_like(q), q.new_empty(q.shape[0], heads, q.shape[1], dtype=torch.float32)
 
 
-@torch.library.custom_op("mmrec::hds_attend_bwd", mutates_args=())
+@custom_op("hds_attend_bwd")
 def hds_attend_bwd(
     q: Tensor,
     keys: Tensor,
@@ -129,7 +130,7 @@ class _Interpreted(torch.autograd.Function):
         return *grads, None, None, None, None, (dout if residual is not None else None)
 
 
-@torch.library.custom_op("mmrec::block_sums", mutates_args=())
+@custom_op("block_sums")
 def block_sums_op(x: Tensor, pos: Tensor, span: int) -> Tensor:
     """x [B, T, W], pos [B] -> [B, ceil(T / span) + 1, W] fp32: token sums per local slot."""
     return reference.block_sums(x, pos, span)
@@ -176,10 +177,10 @@ def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
     x = x.contiguous()
     if interpreting(x):
         return _InterpretedSums.apply(x, pos, span)
-    return torch.ops.mmrec.block_sums(x, pos, span)
+    return call("block_sums", x, pos, span)
 
 
-@torch.library.custom_op("mmrec::hds_decode", mutates_args=())
+@custom_op("hds_decode")
 def hds_decode_op(
     q: Tensor, keys: list[Tensor], values: list[Tensor], beta: Tensor, pos: Tensor, spans: list[int], heads: int
 ) -> Tensor:
@@ -213,7 +214,7 @@ def hds_decode(q: Tensor, beta: Tensor, mem: Memory, heads: int) -> Tensor:
     args = (q.contiguous(), keys, values, beta.contiguous(), mem.pos.contiguous(), spans, heads)
     if interpreting(q) and len(keys) <= decode.MAX_LEVELS:
         return decode.decode(*args)
-    return torch.ops.mmrec.hds_decode(*args)
+    return call("hds_decode", *args)
 
 
 def memory_write(mem: Memory, k: Tensor, v: Tensor) -> Memory:
@@ -221,7 +222,7 @@ def memory_write(mem: Memory, k: Tensor, v: Tensor) -> Memory:
     return reference.memory_write(mem, k, v, sums0=block_sums)
 
 
-@torch.library.custom_op("mmrec::memory_write_step", mutates_args=("pos", "keys", "values", "sum_k", "sum_v"))
+@custom_op("memory_write_step", mutates_args=("pos", "keys", "values", "sum_k", "sum_v"))
 def memory_write_step_op(
     k: Tensor,
     v: Tensor,
@@ -271,7 +272,7 @@ def memory_write_(mem: Memory, k: Tensor, v: Tensor) -> Memory:
         write.write_step(*args)
         mem.pos.add_(1)
     else:
-        torch.ops.mmrec.memory_write_step(*args)
+        call("memory_write_step", *args)
     return mem
 
 
@@ -301,4 +302,4 @@ def hds_query(
     residual = residual.contiguous() if residual is not None else None
     if interpreting(q):
         return _Interpreted.apply(*args, rings, spans, heads, residual)
-    return torch.ops.mmrec.hds_attend_fwd(*args, rings, spans, heads, residual)[0]
+    return call("hds_attend_fwd", *args, rings, spans, heads, residual)[0]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, launches_directly, tensor_arg
 from ..config import knobs
+from ..library import call, custom_op
 from . import kernel, reference
 
 
@@ -24,7 +25,7 @@ def _without_sum(run, a, b, weight, eps):
     return s if b is not None else a.new_empty(0), u, rstd
 
 
-@torch.library.custom_op("mmrec::add_rmsnorm_fwd", mutates_args=())
+@custom_op("add_rmsnorm_fwd")
 def add_rmsnorm_fwd(a: Tensor, b: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (a + b, or an empty tensor without b; rmsnorm(a + b) * weight; 1/rms per row, fp32)."""
     return _without_sum(reference.add_rmsnorm, a, b, weight, eps)
@@ -41,7 +42,7 @@ def _fwd_fake(a, b, weight, eps):
     return s, torch.empty_like(a), a.new_empty(a.numel() // a.shape[-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("mmrec::add_rmsnorm_bwd", mutates_args=())
+@custom_op("add_rmsnorm_bwd")
 def add_rmsnorm_bwd(s: Tensor, weight: Tensor, rstd: Tensor, ds: Tensor | None, du: Tensor) -> tuple[Tensor, Tensor]:
     return reference.add_rmsnorm_backward(s, weight, rstd, ds, du)
 
@@ -85,7 +86,7 @@ def _without_sum_rstd(run, a, b, eps):
     return s if b is not None else a.new_empty(0), rstd
 
 
-@torch.library.custom_op("mmrec::add_rstd_fwd", mutates_args=())
+@custom_op("add_rstd_fwd")
 def add_rstd_fwd(a: Tensor, b: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     """-> (a + b, or an empty tensor without b; 1/rms of each row of the sum, fp32 (fp64 for fp64))."""
     return _without_sum_rstd(reference.add_rstd, a, b, eps)
@@ -184,7 +185,7 @@ def add_rmsnorm(lhs: Tensor, rhs: Tensor, weight: Tensor, eps: float = 1e-6) -> 
         return s, reference.rmsnorm(s, weight, eps)
     if launches_directly(lhs):
         return _Direct.apply(lhs, rhs, weight, eps)
-    s, u, _ = torch.ops.mmrec.add_rmsnorm_fwd(lhs, rhs, weight, eps)
+    s, u, _ = call("add_rmsnorm_fwd", lhs, rhs, weight, eps)
     return s, u
 
 
@@ -195,7 +196,7 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
         return reference.rmsnorm(x, weight, eps)
     if launches_directly(x):
         return _Direct.apply(x, None, weight, eps)[0]
-    return torch.ops.mmrec.add_rmsnorm_fwd(x, None, weight, eps)[1]
+    return call("add_rmsnorm_fwd", x, None, weight, eps)[1]
 
 
 def add_rstd(lhs: Tensor, rhs: Tensor | None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -208,5 +209,5 @@ def add_rstd(lhs: Tensor, rhs: Tensor | None, eps: float = 1e-6) -> tuple[Tensor
     if launches_directly(lhs):
         *s, rstd = _DirectRstd.apply(lhs, rhs, eps)
         return (s[0] if s else lhs), rstd.view(lead)
-    s, rstd = torch.ops.mmrec.add_rstd_fwd(lhs, rhs, eps)
+    s, rstd = call("add_rstd_fwd", lhs, rhs, eps)
     return (s if rhs is not None else lhs), rstd.view(lead)

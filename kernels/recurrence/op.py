@@ -13,10 +13,11 @@ from torch import Tensor
 
 from ..checks import KernelInputError, launches_directly, seq_arg, tensor_arg
 from ..config import knobs
+from ..library import call, custom_op
 from . import kernel, reference
 
 
-@torch.library.custom_op("mmrec::gated_recurrence_fwd", mutates_args=())
+@custom_op("gated_recurrence_fwd")
 def gated_recurrence_fwd(z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     return reference.forward(z, gz, gamma, w_g, h0)
 
@@ -38,7 +39,7 @@ def _bwd_with(run, z, gz, gamma, w_g, h0, h, dh, dh_last):
     return dz, dgz, dgamma, dw, dh0 if dh0 is not None else torch.zeros_like(dh_last)
 
 
-@torch.library.custom_op("mmrec::gated_recurrence_bwd", mutates_args=())
+@custom_op("gated_recurrence_bwd")
 def gated_recurrence_bwd(
     z: Tensor, gz: Tensor, gamma: Tensor, w_g: Tensor, h0: Tensor | None, h: Tensor, dh: Tensor, dh_last: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -112,14 +113,14 @@ def gated_recurrence(
         h0 = tensor_arg(op, "h0", h0, (z.shape[0], z.shape[2]), like=z)
     if launches_directly(z):
         return _Direct.apply(z, gz, gamma, w_g, h0)
-    return torch.ops.mmrec.gated_recurrence_fwd(z, gz, gamma, w_g, h0)
+    return call("gated_recurrence_fwd", z, gz, gamma, w_g, h0)
 
 
 # The fused decay variant (fuse-decay-recurrence): the kernels read the decay's two logits a, c
 # and form gamma = clamp(sigmoid(a) sigmoid(c), eps, 1 - eps) on chip.
 
 
-@torch.library.custom_op("mmrec::decay_recurrence_fwd", mutates_args=())
+@custom_op("decay_recurrence_fwd")
 def decay_recurrence_fwd(
     z: Tensor, gz: Tensor, a: Tensor, c: Tensor, w_g: Tensor, h0: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
@@ -147,7 +148,7 @@ def _decay_bwd_with(triton: bool, z, gz, a, c, w_g, h0, h, dh, dh_last, eps):
     return dz, dgz, da, dc, dw, dh0 if dh0 is not None else torch.zeros_like(dh_last)
 
 
-@torch.library.custom_op("mmrec::decay_recurrence_bwd", mutates_args=())
+@custom_op("decay_recurrence_bwd")
 def decay_recurrence_bwd(
     z: Tensor,
     gz: Tensor,
@@ -220,4 +221,4 @@ def decay_recurrence(
         raise KernelInputError(f"{op}: eps: expected 0 < eps < 0.5, got {eps}")
     if launches_directly(z):
         return _DirectDecay.apply(z, gz, a, c, w_g, h0, float(eps))
-    return torch.ops.mmrec.decay_recurrence_fwd(z, gz, a, c, w_g, h0, float(eps))
+    return call("decay_recurrence_fwd", z, gz, a, c, w_g, h0, float(eps))

@@ -14,10 +14,11 @@ from torch import Tensor
 
 from ..checks import launches_directly, seq_arg, tensor_arg
 from ..config import knobs
+from ..library import call, custom_op
 from . import kernel, reference
 
 
-@torch.library.custom_op("mmrec::linear_scan_fwd", mutates_args=())
+@custom_op("linear_scan_fwd")
 def linear_scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     return reference.forward(log_a, b, h0)
 
@@ -40,7 +41,7 @@ def _bwd_reference(log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_l
     return dlog_a, db, dh0 if dh0 is not None else torch.zeros_like(dh_last)
 
 
-@torch.library.custom_op("mmrec::linear_scan_bwd", mutates_args=())
+@custom_op("linear_scan_bwd")
 def linear_scan_bwd(
     log_a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, dh_last: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -111,4 +112,4 @@ def linear_scan(log_a: Tensor, b: Tensor, h0: Tensor | None = None) -> tuple[Ten
         h0 = tensor_arg("linear_scan", "h0", h0, (b.shape[0], b.shape[2]), like=b)
     if launches_directly(b):
         return _Direct.apply(log_a, b, h0)
-    return torch.ops.mmrec.linear_scan_fwd(log_a, b, h0)
+    return call("linear_scan_fwd", log_a, b, h0)

@@ -662,9 +662,9 @@ def test_select_kernels_golden():
 """
     after = """graph @g(%la: f32[B, T, 8], %x: f32[B, T, 8], %h0: f32[B, 8]) {
   param @w: f32[8, 8] = normal(0.02)
-  %b: f32[B, T, 8] = linear(%x, @w) {kernel = "cuda: cublas; cpu: reference"}
-  %h: f32[B, T, 8], %last: f32[B, 8] = linear_scan(%la, %b, %h0) {kernel = "cuda: triton:mmrec::linear_scan_fwd/_bwd; cpu: reference"}
-  %y: f32[B, T, 8] = sigmoid(%h) {kernel = "cuda: torch; cpu: reference"}
+  %b: f32[B, T, 8] = linear(%x, @w) {kernel = "cuda: cublas; cpu: reference; onnx: reference"}
+  %h: f32[B, T, 8], %last: f32[B, 8] = linear_scan(%la, %b, %h0) {kernel = "cuda: triton:mmrec::linear_scan_fwd/_bwd; cpu: reference; onnx: reference, unrolled over T"}
+  %y: f32[B, T, 8] = sigmoid(%h) {kernel = "cuda: torch; cpu: reference; onnx: reference"}
   return y = %y, last = %last
 }
 """  # noqa: E501
@@ -675,9 +675,9 @@ def test_select_kernels_golden():
 def test_select_kernels_names_registered_ops_for_every_op():
     import kernels  # noqa: F401 (registers torch.ops.mmrec.*)
     from mmrec_ir import OPS
-    from passes.select_kernels import CUDA_KERNELS
+    from passes.select_kernels import CUDA_KERNELS, ONNX_LOWERINGS
 
-    assert set(CUDA_KERNELS) <= set(OPS)
+    assert set(CUDA_KERNELS) <= set(OPS) and set(ONNX_LOWERINGS) <= set(OPS)
     for op, claim in CUDA_KERNELS.items():
         for name, pair in re.findall(r"triton:mmrec::(\w+?)(_fwd/_bwd)?\b", claim):
             for target in (name + "_fwd", name + "_bwd") if pair else (name,):

@@ -1,0 +1,145 @@
+"""ONNX export of a compiled model's inference step: tokens and the state in, logits and the next
+state out (SPEC §6), for serving with any ONNX runtime.
+
+The exported graph is the model's forward over `steps` tokens (1: one decoding step; more: a
+prompt chunk) at a fixed batch, with every state tensor an input and its successor an output,
+named `<state key>` and `<state key>.next` (the keys of `State.state_dict()`, e.g. `h.0`,
+`mem.0.keys.1`, `mem.0.pos`). A training-only output (the auxiliary loss of MoE and UBOO) is
+left out, and the ops that only feed it with it. Each MM-Rec op is lowered as its plain-PyTorch reference
+(`kernels.library.tracing_references`): torch.export traces the reference's tensor ops and
+torch.onnx turns them into standard ONNX operators, so no custom operator is needed to run the
+file. The recurrences' references step through time, so their loops are unrolled `steps` times;
+the memory read is gathers, a masked softmax and matmuls; the memory write is the ring update
+written with `where`, per row (select-kernels records each op's lowering on its node).
+
+After writing the file, `export_onnx` runs it with onnxruntime where installed, on random tokens
+and a state advanced by a few steps, and compares logits and next state with the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from kernels.library import tracing_references
+
+from .module import CompiledModel
+from .opset import ReferenceOps
+from .state import FORMAT_VERSION, State
+
+
+class ExportError(ValueError):
+    """The model, its arguments or the environment do not allow the export."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    inputs: list[str]
+    outputs: list[str]
+    seconds: float
+    max_abs_error: float | None  # onnxruntime against PyTorch; None where onnxruntime is absent
+    checked_with: str | None
+
+
+class _Step(nn.Module):
+    """(tokens, *state tensors) -> (logits, *next state tensors), on the reference op set."""
+
+    def __init__(self, model: CompiledModel, keys: list[str]):
+        super().__init__()
+        self.model = model
+        self.keys = keys
+        self.ops = ReferenceOps(training=False)
+
+    def forward(self, tokens: Tensor, *tensors: Tensor):
+        flat = {"format_version": FORMAT_VERSION, **dict(zip(self.keys, tensors, strict=True))}
+        state = State.from_state_dict(self.model.graph, flat)
+        graph = self.model.graph
+        args = [tokens if v.name == "tokens" else state[v.name] for v in graph.inputs]
+        params = dict(self.model.named_parameters())
+        outs = self.model._forward_fn(*args, params=params, ops=self.ops)
+        new = State({name: outs[name] for name in graph.state_names}).state_dict()
+        return (outs["logits"], *(new[k] for k in self.keys))
+
+
+def _state_keys(model: CompiledModel, batch: int) -> tuple[list[str], list[Tensor]]:
+    flat = model.initial_state(batch).state_dict()
+    keys = [k for k in flat if k != "format_version"]
+    return keys, [flat[k] for k in keys]
+
+
+def _advanced_state(model: CompiledModel, batch: int, generator: torch.Generator) -> State:
+    """A state with some history (memory partly filled), so the check covers more than zeros."""
+    vocab = model.vocab_size or 2
+    warm = torch.randint(0, vocab, (batch, 37), generator=generator)
+    with torch.no_grad():
+        return model(warm)[1]
+
+
+def export_onnx(
+    model: CompiledModel, path: str | Path, batch: int = 1, steps: int = 1, opset: int = 18, check: bool = True
+) -> ExportResult:
+    """Write `model`'s inference step for `batch` rows and `steps` tokens to an ONNX file.
+    The model moves to the CPU for tracing (the lowering does not depend on the device)."""
+    if batch < 1 or steps < 1:
+        raise ExportError(f"batch and steps must be at least 1, got batch {batch}, steps {steps}")
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise ExportError("ONNX export needs the packages onnx and onnxscript: pip install onnx onnxscript") from None
+    model = model.to("cpu").eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys, state = _state_keys(model, batch)
+    tokens = torch.zeros(batch, steps, dtype=torch.int64)
+    inputs, outputs = ["tokens", *keys], ["logits", *(k + ".next" for k in keys)]
+    start = time.perf_counter()
+    step = _Step(model, keys)
+    with torch.no_grad(), tracing_references():
+        program = torch.export.export(step, (tokens, *state), strict=False)
+    leftover = sorted({str(n.target) for n in program.graph.nodes if "mmrec" in str(n.target)})
+    if leftover:  # an entry point that bypassed kernels.library.call
+        raise ExportError(f"custom ops left in the traced graph: {', '.join(leftover)}")
+    quiet = logging.getLogger("torch.onnx")  # it warns that torchvision's ops cannot be registered
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        onnx_program = torch.onnx.export(
+            program,
+            (tokens, *state),
+            dynamo=True,
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset,
+            verbose=False,
+        )
+    finally:
+        quiet.setLevel(level)
+    onnx_program.save(str(path))
+    seconds = time.perf_counter() - start
+    error, runtime = _check(model, step, path, batch, steps, keys) if check else (None, None)
+    return ExportResult(path, inputs, outputs, seconds, error, runtime)
+
+
+def _check(model, step, path, batch, steps, keys) -> tuple[float | None, str | None]:
+    """Max |onnxruntime - PyTorch| over logits and next state, or (None, None) without onnxruntime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None, None
+    generator = torch.Generator().manual_seed(0)
+    flat = _advanced_state(model, batch, generator).state_dict()
+    tokens = torch.randint(0, model.vocab_size or 2, (batch, steps), generator=generator)
+    with torch.no_grad():
+        expected = step(tokens, *(flat[k] for k in keys))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"tokens": tokens.numpy(), **{k: flat[k].numpy() for k in keys}}
+    got = session.run(None, feed)
+    pairs = zip(got, expected, strict=True)
+    error = max(float((torch.from_numpy(g) - e).abs().max()) if e.numel() else 0.0 for g, e in pairs)
+    return error, f"onnxruntime {onnxruntime.__version__}"
