@@ -90,6 +90,12 @@ class CompiledModel(nn.Module):
     def passes_run(self) -> list[str]:
         return [s.pass_name for s in self.stages if s.pass_name != "input"]
 
+    @property
+    def kernels(self) -> list[tuple[str, str, str]]:
+        """(first output, op, what claims it per device) for each node, as select-kernels
+        recorded it (empty where that pass did not run)."""
+        return [(n.outputs[0].ref, n.op, n.attr["kernel"]) for n in self.graph.nodes if "kernel" in n.attr]
+
     def initial_state(self, batch: int, device=None) -> State:
         return State.initial(self.graph, batch, device=device)
 

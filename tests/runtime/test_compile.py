@@ -16,6 +16,23 @@ def test_whole_model_has_no_graph_breaks_with_and_without_state():
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
 
+def test_compile_keeps_every_stage_and_the_kernel_list():
+    import models
+    import passes
+    import runtime
+
+    model = runtime.compile(models.build(models.load_config("tiny")), mode="infer")
+    names = [p.name for p in passes.default_pipeline()]
+    assert model.passes_run == names and [s.pass_name for s in model.stages] == ["input", *names]
+    assert not model.training
+    claims = {op: claim for _, op, claim in model.kernels}
+    assert len(model.kernels) == len(model.graph.nodes)
+    assert claims["decay_recurrence"].startswith("cuda: triton:mmrec::decay_recurrence_fwd/_bwd; cpu: reference")
+    assert claims["hds_query"].endswith("onnx: reference: gathers of the rings, masked softmax, matmuls")
+    unselected = runtime.compile(models.build(models.load_config("tiny")), passes=["infer-shapes", "cse"])
+    assert unselected.kernels == [] and unselected.passes_run == ["infer-shapes", "cse"]
+
+
 def test_fullgraph_training_step_matches_eager():
     model = tiny_model("moe-uboo").train()
     tokens = torch.randint(0, model.vocab_size, (2, 41))
