@@ -14,9 +14,10 @@ loop read nothing extra, but Triton 3.6 got it wrong on sm_90: docs/kernels.md.)
 
 Runs after fuse-epilogue (whose `linear_swiglu` it extends) and before fuse-residual-norm, which
 would otherwise take the norm together with the add. Assumes: the norm's output has no other use;
-its weight is a parameter; the add's operands have the sum's type. fp32 only, as fuse-epilogue
-is: in bf16 the plain GEMM with the norm ran 0.28x-0.91x rmsnorm + cuBLAS on the H200. Exact up
-to rounding.
+its weight is a parameter; the add's operands have the sum's type. The rms_linear row takes fp32
+graphs only: in bf16 the plain GEMM with the norm ran 0.28x-0.91x the forward speed of rmsnorm +
+cuBLAS on the H200. (The SwiGLU row finds linear_swiglu only where fuse-epilogue formed it, in
+fp32 graphs, or in hand-written IR.) Exact up to rounding.
 
     before: %x = add(%a, %b)
             %u = rmsnorm(%x, @w_norm) {eps = 1e-06}

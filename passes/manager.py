@@ -84,10 +84,10 @@ def default_pipeline() -> list[Pass]:
     - fuse-linear-residual, then fuse-norm-prologue (fp32 graphs): the residual adds move into
       the projections' GEMM epilogues, and each RMSNorm into the GEMM that reads it (the rows
       scaled by 1/rms in the epilogue, the statistics from add_rstd or rms_stats). Together they
-      take the block to 2.04x fewer counted bytes than unfused, at the speed of the GEMMs they
-      replace on the H200 (BENCHMARKS.md);
-    - fuse-residual-epilogue, then fuse-residual-norm, which take the adds and norms those left
-      (bf16 graphs, adds after other ops);
+      take the block to 2.04x fewer counted bytes than unfused without slowing it on the H200
+      (BENCHMARKS.md), though rms_linear alone is slower than the norm kernel and cuBLAS;
+    - fuse-residual-epilogue (the memory query's h + m), then fuse-residual-norm, which takes
+      the adds and norms left (bf16 graphs: their projections keep cuBLAS);
     - dce last among the rewrites, because CSE leaves the duplicates' producers dead;
     - select-kernels last, to record what claims each node that is left.
     fuse-elementwise is opt-in (`--passes` / `compile(passes=...)`): under torch.compile its

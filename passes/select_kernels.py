@@ -26,6 +26,7 @@ from mmrec_ir.graph import make_attrs
 from .base import Pass
 
 _TORCH = "torch"
+_NORM_BWD = "triton:mmrec::add_rmsnorm_bwd"
 # op -> what claims it on CUDA. Ops absent here run PyTorch kernels.
 CUDA_KERNELS: dict[str, str] = {
     "linear_scan": "triton:mmrec::linear_scan_fwd/_bwd",
@@ -40,9 +41,9 @@ CUDA_KERNELS: dict[str, str] = {
     "pointwise": "triton (generated from expr; under torch.compile: Inductor)",
     "linear_swiglu": "triton:mmrec::linear_swiglu_fwd (backward: cublas + torch)",
     "linear_residual": "triton:mmrec::linear_residual_fwd (backward: cublas)",
-    "rms_linear": "triton:mmrec::rms_linear_fwd (backward: cublas + torch)",
+    "rms_linear": "triton:mmrec::rms_linear_fwd (backward: cublas + torch; eager: + " + _NORM_BWD + ")",
     "rms_stats": "triton:mmrec::add_rstd_fwd",
-    "rms_linear_swiglu": "triton:mmrec::rms_linear_swiglu_fwd (backward: cublas + torch)",
+    "rms_linear_swiglu": "triton:mmrec::rms_linear_swiglu_fwd (backward: cublas + torch; eager: + " + _NORM_BWD + ")",
     "lm_head": "cublas",
     "ffn": "cublas + torch",
     "moe": "cublas + torch",
@@ -61,7 +62,7 @@ ONNX_LOWERINGS: dict[str, str] = {
     "gated_recurrence": _UNROLLED,
     "decay_recurrence": _UNROLLED,
     "hds_query": "reference: gathers of the rings, masked softmax, matmuls",
-    "memory_write": "reference: block sums, ring shifts by scatter and where",
+    "memory_write": "reference: block sums by index_add, rings rebuilt by gathers",
     "moe": "reference: router top-k, every expert dense, weighted sum",
 }
 

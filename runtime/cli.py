@@ -128,6 +128,8 @@ def _cmd_export(args) -> int:
 
     if args.format != "onnx":
         raise ExportError(f"--format {args.format}: not implemented yet; onnx is (TensorRT can build from that file)")
+    if args.batch < 1 or args.steps < 1:
+        raise ExportError(f"--batch and --steps must be at least 1, got {args.batch} and {args.steps}")
     model, _, _ = load_for_inference(args.ckpt, device="cpu")
     print(f"exporting {args.ckpt}: batch {args.batch}, {args.steps} token(s) a step -> {args.out}", flush=True)
     result = export_onnx(model, args.out, batch=args.batch, steps=args.steps)

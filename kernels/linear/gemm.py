@@ -118,17 +118,34 @@ def _blocks(nargs: dict) -> None:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT, FLATTEN), the H200 sweep's winners first (the
 # launcher's fixed tile without autotuning; benchmarks/gemm_sweep.py, session 15, BENCHMARKS.md):
-# - fp32: a 128 x 256 tile ran 1.05x-1.12x the 128 x 128 one. It fits sm_90's 227 KB only with the
-#   epilogue in pieces (a whole tile's staging takes 128 KB), and in quarters the residual's
-#   registers do not spill (tests/kernels/test_linear_compiles.py).
-# - bf16: the flattened 128 x 128 x 64 loop with 4 warps, 1.04x-1.15x; flattening costs a second
-#   staging buffer, which fp32's large tiles cannot take.
+# - fp32: a 128 x 256 tile ran 1.05x-1.14x the 128 x 128 one. It fits sm_90's 227 KB only with the
+#   epilogue in pieces (a whole tile's staging takes 128 KB); the sweep timed halves, but with
+#   the residual those spilled when compiled for sm_90 here, quarters do not
+#   (tests/kernels/test_linear_compiles.py).
+# - bf16: the flattened 128 x 128 x 64 loop with 4 warps, 1.09x-1.15x; flattening costs a second
+#   staging buffer, which fp32's large tiles cannot take. The sweep timed it whole; whole, the
+#   residual spilled 32 bytes here, so it runs in quarters too (as shipped: fusion.py --only gemm).
 # Warp specialization (tl.range(warp_specialize=True)) failed to compile or did not help on sm_90.
+# The autotuner tries the three tiles of the operands' dtype (_for_dtype).
 TILES = {
     torch.float32: [(128, 256, 32, 8, 3, 4, False), (256, 128, 32, 8, 3, 4, False), (128, 128, 32, 8, 4, 1, False)],
     torch.bfloat16: [(128, 128, 64, 4, 4, 4, True), (128, 256, 64, 8, 3, 4, False), (256, 128, 64, 8, 3, 4, False)],
 }
 TILES[torch.float16] = TILES[torch.bfloat16]
+
+
+def _for_dtype(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuning prunes to the tiles TILES lists for the operands' dtype (the DTYPE key)."""
+    dtype = getattr(torch, kwargs.get("DTYPE", named_args.get("DTYPE", "float32")))
+    tiles = TILES.get(dtype, TILES[torch.float32])
+    keep = [c for c in configs if _tile(c) in tiles]
+    return keep or configs
+
+
+def _tile(config: triton.Config) -> tuple:
+    k = config.kwargs
+    tile = (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], config.num_warps, k["STAGES"], k["SPLIT"], k["FLATTEN"])
+    return tile
 
 
 def _configs() -> list[triton.Config]:
@@ -143,7 +160,11 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-_gemm_tuned = triton.autotune(_configs(), key=["N", "K", "PRECISION", "DTYPE", "HAS_RES", "NORM"])(_gemm_tma)
+_gemm_tuned = triton.autotune(
+    _configs(),
+    key=["N", "K", "PRECISION", "DTYPE", "HAS_RES", "NORM"],
+    prune_configs_by={"early_config_prune": _for_dtype},
+)(_gemm_tma)
 
 
 def linear_fwd(

@@ -144,12 +144,12 @@ rms_linear_swiglu_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_
 
 
 def _norm_grad(x: Tensor, w_norm: Tensor, rstd: Tensor, _ds: None, dn: Tensor) -> tuple[Tensor, Tensor]:
-    """The eager launchers' RMSNorm backward: kernels/norm's Triton kernel (fp64: the reference,
-    as the kernel computes in fp32). Under torch.compile the op's backward leaves the plain ops
+    """The eager launchers' RMSNorm backward: kernels/norm's Triton kernel (fp64 and no rows: the
+    reference; the kernel computes in fp32). Under torch.compile the op's backward leaves the plain ops
     (reference.rmsnorm_backward) to Inductor."""
     from ..norm import kernel as norm_kernel
 
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or x.shape[0] == 0:
         return reference.rmsnorm_backward(x, w_norm, rstd, None, dn)
     return norm_kernel.add_rmsnorm_bwd(x, w_norm, rstd.float(), None, dn.contiguous())
 

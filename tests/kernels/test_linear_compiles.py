@@ -60,3 +60,14 @@ def test_epilogue_gemm_compiles_for_sm90_without_spills(dtype, epilogue):
     assert "wgmma.mma_async" in compiled.asm["ptx"]
     if not assert_fits(compiled, fn.__name__):
         pytest.skip("no cuobjdump in this Triton wheel to read the register use")
+
+
+def test_autotuning_tries_the_tiles_of_the_operands_dtype():
+    """The autotuner holds both dtypes' tiles; its pruning keeps the three of the call's dtype
+    (fp32's would not fit bf16's sweep winners and the reverse), fp16 taking bf16's."""
+    from kernels.linear import gemm
+
+    configs = gemm._configs()
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.bfloat16)):
+        kept = gemm._for_dtype(configs, {}, DTYPE=name)
+        assert [gemm._tile(c) for c in kept] == gemm.TILES[dtype]
