@@ -5,7 +5,8 @@ The entry points below are what the runtime calls. `linear_scan`, `gated_recurre
 `decay_recurrence` and the softmax of `hds_query` are `torch.ops.mmrec.*` custom ops: Triton on
 CUDA, the reference elsewhere; with TRITON_INTERPRET=1 they run the Triton kernels on CPU
 tensors through Triton's interpreter. `pointwise` runs a Triton kernel generated from its
-expression (kernels/pointwise).
+expression (kernels/pointwise). kernels/library.py registers the custom ops and, for export,
+lets every entry point run the plain bodies instead (`tracing_references`).
 """
 
 from .checks import KernelInputError
