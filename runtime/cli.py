@@ -128,12 +128,13 @@ def _cmd_export(args) -> int:
 
     if args.format != "onnx":
         raise ExportError(f"--format {args.format}: not implemented yet; onnx is (TensorRT can build from that file)")
-    if args.batch < 1 or args.steps < 1:
+    if (args.batch is not None and args.batch < 1) or args.steps < 1:
         raise ExportError(f"--batch and --steps must be at least 1, got {args.batch} and {args.steps}")
     model, _, _ = load_for_inference(args.ckpt, device="cpu")
     ckpt = Path(args.ckpt)
     out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / "model.onnx"
-    print(f"exporting {args.ckpt}: batch {args.batch}, {args.steps} token(s) a step -> {out}", flush=True)
+    rows = "any batch" if args.batch is None else f"batch {args.batch}"
+    print(f"exporting {args.ckpt}: {rows}, {args.steps} token(s) a step -> {out}", flush=True)
     result = export_onnx(model, out, batch=args.batch, steps=args.steps)
     print(f"wrote {result.path} in {result.seconds:.1f} s: inputs tokens + {len(result.inputs) - 1} state tensors")
     if result.max_abs_error is None:
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default=f"{DEFAULT_OUT}/ckpt.pt", help="checkpoint file or run folder")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "aotinductor"])
     p.add_argument("--out", default=None, help="the file to write (default: model.onnx beside the checkpoint)")
-    p.add_argument("--batch", type=int, default=1, help="rows per call (fixed in the file)")
+    p.add_argument("--batch", type=int, default=None, help="fix the rows per call (default: any, checked at 1 and 3)")
     p.add_argument("--steps", type=int, default=1, help="tokens per call: 1 for decoding (fixed in the file)")
     p.set_defaults(fn=_cmd_export)
     return parser

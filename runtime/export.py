@@ -2,7 +2,8 @@
 state out (SPEC §6), for serving with any ONNX runtime.
 
 The exported graph is the model's forward over `steps` tokens (1: one decoding step; more: a
-prompt chunk) at a fixed batch, with every state tensor an input and its successor an output,
+prompt chunk) for any batch (or one fixed batch), with every state tensor an input and its
+successor an output,
 named `<state key>` and `<state key>.next` (the keys of `State.state_dict()`, e.g. `h.0`,
 `mem.0.keys.1`, `mem.0.pos`). A training-only output (the auxiliary loss of MoE and UBOO) is
 left out, and the ops that only feed it with it. Each MM-Rec op is lowered as its plain-PyTorch reference
@@ -13,9 +14,14 @@ the memory read is gathers, a masked softmax and matmuls; the memory write is bl
 index_add and the rings rebuilt by gathers (select-kernels records each op's lowering on its
 node).
 
+The op set is `ExportOps`: the runtime's ops without their size rules, which pick a kernel by
+the row count; an exported graph has no kernels to pick, and a branch on the row count would
+fix the batch.
+
 After writing the file, `export_onnx` runs it with onnxruntime where installed, on random tokens
-and a state advanced by a few steps, and compares logits and next state with the PyTorch model;
-a difference above TOLERANCE is an error.
+and a state advanced by a few steps (for a dynamic batch, at two batch sizes other than the
+traced one), and compares logits and next state with the PyTorch model; a difference above
+TOLERANCE is an error.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
 from kernels.library import tracing_references
 
 from .module import CompiledModel
@@ -45,6 +53,7 @@ class ExportError(ValueError):
 @dataclass
 class ExportResult:
     path: Path
+    batch: int | None  # None: any batch size (the inputs' first dimension is named "batch")
     inputs: list[str]
     outputs: list[str]
     seconds: float
@@ -52,14 +61,45 @@ class ExportResult:
     checked_with: str | None
 
 
+class ExportOps(ReferenceOps):
+    """The inference op set with one form per op: each projection its own GEMM and each fused
+    GEMM op its plain ops, whatever the row count (ReferenceOps chooses by it)."""
+
+    def __init__(self):
+        super().__init__(training=False)
+
+    @staticmethod
+    def linear(x, *weights, splits=()):
+        rows = [w.shape[0] for w in weights]
+        ys = [F.linear(x, w) for w in weights]
+        sizes = list(splits or rows)
+        return tuple(ys) if sizes == rows else tuple(torch.split(torch.cat(ys, dim=-1), sizes, dim=-1))
+
+    @staticmethod
+    def linear_swiglu(x, w_gate, w_up):
+        return (F.silu(F.linear(x, w_gate)) * F.linear(x, w_up),)
+
+    @staticmethod
+    def linear_residual(x, weight, residual):
+        return (residual + F.linear(x, weight),)
+
+    @staticmethod
+    def rms_linear(x, w_norm, rstd, *weights, splits=(), eps):
+        return ExportOps.linear(kernels.rmsnorm(x, w_norm, eps), *weights, splits=splits)
+
+    @staticmethod
+    def rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd=None, *, eps):
+        return ExportOps.linear_swiglu(kernels.rmsnorm(x, w_norm, eps), w_gate, w_up)
+
+
 class _Step(nn.Module):
-    """(tokens, *state tensors) -> (logits, *next state tensors), on the reference op set."""
+    """(tokens, *state tensors) -> (logits, *next state tensors), on ExportOps."""
 
     def __init__(self, model: CompiledModel, keys: list[str]):
         super().__init__()
         self.model = model
         self.keys = keys
-        self.ops = ReferenceOps(training=False)
+        self.ops = ExportOps()
 
     def forward(self, tokens: Tensor, *tensors: Tensor):
         flat = {"format_version": FORMAT_VERSION, **dict(zip(self.keys, tensors, strict=True))}
@@ -87,12 +127,18 @@ def _advanced_state(model: CompiledModel, batch: int, generator: torch.Generator
 
 
 def export_onnx(
-    model: CompiledModel, path: str | Path, batch: int = 1, steps: int = 1, opset: int = 18, check: bool = True
+    model: CompiledModel,
+    path: str | Path,
+    batch: int | None = None,
+    steps: int = 1,
+    opset: int = 18,
+    check: bool = True,
 ) -> ExportResult:
-    """Write `model`'s inference step for `batch` rows and `steps` tokens to an ONNX file (a
-    folder gets `model.onnx` inside). A CPU copy of the model is traced (the lowering does not
-    depend on the device); the caller's model is left as it was."""
-    if batch < 1 or steps < 1:
+    """Write `model`'s inference step for `steps` tokens to an ONNX file (a folder gets
+    `model.onnx` inside): for any batch size (`batch` None: the batch dimension is symbolic) or
+    for `batch` rows. A CPU copy of the model is traced (the lowering does not depend on the
+    device); the caller's model is left as it was."""
+    if (batch is not None and batch < 1) or steps < 1:
         raise ExportError(f"batch and steps must be at least 1, got batch {batch}, steps {steps}")
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
@@ -103,13 +149,18 @@ def export_onnx(
     if path.is_dir():
         path = path / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys, state = _state_keys(model, batch)
-    tokens = torch.zeros(batch, steps, dtype=torch.int64)
+    traced = batch or 2  # a dynamic batch is traced with 2 rows (1 would be specialised)
+    keys, state = _state_keys(model, traced)
+    tokens = torch.zeros(traced, steps, dtype=torch.int64)
     inputs, outputs = ["tokens", *keys], ["logits", *(k + ".next" for k in keys)]
+    shapes = None
+    if batch is None:
+        rows = torch.export.Dim("batch", min=1, max=1 << 16)
+        shapes = ({0: rows}, tuple({0: rows} for _ in state))
     start = time.perf_counter()
     step = _Step(model, keys)
     with torch.no_grad(), tracing_references():
-        program = torch.export.export(step, (tokens, *state), strict=False)
+        program = torch.export.export(step, (tokens, *state), dynamic_shapes=shapes, strict=False)
     leftover = sorted({str(n.target) for n in program.graph.nodes if "mmrec" in str(n.target)})
     if leftover:  # an entry point that bypassed kernels.library.call
         raise ExportError(f"custom ops left in the traced graph: {', '.join(leftover)}")
@@ -130,10 +181,14 @@ def export_onnx(
         quiet.setLevel(level)
     onnx_program.save(str(path))
     seconds = time.perf_counter() - start
-    error, runtime = _check(model, step, path, batch, steps, keys) if check else (None, None)
+    error, runtime = None, None
+    if check:
+        for rows in (1, 3) if batch is None else (batch,):
+            err, runtime = _check(model, step, path, rows, steps, keys)
+            error = err if error is None or err is None else max(error, err)
     if error is not None and not error <= TOLERANCE:
         raise ExportError(f"{path}: {runtime} differs from the PyTorch model by {error:.2e} (more than {TOLERANCE})")
-    return ExportResult(path, inputs, outputs, seconds, error, runtime)
+    return ExportResult(path, batch, inputs, outputs, seconds, error, runtime)
 
 
 def _check(model, step, path, batch, steps, keys) -> tuple[float | None, str | None]:

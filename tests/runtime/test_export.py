@@ -19,32 +19,37 @@ def tiny(variant=None):
 
 def test_decoding_through_the_onnx_step_equals_the_model_over_the_text(tmp_path):
     """One token a call, the state fed back from the file's outputs, past a memory block's end:
-    every step's logits equal the PyTorch model's over the whole text (SPEC §6)."""
+    every step's logits equal the PyTorch model's over the whole text (SPEC §6). The file takes
+    any batch (traced with 2 rows, run with 3)."""
     model = tiny()
-    result = export_onnx(model, tmp_path / "step.onnx", batch=2, steps=1)
-    assert result.max_abs_error is not None and result.max_abs_error < 1e-4
-    tokens = torch.randint(0, model.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    result = export_onnx(model, tmp_path / "step.onnx", steps=1)
+    assert result.batch is None and result.max_abs_error is not None and result.max_abs_error < 1e-4
+    import onnx
+
+    first = onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim
+    assert first[0].dim_param and first[1].dim_value == 1  # [batch, 1]
+    tokens = torch.randint(0, model.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(tokens)[0]
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    flat = model.initial_state(2).state_dict()
+    flat = model.initial_state(3).state_dict()
     state = {name: flat[name].numpy() for name in result.inputs[1:]}
     for t in range(tokens.shape[1]):
         logits, *nxt = session.run(None, {"tokens": tokens[:, t : t + 1].numpy(), **state})
         np.testing.assert_allclose(logits[:, 0], expected[:, t].numpy(), rtol=1e-4, atol=1e-4, err_msg=f"token {t}")
         state = dict(zip(result.inputs[1:], nxt, strict=True))
-    assert state["mem.0.pos"].tolist() == [20, 20]
+    assert state["mem.0.pos"].tolist() == [20, 20, 20]
 
 
 @pytest.mark.parametrize("variant", [{"recurrence": "linear"}, {"moe": {"experts": 2, "top_k": 1}, "uboo": True}])
 def test_a_prompt_chunk_exports_for_each_model_variant(tmp_path, variant):
-    """Five tokens a call (the recurrences unrolled), from a state with history, checked by
-    export_onnx itself against the PyTorch model; no custom operator in the file. (MoE and UBOO:
-    their auxiliary loss, a training output, is left out.)"""
+    """Five tokens a call (the recurrences unrolled) for a fixed batch of one, from a state with
+    history, checked by export_onnx itself against the PyTorch model; no custom operator in the
+    file. (MoE and UBOO: their auxiliary loss, a training output, is left out.)"""
     import onnx
 
     result = export_onnx(tiny(variant), tmp_path / "chunk.onnx", batch=1, steps=5)
-    assert result.max_abs_error is not None and result.max_abs_error < 1e-4
+    assert result.batch == 1 and result.max_abs_error is not None and result.max_abs_error < 1e-4
     graph = onnx.load(str(result.path)).graph
     assert {op.domain for op in graph.node} <= {"", "ai.onnx"}
     assert [i.name for i in graph.input] == result.inputs and graph.output[1].name == result.inputs[1] + ".next"
