@@ -123,24 +123,26 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import ExportError, export_onnx
+    from .export import ExportError, export_aoti, export_onnx
     from .train import load_for_inference
 
-    if args.format != "onnx":
-        raise ExportError(f"--format {args.format}: not implemented yet; onnx is (TensorRT can build from that file)")
+    if args.format == "tensorrt":
+        raise ExportError("--format tensorrt: not implemented yet; export onnx (TensorRT can build an engine from it)")
     if (args.batch is not None and args.batch < 1) or args.steps < 1:
         raise ExportError(f"--batch and --steps must be at least 1, got {args.batch} and {args.steps}")
     model, _, _ = load_for_inference(args.ckpt, device="cpu")
     ckpt = Path(args.ckpt)
-    out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / "model.onnx"
+    name = "model.onnx" if args.format == "onnx" else "model.pt2"
+    out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / name
     rows = "any batch" if args.batch is None else f"batch {args.batch}"
-    print(f"exporting {args.ckpt}: {rows}, {args.steps} token(s) a step -> {out}", flush=True)
-    result = export_onnx(model, out, batch=args.batch, steps=args.steps)
+    print(f"exporting {args.ckpt} ({args.format}): {rows}, {args.steps} token(s) a step -> {out}", flush=True)
+    export = export_onnx if args.format == "onnx" else export_aoti
+    result = export(model, out, batch=args.batch, steps=args.steps)
     print(f"wrote {result.path} in {result.seconds:.1f} s: inputs tokens + {len(result.inputs) - 1} state tensors")
     if result.max_abs_error is None:
         print("not checked: onnxruntime is not installed")
     else:
-        print(f"checked with {result.checked_with}: max |onnx - torch| = {result.max_abs_error:.2e}")
+        print(f"checked with {result.checked_with}: max |exported - torch| = {result.max_abs_error:.2e}")
     return 0
 
 
@@ -188,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_cmd_inspect)
 
-    p = sub.add_parser("export", help="export a trained model's inference step as an ONNX file")
+    p = sub.add_parser("export", help="export a trained model's inference step (ONNX, or an AOTInductor package)")
     p.add_argument("--ckpt", default=f"{DEFAULT_OUT}/ckpt.pt", help="checkpoint file or run folder")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "aotinductor"])
-    p.add_argument("--out", default=None, help="the file to write (default: model.onnx beside the checkpoint)")
+    p.add_argument("--out", default=None, help="the file to write (default: model.onnx or model.pt2 by the checkpoint)")
     p.add_argument("--batch", type=int, default=None, help="fix the rows per call (default: any, checked at 1 and 3)")
     p.add_argument("--steps", type=int, default=1, help="tokens per call: 1 for decoding (fixed in the file)")
     p.set_defaults(fn=_cmd_export)

@@ -126,6 +126,66 @@ def _advanced_state(model: CompiledModel, batch: int, generator: torch.Generator
         return model(warm)[1]
 
 
+@dataclass
+class _Traced:
+    model: CompiledModel  # the CPU copy that was traced
+    step: _Step
+    keys: list[str]
+    program: torch.export.ExportedProgram
+    example: tuple[Tensor, ...]
+
+
+def _trace(model: CompiledModel, batch: int | None, steps: int) -> _Traced:
+    """torch.export of the inference step on a CPU copy of `model`, every op its reference."""
+    if (batch is not None and batch < 1) or steps < 1:
+        raise ExportError(f"batch and steps must be at least 1, got batch {batch}, steps {steps}")
+    model = copy.deepcopy(model).to("cpu").eval()
+    traced = batch or 2  # a dynamic batch is traced with 2 rows (1 would be specialised)
+    keys, state = _state_keys(model, traced)
+    example = (torch.zeros(traced, steps, dtype=torch.int64), *state)
+    shapes = None
+    if batch is None:
+        rows = torch.export.Dim("batch", min=1, max=1 << 16)
+        shapes = ({0: rows}, tuple({0: rows} for _ in state))
+    step = _Step(model, keys)
+    with torch.no_grad(), tracing_references():
+        program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
+    leftover = sorted({str(n.target) for n in program.graph.nodes if "mmrec" in str(n.target)})
+    if leftover:  # an entry point that bypassed kernels.library.call
+        raise ExportError(f"custom ops left in the traced graph: {', '.join(leftover)}")
+    return _Traced(model, step, keys, program, example)
+
+
+def _out_path(path: str | Path, name: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _checked(traced: _Traced, run, batch: int | None, steps: int, what: str) -> float:
+    """Max |run - PyTorch| over logits and next state, at 1 and 3 rows for a dynamic batch.
+    `run(tokens, flat state)` -> the outputs as tensors or arrays. Above TOLERANCE: an error."""
+    error = 0.0
+    for rows in (1, 3) if batch is None else (batch,):
+        generator = torch.Generator().manual_seed(rows)
+        flat = _advanced_state(traced.model, rows, generator).state_dict()
+        tokens = torch.randint(0, traced.model.vocab_size or 2, (rows, steps), generator=generator)
+        with torch.no_grad():
+            expected = traced.step(tokens, *(flat[k] for k in traced.keys))
+        got = run(tokens, {k: flat[k] for k in traced.keys})
+        for name, g, e in zip(["logits", *traced.keys], got, expected, strict=True):
+            g = torch.as_tensor(g)
+            if tuple(g.shape) != tuple(e.shape):
+                raise ExportError(f"{what}: output {name} has shape {list(g.shape)}, the model's {list(e.shape)}")
+            if e.numel():
+                error = max(error, float((g - e).abs().max()))
+    if not error <= TOLERANCE:
+        raise ExportError(f"{what} differs from the PyTorch model by {error:.2e} (more than {TOLERANCE})")
+    return error
+
+
 def export_onnx(
     model: CompiledModel,
     path: str | Path,
@@ -138,39 +198,21 @@ def export_onnx(
     `model.onnx` inside): for any batch size (`batch` None: the batch dimension is symbolic) or
     for `batch` rows. A CPU copy of the model is traced (the lowering does not depend on the
     device); the caller's model is left as it was."""
-    if (batch is not None and batch < 1) or steps < 1:
-        raise ExportError(f"batch and steps must be at least 1, got batch {batch}, steps {steps}")
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         raise ExportError("ONNX export needs the packages onnx and onnxscript: pip install onnx onnxscript") from None
-    model = copy.deepcopy(model).to("cpu").eval()
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    traced = batch or 2  # a dynamic batch is traced with 2 rows (1 would be specialised)
-    keys, state = _state_keys(model, traced)
-    tokens = torch.zeros(traced, steps, dtype=torch.int64)
-    inputs, outputs = ["tokens", *keys], ["logits", *(k + ".next" for k in keys)]
-    shapes = None
-    if batch is None:
-        rows = torch.export.Dim("batch", min=1, max=1 << 16)
-        shapes = ({0: rows}, tuple({0: rows} for _ in state))
     start = time.perf_counter()
-    step = _Step(model, keys)
-    with torch.no_grad(), tracing_references():
-        program = torch.export.export(step, (tokens, *state), dynamic_shapes=shapes, strict=False)
-    leftover = sorted({str(n.target) for n in program.graph.nodes if "mmrec" in str(n.target)})
-    if leftover:  # an entry point that bypassed kernels.library.call
-        raise ExportError(f"custom ops left in the traced graph: {', '.join(leftover)}")
+    traced = _trace(model, batch, steps)
+    path = _out_path(path, "model.onnx")
+    inputs, outputs = ["tokens", *traced.keys], ["logits", *(k + ".next" for k in traced.keys)]
     quiet = logging.getLogger("torch.onnx")  # it warns that torchvision's ops cannot be registered
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         onnx_program = torch.onnx.export(
-            program,
-            (tokens, *state),
+            traced.program,
+            traced.example,
             dynamo=True,
             input_names=inputs,
             output_names=outputs,
@@ -183,32 +225,45 @@ def export_onnx(
     seconds = time.perf_counter() - start
     error, runtime = None, None
     if check:
-        for rows in (1, 3) if batch is None else (batch,):
-            err, runtime = _check(model, step, path, rows, steps, keys)
-            error = err if error is None or err is None else max(error, err)
-    if error is not None and not error <= TOLERANCE:
-        raise ExportError(f"{path}: {runtime} differs from the PyTorch model by {error:.2e} (more than {TOLERANCE})")
+        try:
+            import onnxruntime
+        except ImportError:
+            onnxruntime = None
+        if onnxruntime is not None:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+            def run(tokens, flat):
+                return session.run(None, {"tokens": tokens.numpy(), **{k: t.numpy() for k, t in flat.items()}})
+
+            runtime = f"onnxruntime {onnxruntime.__version__}"
+            error = _checked(traced, run, batch, steps, f"{path}: {runtime}")
     return ExportResult(path, batch, inputs, outputs, seconds, error, runtime)
 
 
-def _check(model, step, path, batch, steps, keys) -> tuple[float | None, str | None]:
-    """Max |onnxruntime - PyTorch| over logits and next state, or (None, None) without onnxruntime."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None, None
-    generator = torch.Generator().manual_seed(0)
-    flat = _advanced_state(model, batch, generator).state_dict()
-    tokens = torch.randint(0, model.vocab_size or 2, (batch, steps), generator=generator)
-    with torch.no_grad():
-        expected = step(tokens, *(flat[k] for k in keys))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {"tokens": tokens.numpy(), **{k: flat[k].numpy() for k in keys}}
-    got = session.run(None, feed)
-    error = 0.0
-    for name, g, e in zip(["logits", *keys], got, expected, strict=True):
-        if tuple(g.shape) != tuple(e.shape):
-            raise ExportError(f"{path}: output {name} has shape {list(g.shape)}, the model's {list(e.shape)}")
-        if e.numel():
-            error = max(error, float((torch.from_numpy(g) - e).abs().max()))
-    return error, f"onnxruntime {onnxruntime.__version__}"
+def export_aoti(
+    model: CompiledModel, path: str | Path, batch: int | None = None, steps: int = 1, check: bool = True
+) -> ExportResult:
+    """Compile `model`'s inference step ahead of time with AOTInductor into a `.pt2` package for
+    the CPU (a folder gets `model.pt2` inside): a shared library of Inductor's C++ kernels that
+    runs without Python through torch's AOTI runner (`torch._inductor.aoti_load_package` in
+    Python). Same step, inputs and outputs as export_onnx, in the same order."""
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    start = time.perf_counter()
+    traced = _trace(model, batch, steps)
+    path = _out_path(path, "model.pt2")
+    if path.suffix != ".pt2":
+        raise ExportError(f"{path}: an AOTInductor package's name must end in .pt2")
+    aoti_compile_and_package(traced.program, package_path=str(path))
+    seconds = time.perf_counter() - start
+    inputs, outputs = ["tokens", *traced.keys], ["logits", *(k + ".next" for k in traced.keys)]
+    error, runner = None, None
+    if check:
+        compiled = aoti_load_package(str(path))
+
+        def run(tokens, flat):
+            return compiled(tokens, *flat.values())
+
+        runner = f"the AOTInductor runner (torch {torch.__version__})"
+        error = _checked(traced, run, batch, steps, f"{path}: {runner}")
+    return ExportResult(path, batch, inputs, outputs, seconds, error, runner)

@@ -83,6 +83,8 @@ def test_train_then_generate(capsys, small):
         assert error < 1e-4, out
     code, _, err = run(capsys, "export", "--ckpt", str(out_dir), "--format", "tensorrt")
     one_line_error(code, err, "--format tensorrt: not implemented yet")
+    code, _, err = run(capsys, "export", "--ckpt", str(out_dir), "--steps", "0")
+    one_line_error(code, err, "--batch and --steps must be at least 1")
     code, _, err = run(
         capsys,
         "train",
