@@ -136,6 +136,8 @@ def _cmd_export(args) -> int:
     out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / name
     rows = "any batch" if args.batch is None else f"batch {args.batch}"
     print(f"exporting {args.ckpt} ({args.format}): {rows}, {args.steps} token(s) a step -> {out}", flush=True)
+    if args.format == "aotinductor":
+        print("compiling C++ kernels with AOTInductor (the tiny model: about 100 s on 2 cores)", flush=True)
     export = export_onnx if args.format == "onnx" else export_aoti
     result = export(model, out, batch=args.batch, steps=args.steps)
     print(f"wrote {result.path} in {result.seconds:.1f} s: inputs tokens + {len(result.inputs) - 1} state tensors")
