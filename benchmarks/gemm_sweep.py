@@ -26,16 +26,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import run_info
+from kernels.linear.kernel import _grouped
 
 torch.set_float32_matmul_precision("high")
-
-
-@triton.jit
-def _grouped(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-    group = GROUP_M * tiles_n
-    first_m = (tile // group) * GROUP_M
-    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    return first_m + (tile % group) % size_m, (tile % group) // size_m
 
 
 @triton.jit

@@ -14,9 +14,9 @@ the memory read is gathers, a masked softmax and matmuls; the memory write is bl
 index_add and the rings rebuilt by gathers (select-kernels records each op's lowering on its
 node).
 
-The op set is `ExportOps`: the runtime's ops without their size rules, which pick a kernel by
-the row count; an exported graph has no kernels to pick, and a branch on the row count would
-fix the batch.
+The op set is the runtime's without its size rules (`ReferenceOps(size_rules=False)`), which
+pick a kernel by the row count; an exported graph has no kernels to pick, and a branch on the
+row count would fix the batch.
 
 After writing the file, `export_onnx` runs it with onnxruntime where installed, on random tokens
 and a state advanced by a few steps (for a dynamic batch, at two batch sizes other than the
@@ -33,10 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
 from kernels.library import tracing_references
 
 from .module import CompiledModel
@@ -61,45 +59,15 @@ class ExportResult:
     checked_with: str | None
 
 
-class ExportOps(ReferenceOps):
-    """The inference op set with one form per op: each projection its own GEMM and each fused
-    GEMM op its plain ops, whatever the row count (ReferenceOps chooses by it)."""
-
-    def __init__(self):
-        super().__init__(training=False)
-
-    @staticmethod
-    def linear(x, *weights, splits=()):
-        rows = [w.shape[0] for w in weights]
-        ys = [F.linear(x, w) for w in weights]
-        sizes = list(splits or rows)
-        return tuple(ys) if sizes == rows else tuple(torch.split(torch.cat(ys, dim=-1), sizes, dim=-1))
-
-    @staticmethod
-    def linear_swiglu(x, w_gate, w_up):
-        return (F.silu(F.linear(x, w_gate)) * F.linear(x, w_up),)
-
-    @staticmethod
-    def linear_residual(x, weight, residual):
-        return (residual + F.linear(x, weight),)
-
-    @staticmethod
-    def rms_linear(x, w_norm, rstd, *weights, splits=(), eps):
-        return ExportOps.linear(kernels.rmsnorm(x, w_norm, eps), *weights, splits=splits)
-
-    @staticmethod
-    def rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd=None, *, eps):
-        return ExportOps.linear_swiglu(kernels.rmsnorm(x, w_norm, eps), w_gate, w_up)
-
-
 class _Step(nn.Module):
-    """(tokens, *state tensors) -> (logits, *next state tensors), on ExportOps."""
+    """(tokens, *state tensors) -> (logits, *next state tensors), on the reference op set
+    without its size rules."""
 
     def __init__(self, model: CompiledModel, keys: list[str]):
         super().__init__()
         self.model = model
         self.keys = keys
-        self.ops = ExportOps()
+        self.ops = ReferenceOps(training=False, size_rules=False)
 
     def forward(self, tokens: Tensor, *tensors: Tensor):
         flat = {"format_version": FORMAT_VERSION, **dict(zip(self.keys, tensors, strict=True))}

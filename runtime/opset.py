@@ -49,10 +49,13 @@ def _fold_pays(x, weights) -> bool:
 
 
 class ReferenceOps:
-    """The plain-PyTorch op set. `training` switches MoE capacity limits on."""
+    """The plain-PyTorch op set. `training` switches MoE capacity limits on. `size_rules`: the
+    GEMM ops choose their form by the row count (the rules above); without them (export) each
+    takes its plain form, whatever the rows, so a trace does not depend on the batch."""
 
-    def __init__(self, training: bool):
+    def __init__(self, training: bool, size_rules: bool = True):
         self.training = training
+        self.size_rules = size_rules
 
     embedding = staticmethod(lambda ids, table: _one(F.embedding(ids, table)))
     rmsnorm = staticmethod(lambda x, weight, eps: _one(kernels.rmsnorm(x, weight, eps)))
@@ -97,14 +100,14 @@ class ReferenceOps:
     lm_head = staticmethod(lambda x, table: _one(F.linear(x, table)))
     uboo_loss = staticmethod(lambda h, h0, p, q: _one(kernels.uboo_loss(h, h0, p, q)))
 
-    @staticmethod
-    def linear(x, *weights, splits=()):
+    def linear(self, x, *weights, splits=()):
         rows = [w.shape[0] for w in weights]
         sizes = list(splits or rows)
         # Several weights (fuse-projections): one GEMM over their concatenation, which copies
         # the weights once per call. That pays when x is large (it is read once instead of once
         # per weight), not in decoding, where x is a token or a few and each weight is read anyway.
-        if len(weights) == 1 or x.numel() * (len(weights) - 1) > 2 * sum(w.numel() for w in weights):
+        concat = self.size_rules and x.numel() * (len(weights) - 1) > 2 * sum(w.numel() for w in weights)
+        if len(weights) == 1 or concat:
             y = F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights))
             return tuple(torch.split(y, sizes, dim=-1)) if len(sizes) > 1 else (y,)
         ys = [F.linear(x, w) for w in weights]
@@ -112,33 +115,29 @@ class ReferenceOps:
 
     pointwise = staticmethod(lambda *xs, expr: _one(kernels.pointwise(xs, expr)))
 
-    @staticmethod
-    def linear_swiglu(x, w_gate, w_up):
-        if _interleave_pays(x, w_gate):
+    def linear_swiglu(self, x, w_gate, w_up):
+        if self.size_rules and _interleave_pays(x, w_gate):
             return _one(kernels.linear_swiglu(x, w_gate, w_up))
         return _one(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))
 
-    @staticmethod
-    def linear_residual(x, weight, residual):
-        if _many_rows(x):
+    def linear_residual(self, x, weight, residual):
+        if self.size_rules and _many_rows(x):
             return _one(kernels.linear_residual(x, weight, residual))
         return _one(residual + F.linear(x, weight))
 
     rms_stats = staticmethod(lambda x, eps: _one(kernels.add_rstd(x, None, eps)[1]))
 
-    @staticmethod
-    def rms_linear(x, w_norm, rstd, *weights, splits=(), eps):
+    def rms_linear(self, x, w_norm, rstd, *weights, splits=(), eps):
         rows = [w.shape[0] for w in weights]
         sizes = list(splits or rows)
-        if not _fold_pays(x, weights):  # decoding: the norm kernel and cuBLAS
-            return ReferenceOps.linear(kernels.rmsnorm(x, w_norm, eps), *weights, splits=splits)
+        if not (self.size_rules and _fold_pays(x, weights)):  # decoding: the norm kernel and cuBLAS
+            return self.linear(kernels.rmsnorm(x, w_norm, eps), *weights, splits=splits)
         w = weights[0] if len(weights) == 1 else torch.cat(weights)
         y = kernels.rms_linear(x, w_norm, w, eps, rstd)
         return tuple(torch.split(y, sizes, dim=-1)) if len(sizes) > 1 else (y,)
 
-    @staticmethod
-    def rms_linear_swiglu(x, w_norm, w_gate, w_up, rstd=None, *, eps):
-        if _interleave_pays(x, w_gate, norm=True):
+    def rms_linear_swiglu(self, x, w_norm, w_gate, w_up, rstd=None, *, eps):
+        if self.size_rules and _interleave_pays(x, w_gate, norm=True):
             return _one(kernels.rms_linear_swiglu(x, w_norm, w_gate, w_up, eps, rstd))
         u = kernels.rmsnorm(x, w_norm, eps)  # recomputes rstd (the same eps as add_rstd's)
         return _one(F.silu(F.linear(u, w_gate)) * F.linear(u, w_up))

@@ -144,8 +144,7 @@ def _for_dtype(configs: list[triton.Config], named_args: dict, **kwargs) -> list
 
 def _tile(config: triton.Config) -> tuple:
     k = config.kwargs
-    tile = (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], config.num_warps, k["STAGES"], k["SPLIT"], k["FLATTEN"])
-    return tile
+    return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], config.num_warps, k["STAGES"], k["SPLIT"], k["FLATTEN"])
 
 
 def _configs() -> list[triton.Config]:

@@ -18,6 +18,8 @@ from torch import Tensor
 from ..checks import KernelInputError, launches_directly, tensor_arg
 from ..config import knobs
 from ..library import call, custom_op
+from ..norm import kernel as norm_kernel
+from ..norm.op import add_rstd
 from . import gemm, kernel, reference
 
 
@@ -147,8 +149,6 @@ def _norm_grad(x: Tensor, w_norm: Tensor, rstd: Tensor, _ds: None, dn: Tensor) -
     """The eager launchers' RMSNorm backward: kernels/norm's Triton kernel (fp64 and no rows: the
     reference; the kernel computes in fp32). Under torch.compile the op's backward leaves the plain ops
     (reference.rmsnorm_backward) to Inductor."""
-    from ..norm import kernel as norm_kernel
-
     if x.dtype == torch.float64 or x.shape[0] == 0:
         return reference.rmsnorm_backward(x, w_norm, rstd, None, dn)
     return norm_kernel.add_rmsnorm_bwd(x, w_norm, rstd.float(), None, dn.contiguous())
@@ -314,8 +314,6 @@ def _rstd(op: str, x: Tensor, rstd: Tensor | None, eps: float) -> Tensor:
     """The rows' 1/rms as [N]: add_rstd's on x where not given, else checked against x."""
     lead = tuple(x.shape[:-1])
     if rstd is None:
-        from ..norm.op import add_rstd
-
         rstd = add_rstd(x, None, eps)[1]
     elif not isinstance(rstd, Tensor) or tuple(rstd.shape) != lead or rstd.device != x.device:
         got = f"{list(rstd.shape)} on {rstd.device}" if isinstance(rstd, Tensor) else type(rstd).__name__
