@@ -26,8 +26,10 @@ class Knobs:
     # leaves them) runs one Triton kernel per MLP, the bottleneck kept on chip (kernels/decay).
     # Opt-in: tested under the interpreter and compiled for sm_90, not yet run on a GPU.
     decay_kernels: bool = os.environ.get("MMREC_DECAY_KERNELS", "0") == "1"
-    # MMREC_SCAN=walk: the linear scan's earlier kernels (one walker per column block, forward
-    # and backward) instead of the chained ones (kernels/scan/kernel.py), for comparison.
+    # MMREC_SCAN: the linear scan's kernels (kernels/scan/kernel.py). chained (default): chunks
+    # handed on down each column, serially (one predecessor) where many programs share a chunk
+    # row, by decoupled look-back where few do; serial or lookback force one hand-off; walk: the
+    # earlier kernels (one walker per column block), for comparison.
     scan_kernels: str = os.environ.get("MMREC_SCAN", "chained")
     # Set by kernels.library.tracing_references() (export): entry points run each op's
     # plain-PyTorch body instead of its custom op or Triton launcher.

@@ -50,6 +50,9 @@ class Launcher:
         params = getattr(fn, "params", [])
         # Constexprs enter the key by value; other arguments by their specialization.
         self.by_value = [p.is_constexpr for p in params]
+        # Integers marked do_not_specialize (e.g. a tag that changes every launch) enter the
+        # key by width only, as in Triton's own key: one compiled kernel serves every value.
+        self.unspecialized = [getattr(p, "do_not_specialize", False) for p in params]
         self.defaults = [p.default for p in params]
         self.compiled: dict[tuple, object] = {}
         self.direct_calls = 0  # calls that took this path (tests check it is taken)
@@ -81,7 +84,10 @@ class Launcher:
         full = list(args)
         for i in range(len(args), len(self.names)):
             full.append(named[self.names[i]] if self.names[i] in named else self.defaults[i])
-        spec = [v if const else _spec(v) for v, const in zip(full, self.by_value, strict=True)]
+        spec = [
+            v if const else (-(2**31) <= v < 2**31) if plain and isinstance(v, int) else _spec(v)
+            for v, const, plain in zip(full, self.by_value, self.unspecialized, strict=True)
+        ]
         if _UNKNOWN in spec:
             return None
         self.direct_calls += 1

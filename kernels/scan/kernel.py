@@ -10,7 +10,10 @@ scans its chunk, waits for the predecessor's last row (a 64-bit word per channel
 value and the chunk's tag, in a two-slot ring that every launch leaves zero), publishes its own last row,
 and only then applies the carry and writes h. Every load of a chunk is issued at once and
 thousands of programs are in flight, so DRAM is kept busy instead of one walker per column
-(`_scan_fwd_chained` says what it measured).
+(`_scan_fwd_chained` says what it measured). Where few programs share a chunk row (B*C up to
+4096 channels) the serial hand-off is most of the launch, and the chain hands off by decoupled
+look-back instead (`_lookback`: each chunk publishes its own map at once and reads the W chunks
+before it in one round trip), 1.3x-1.8x faster there on the H200.
 
 Forward, tiled (MMREC_SCAN=walk, kept for comparison): one program owns a tile of
 BLOCK_C channels of one batch row and walks time in chunks of BLOCK_T rows, software-pipelined
@@ -222,10 +225,103 @@ def _carry_out(END, ring, j, n_chunks, out, state, col_ok, ring_slot, HAS_END: t
             tl.store(ring + ring_slot, empty, mask=col_ok)
 
 
+# --- Decoupled look-back (where few programs share a chunk row) --------------------------------
+#
+# With the serial hand-off a column's chunks wait for one another in turn: 128 hand-offs of
+# about 0.7 us (two L2 round trips each) at T 4096, whatever the width. Where many programs
+# share a chunk row that chain hides under the DRAM traffic; where few do it is the kernel's
+# whole time (B1 C256: 11x the copy floor on the H200). There each chunk publishes the map of
+# its own rows (AGG) as soon as it has scanned them, then reads the descriptors of the W chunks
+# before it in one round trip; the carry is known once the nearest inclusive value (INCL) among
+# them has only AGGs after it, so a poll can cover up to W hand-offs. Descriptors are per chunk
+# (no slot is reused within a launch) and tags grow from launch to launch (base, `_lookback`), so
+# the buffer is never cleared.
+
+
 @triton.jit
-def _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, ring_slot,
+def _lb_publish(DESC, j, base, state, col_ok, BCT, value, WORD: tl.constexpr, KIND: tl.constexpr):
+    """Word WORD (0: A, 1: B or the inclusive value) of chain position j's descriptor, tagged
+    base + 2 j + KIND (1: AGG, 2: INCL)."""
+    word = _pack_link(base + 2 * j + KIND, value)
+    tl.atomic_xchg(DESC + (j * 2 + WORD).to(tl.int64) * BCT + state, word, mask=col_ok, sem="relaxed")
+
+
+@triton.jit
+def _lb_poll(ptr_a, ptr_b, live, head, t_agg, t_incl, wrows, col_ok):
+    """One read of the window -> (words A, words B, which rows are INCL, the nearest INCL row
+    per channel, whether any channel must poll again)."""
+    word_a = tl.load(ptr_a, mask=live, other=0, volatile=True)
+    word_b = tl.load(ptr_b, mask=live, other=0, volatile=True)
+    tag_a = (word_a >> 32).to(tl.int32)
+    tag_b = (word_b >> 32).to(tl.int32)
+    incl = ((tag_b == t_incl) & live) | head
+    agg = (tag_b == t_agg) & (tag_a == t_agg) & live
+    nearest = tl.max(tl.where(incl, wrows[:, None], -1), 0)
+    gap = tl.max(tl.where((wrows[:, None] > nearest[None, :]) & ~agg, 1, 0), 0)
+    waiting = tl.max(tl.where(col_ok & ((nearest < 0) | (gap > 0)), 1, 0), 0)
+    return word_a, word_b, incl, nearest, waiting
+
+
+@triton.jit
+def _lb_carry(DESC, j, base, start, state, col_ok, BCT, W: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+    """The state entering chain position j, from positions j-W .. j-1 (window row W-1 is j-1;
+    position -1 is INCL with value `start`); NaN after SPIN_LIMIT polls (as `_await_link`)."""
+    wrows = tl.arange(0, W)
+    pos = j - W + wrows
+    live = (pos >= 0)[:, None] & col_ok[None, :]
+    ptr_a = DESC + (tl.maximum(pos, 0) * 2).to(tl.int64)[:, None] * BCT + state[None, :]
+    ptr_b = ptr_a + BCT
+    t_agg = (base + 2 * pos + 1)[:, None]
+    t_incl = t_agg + 1
+    head = (pos == -1)[:, None]
+    word_a, word_b, incl, nearest, waiting = _lb_poll(ptr_a, ptr_b, live, head, t_agg, t_incl, wrows, col_ok)
+    spins = 0
+    while (waiting != 0) & (spins < SPIN_LIMIT):
+        word_a, word_b, incl, nearest, waiting = _lb_poll(ptr_a, ptr_b, live, head, t_agg, t_incl, wrows, col_ok)
+        spins += 1
+    val_a = (word_a & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    val_b = (word_b & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    # Rows before the nearest INCL are identity maps, the INCL row a constant map (A = 0), the
+    # rest AGG maps; composed oldest first, the last row's B is the carry.
+    used = wrows[:, None] >= nearest[None, :]
+    m_a = tl.where(used, tl.where(incl, 0.0, val_a), 1.0)
+    m_b = tl.where(used, tl.where(head, start[None, :], val_b), 0.0)
+    _, c_b = tl.associative_scan((m_a, m_b), 0, _compose)
+    carry = tl.sum(tl.where(wrows[:, None] == W - 1, c_b, 0.0), axis=0)
+    return tl.where(waiting != 0, float("nan"), carry)
+
+
+@triton.jit
+def _lookback(DESC, base, j, n_chunks, START, END, state, col_ok, a_cum, b_cum, rows, BCT, R: tl.constexpr,
+              HAS_START: tl.constexpr, HAS_END: tl.constexpr, W: tl.constexpr, SPARSE: tl.constexpr,
+              BLOCK_C: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
+    """Publish chain position j's own map, find its carry by look-back, publish its inclusive
+    value (or at the chain's end store it to END) -> the carry. SPARSE (the interpreter's
+    tests): only every third position publishes INCL, so look-backs must combine AGGs."""
+    last = rows[:, None] == R - 1
+    agg_a = tl.sum(tl.where(last, a_cum, 0.0), axis=0)
+    agg_b = tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+    _lb_publish(DESC, j, base, state, col_ok, BCT, agg_a, 0, 1)
+    _lb_publish(DESC, j, base, state, col_ok, BCT, agg_b, 1, 1)
+    if HAS_START:
+        start = tl.load(START + state, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        start = tl.zeros([BLOCK_C], dtype=tl.float32)
+    carry = _lb_carry(DESC, j, base, start, state, col_ok, BCT, W, SPIN_LIMIT)
+    out = agg_a * carry + agg_b
+    if j + 1 < n_chunks:
+        if (not SPARSE) or (j % 3 == 2):
+            _lb_publish(DESC, j, base, state, col_ok, BCT, out, 1, 2)
+    elif HAS_END:
+        tl.store(END + state, out.to(END.dtype.element_ty), mask=col_ok)
+    return carry
+
+
+@triton.jit
+def _chunk_fwd(LA, X, H0, H, HLAST, ring, DESC, tag_base, base, cols, state, k, T, n_chunks, ring_slot,
                C: tl.constexpr, HAS_H0: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr,
-               MASKED: tl.constexpr, FAST: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
+               MASKED: tl.constexpr, FAST: tl.constexpr, LOOKBACK: tl.constexpr, W: tl.constexpr,
+               SPARSE: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
     rows = tl.arange(0, R)
     offs = base + rows[:, None] * C + cols[None, :]  # C constexpr: row offsets are load immediates
     if MASKED:  # the last chunk past T, or ragged channels
@@ -238,10 +334,14 @@ def _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, rin
     # Rows past T load a = 1, b = 0: they copy the carry, so the last row is h_{T-1}.
     a_cum, b_cum = tl.associative_scan((_decay(la, FAST), x), 0, _compose)
     col_ok = cols < C
-    carry = _carry_in(H0, ring, k, state, col_ok, ring_slot, HAS_H0, BLOCK_C, SPIN_LIMIT)
-    _carry_out(
-        HLAST, ring, k, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot, True
-    )
+    if LOOKBACK:
+        carry = _lookback(DESC, tag_base, k, n_chunks, H0, HLAST, state, col_ok, a_cum, b_cum, rows, ring_slot, R,
+                          HAS_H0, True, W, SPARSE, BLOCK_C, SPIN_LIMIT)  # fmt: skip
+    else:
+        carry = _carry_in(H0, ring, k, state, col_ok, ring_slot, HAS_H0, BLOCK_C, SPIN_LIMIT)
+        _carry_out(
+            HLAST, ring, k, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot, True
+        )
     h = (a_cum * carry[None, :] + b_cum).to(H.dtype.element_ty)
     if MASKED:
         tl.store(H + offs, h, mask=ok)
@@ -249,7 +349,7 @@ def _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, rin
         tl.store(H + offs, h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tag_base"])  # it changes every launch
 def _scan_fwd_chained(
     LA,
     X,
@@ -257,6 +357,8 @@ def _scan_fwd_chained(
     H,
     HLAST,  # [B, T, C], [B, T, C], [B, C], [B, T, C], [B, C]
     LINK,  # int64 [1 + 2 * B * C], zero, left zero: the ticket counter, then a two-slot ring per channel
+    DESC,  # LOOKBACK: int64 [2 * n_chunks * B * C], the chunks' descriptors (tags below tag_base)
+    tag_base,
     B,
     T,
     n_chunks,
@@ -265,6 +367,9 @@ def _scan_fwd_chained(
     R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FAST: tl.constexpr,  # inline PTX (the GPU); off in the interpreter
+    LOOKBACK: tl.constexpr,  # decoupled look-back over W chunks instead of the two-slot ring
+    W: tl.constexpr,
+    SPARSE: tl.constexpr,
     SPIN_LIMIT: tl.constexpr,
 ):
     """Chunk k of a column waits for chunk k-1's last row, publishes its own and then writes h:
@@ -277,11 +382,11 @@ def _scan_fwd_chained(
     another down a column) cost the rest, at the launch's ends (BENCHMARKS.md, session 10)."""
     _, k, cols, state, ring, base = _chain_position(LINK, B, T, n_chunks, C, R, BLOCK_C, False)
     if (C % BLOCK_C != 0) or (k * R + R > T):
-        _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, True,
-                   FAST, SPIN_LIMIT)  # fmt: skip
+        _chunk_fwd(LA, X, H0, H, HLAST, ring, DESC, tag_base, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R,
+                   BLOCK_C, True, FAST, LOOKBACK, W, SPARSE, SPIN_LIMIT)  # fmt: skip
     else:
-        _chunk_fwd(LA, X, H0, H, HLAST, ring, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, False,
-                   FAST, SPIN_LIMIT)  # fmt: skip
+        _chunk_fwd(LA, X, H0, H, HLAST, ring, DESC, tag_base, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R,
+                   BLOCK_C, False, FAST, LOOKBACK, W, SPARSE, SPIN_LIMIT)  # fmt: skip
 
 
 @triton.jit
@@ -293,10 +398,10 @@ def _compose_excl(a_first, b_first, e_first, f_first, a_then, b_then, e_then, f_
 
 
 @triton.jit
-def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, n_chunks, ring_slot,
-               C: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHLAST: tl.constexpr, R: tl.constexpr,
+def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, DESC, tag_base, base, cols, state, j, k, T, n_chunks,
+               ring_slot, C: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHLAST: tl.constexpr, R: tl.constexpr,
                SUB: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
-               SPIN_LIMIT: tl.constexpr):  # fmt: skip
+               LOOKBACK: tl.constexpr, W: tl.constexpr, SPARSE: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
     # Tile row i is chunk row R-1-i: the reverse walk as a forward scan (a reverse=True scan
     # lowers to shuffles). Row t maps v_{t+1} to v_t = a_t v_{t+1} + a_t dh_t.
     rows = tl.arange(0, R)
@@ -313,10 +418,14 @@ def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, 
     a_cum, b_cum = tl.associative_scan((a, a * dh), 0, _compose)
     col_ok = cols < C
     # At the head (the last chunk) v_T = dh_last (a_T = 1 past the end); at the end dh0 = v_0.
-    carry = _carry_in(DHLAST, ring, j, state, col_ok, ring_slot, HAS_DHLAST, BLOCK_C, SPIN_LIMIT)
-    _carry_out(
-        DH0, ring, j, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot, HAS_H0
-    )
+    if LOOKBACK:
+        carry = _lookback(DESC, tag_base, j, n_chunks, DHLAST, DH0, state, col_ok, a_cum, b_cum, rows, ring_slot, R,
+                          HAS_DHLAST, HAS_H0, W, SPARSE, BLOCK_C, SPIN_LIMIT)  # fmt: skip
+    else:
+        carry = _carry_in(DHLAST, ring, j, state, col_ok, ring_slot, HAS_DHLAST, BLOCK_C, SPIN_LIMIT)
+        _carry_out(
+            DH0, ring, j, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot, HAS_H0
+        )
     # The outputs, SUB rows at a time from the chunk's end, re-reading log_a and dh (cache hits
     # a microsecond after the first read) so that only SUB rows of the scan live in registers.
     sub_rows = tl.arange(0, SUB)
@@ -356,7 +465,7 @@ def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, 
         carry = _through_last_row(a_cum, b_cum, carry, sub_rows, SUB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tag_base"])  # it changes every launch
 def _scan_bwd_chained(
     LA,
     H,
@@ -367,6 +476,8 @@ def _scan_bwd_chained(
     DX,
     DH0,  # outputs: [B, T, C], [B, T, C], [B, C]
     LINK,  # int64 [1 + 2 * B * C], zero, left zero (as in the forward)
+    DESC,  # LOOKBACK: the chunks' descriptors (as in the forward)
+    tag_base,
     B,
     T,
     n_chunks,
@@ -377,6 +488,9 @@ def _scan_bwd_chained(
     SUB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FAST: tl.constexpr,
+    LOOKBACK: tl.constexpr,
+    W: tl.constexpr,
+    SPARSE: tl.constexpr,
     SPIN_LIMIT: tl.constexpr,
 ):
     """The forward's chain run from the last chunk to the first: v_t = a_t g_t with
@@ -385,11 +499,13 @@ def _scan_bwd_chained(
     and h once; writes dlog_a and db once."""
     j, k, cols, state, ring, base = _chain_position(LINK, B, T, n_chunks, C, R, BLOCK_C, True)
     if (C % BLOCK_C != 0) or (k * R + R > T):
-        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, n_chunks, B * C, C, HAS_H0,
-                   HAS_DHLAST, R, SUB, BLOCK_C, True, FAST, SPIN_LIMIT)  # fmt: skip
+        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, DESC, tag_base, base, cols, state, j, k, T, n_chunks,
+                   B * C, C, HAS_H0, HAS_DHLAST, R, SUB, BLOCK_C, True, FAST, LOOKBACK, W, SPARSE,
+                   SPIN_LIMIT)  # fmt: skip
     else:
-        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, base, cols, state, j, k, T, n_chunks, B * C, C, HAS_H0,
-                   HAS_DHLAST, R, SUB, BLOCK_C, False, FAST, SPIN_LIMIT)  # fmt: skip
+        _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, DESC, tag_base, base, cols, state, j, k, T, n_chunks,
+                   B * C, C, HAS_H0, HAS_DHLAST, R, SUB, BLOCK_C, False, FAST, LOOKBACK, W, SPARSE,
+                   SPIN_LIMIT)  # fmt: skip
 
 
 @triton.jit
@@ -572,6 +688,59 @@ def _link(bsz: int, width: int, device) -> Tensor:
     return ring
 
 
+_DESCS: dict[tuple, list] = {}
+TAG_LIMIT = 1 << 31  # tags are int32 above each word's fp32 value
+
+
+def _descriptors(bsz: int, width: int, n_chunks: int, device) -> tuple[Tensor, int]:
+    """The look-back's descriptors (int64, 2 words per chunk and channel) and this launch's tag
+    base. Tags only grow, so a word left by an earlier launch never carries a tag this launch
+    waits for, and the buffer is zeroed only when it grows or the tags would overflow. Under
+    CUDA-graph capture each launch gets its own zeroed buffer, as `_link` does."""
+    need = 2 * n_chunks * bsz * width
+    span = 2 * n_chunks + 3
+    if device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
+        return torch.zeros(need, dtype=torch.int64, device=device), 1
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else (device, 0)
+    entry = _DESCS.get(key)
+    if entry is None or entry[0].numel() < need:
+        entry = _DESCS[key] = [torch.zeros(need, dtype=torch.int64, device=device), 1]
+    elif entry[1] + span >= TAG_LIMIT:
+        entry[0].zero_()
+        entry[1] = 1
+    base = entry[1]
+    entry[1] += span
+    return entry[0], base
+
+
+# Programs a chunk row at or below which the chained kernels hand off by look-back: there the
+# serial chain is most of the launch (H200, bf16 forward: 1.8x faster at B1 C256, 2 programs a
+# row; 1.6x at B8 C512, 32), while at B8 C2048 (128) the look-back's window registers cost
+# programs an SM and it was 0.7x the serial chain (BENCHMARKS.md, session 16).
+LOOKBACK_PROGRAMS = 32
+LOOKBACK_BYTES = 1 << 26  # the descriptors' size limit (64 MB: B*C 4096 at T 32768)
+
+
+def _hand_off(bsz: int, width: int, block_c: int, n_chunks: int) -> bool:
+    """Whether a chained launch hands off by look-back (MMREC_SCAN=chained picks by width)."""
+    mode = knobs.scan_kernels
+    if mode in ("lookback", "serial"):
+        return mode == "lookback"
+    small = bsz * triton.cdiv(width, block_c) <= LOOKBACK_PROGRAMS
+    return small and 2 * n_chunks * bsz * width * 8 <= LOOKBACK_BYTES
+
+
+def _look_meta(bsz: int, width: int, block_c: int, n_chunks: int, device) -> dict:
+    """The chained kernels' look-back arguments: W chunks a poll (4 in the interpreter, whose
+    SPARSE tests need 3), the descriptors and tag base."""
+    if not _hand_off(bsz, width, block_c, n_chunks):
+        return {"DESC": torch.empty(1, dtype=torch.int64, device=device), "tag_base": 1, "LOOKBACK": False, "W": 1,
+                "SPARSE": False}  # fmt: skip
+    desc, base = _descriptors(bsz, width, n_chunks, device)
+    return {"DESC": desc, "tag_base": base, "LOOKBACK": True, "W": 4 if knobs.interpret else 2,
+            "SPARSE": knobs.interpret}  # fmt: skip
+
+
 def _chain_tile() -> tuple[int, int, int]:
     """(channels, rows per chunk, rows per backward output pass) of a chained program. Small
     under the interpreter, so the tests cross chunk, channel-block and sub-tile edges; on the
@@ -589,9 +758,9 @@ def _use_chained() -> bool:
     tiled walk's single walker per column is latency-bound even where the chain has few
     programs per hand-off."""
     mode = knobs.scan_kernels
-    if mode not in ("chained", "walk"):
-        raise ValueError(f"MMREC_SCAN={mode!r}: expected chained or walk")
-    return mode == "chained"
+    if mode not in ("chained", "serial", "lookback", "walk"):
+        raise ValueError(f"MMREC_SCAN={mode!r}: expected chained, serial, lookback or walk")
+    return mode != "walk"
 
 
 def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -606,9 +775,10 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
         n_chunks = triton.cdiv(steps, rows)
         _launch_fwd_chained(
             (n_chunks * bsz * triton.cdiv(width, block_c),),
-            log_a, b, h0 if h0 is not None else b, h, h_last, _link(bsz, width, b.device), bsz, steps, n_chunks, width,
-            HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c, FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT,
-            num_warps=_chain_warps(block_c),
+            log_a, b, h0 if h0 is not None else b, h, h_last, _link(bsz, width, b.device),
+            B=bsz, T=steps, n_chunks=n_chunks, C=width, HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c,
+            FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT, num_warps=_chain_warps(block_c),
+            **_look_meta(bsz, width, block_c, n_chunks, b.device),
         )  # fmt: skip
         return h, h_last
     _launch(
@@ -648,9 +818,10 @@ def scan_bwd(
         _launch_bwd_chained(
             (n_chunks * bsz * triton.cdiv(width, block_c),),
             log_a, h, h0 if h0 is not None else h, dh, dh_last if dh_last is not None else dh, dlog_a, db,
-            dh0 if dh0 is not None else db, _link(bsz, width, h.device), bsz, steps, n_chunks, width,
-            HAS_H0=h0 is not None, HAS_DHLAST=dh_last is not None, R=rows, SUB=sub, BLOCK_C=block_c,
-            FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT, num_warps=_chain_warps(block_c),
+            dh0 if dh0 is not None else db, _link(bsz, width, h.device),
+            B=bsz, T=steps, n_chunks=n_chunks, C=width, HAS_H0=h0 is not None, HAS_DHLAST=dh_last is not None,
+            R=rows, SUB=sub, BLOCK_C=block_c, FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT,
+            num_warps=_chain_warps(block_c), **_look_meta(bsz, width, block_c, n_chunks, h.device),
         )  # fmt: skip
         return dlog_a, db, dh0
     _launch(

@@ -29,7 +29,7 @@ def tf32_products():
     torch.set_float32_matmul_precision(before)
 
 
-@pytest.mark.parametrize("kernel", ["chained", "walk"])
+@pytest.mark.parametrize("kernel", ["chained", "lookback", "walk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (3, 1001, 1000)])
 def test_scan_at_benchmark_size(bsz, steps, width, dtype, kernel, monkeypatch):
@@ -49,11 +49,13 @@ def test_scan_at_benchmark_size(bsz, steps, width, dtype, kernel, monkeypatch):
         assert rel(g, r) < limit * 2
 
 
-@pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (1, 1 << 18, 128)])
-def test_chained_scan_agrees_with_the_walk_elementwise(bsz, steps, width, monkeypatch):
+@pytest.mark.parametrize("hand_off", ["serial", "lookback"])
+@pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (1, 1 << 18, 128), (2, 4096, 256)])
+def test_chained_scan_agrees_with_the_walk_elementwise(bsz, steps, width, hand_off, monkeypatch):
     """The chained kernels' hand-offs can only race on a GPU (the interpreter runs programs one
     by one), and a norm-relative check would hide one wrong chunk. So: every element of 20
-    launches against the walk kernels, fp32, log_a across the clamp, and a chain of 8192 chunks."""
+    launches against the walk kernels, fp32, log_a across the clamp, and a chain of 8192 chunks,
+    with either hand-off."""
     from kernels.scan import kernel
 
     log_a = torch.rand(bsz, steps, width, device="cuda") * -3
@@ -65,7 +67,7 @@ def test_chained_scan_agrees_with_the_walk_elementwise(bsz, steps, width, monkey
     monkeypatch.setattr(kernels.knobs, "scan_kernels", "walk")
     want_h, want_last = kernel.scan_fwd(log_a, b, h0)
     want_grads = kernel.scan_bwd(log_a, want_h, h0, dh, dlast)
-    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", hand_off)
     for _ in range(20):
         h, h_last = kernel.scan_fwd(log_a, b, h0)
         grads = kernel.scan_bwd(log_a, want_h, h0, dh, dlast)

@@ -12,9 +12,10 @@ from tests.kernels.test_linear_scan import naive
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture(autouse=True, params=["chained", "walk"])
+@pytest.fixture(autouse=True, params=["serial", "lookback", "walk"])
 def scan_kernels(request, monkeypatch):
-    """Every test runs with each pair of kernels (the chained default and the walk)."""
+    """Every test runs with each pair of kernels: the chained ones with either hand-off (the
+    default picks by width), and the walk."""
     monkeypatch.setattr(kernels.knobs, "poison_outputs", True)
     monkeypatch.setattr(kernels.knobs, "autotune", False)  # tuning every odd shape costs minutes
     monkeypatch.setattr(kernels.knobs, "scan_kernels", request.param)
@@ -34,7 +35,8 @@ def make(bsz, steps, width, dtype, with_h0=True):
 @pytest.mark.parametrize(("steps", "width"), [(1, 3), (37, 20), (500, 5), (37, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_h0", [True, False])
-def test_triton_scan_matches_reference(steps, width, dtype, with_h0):
+@pytest.mark.parametrize("scan_kernels", ["chained", "walk"], indirect=True)
+def test_triton_scan_matches_reference(steps, width, dtype, with_h0, scan_kernels):
     log_a, b, h0 = make(2, steps, width, dtype, with_h0)
     leaves = [t.requires_grad_() for t in (log_a, b, h0) if t is not None]
     h, h_last = kernels.linear_scan(log_a, b, h0)
@@ -53,7 +55,8 @@ def test_triton_scan_matches_reference(steps, width, dtype, with_h0):
     assert grads[0][0, 0, 0] == 0 and grads[0][-1, -1, -1] == 0
 
 
-def test_triton_scan_matches_the_naive_loop():
+@pytest.mark.parametrize("scan_kernels", ["chained"], indirect=True)
+def test_triton_scan_matches_the_naive_loop(scan_kernels):
     log_a, b, h0 = make(2, 9, 3, torch.float32)
     h, _ = kernels.linear_scan(log_a, b, h0)
     assert_close(h.cpu(), naive(log_a.cpu(), b.cpu(), h0.cpu()).float(), what="h")
@@ -63,7 +66,9 @@ def test_chains_cross_many_chunks_and_channel_blocks(scan_kernels):
     # 130 rows = 17 chunks of 8 under the interpreter (the two-slot ring wraps many times; the
     # backward's output pass runs 2 sub-tiles of 4 per chunk), 70 channels = 5 blocks of 16 with
     # a ragged last one, fp32 and bf16, forward and backward.
-    for dtype in (torch.float32, torch.bfloat16):
+    # (The look-back's hand-offs do not depend on the dtype, and its windows are slow to
+    # interpret: fp32 only.)
+    for dtype in (torch.float32,) if scan_kernels == "lookback" else (torch.float32, torch.bfloat16):
         log_a, b, h0 = make(3, 130, 70, dtype)
         h, h_last = kernel.scan_fwd(log_a, b, h0)
         cpu = [t.cpu().double() for t in (log_a, b, h0)]
@@ -103,12 +108,13 @@ def test_zero_steps_give_h0_and_pass_the_gradient_through(scan_kernels):
     assert torch.equal(dh0, dlast)
 
 
-def test_a_hand_off_that_never_comes_gives_nan_not_a_hang(monkeypatch):
+@pytest.mark.parametrize("scan_kernels", ["serial", "lookback"], indirect=True)
+def test_a_hand_off_that_never_comes_gives_nan_not_a_hang(monkeypatch, scan_kernels):
     # A ticket counter that starts one chunk late (standing in for any broken hand-off): chunk
     # 1 waits for chunk 0, which the interpreter runs only last (the last ticket wraps the
     # counter to 0). The polls give up after SPIN_LIMIT and chunks 1 and 2 are NaN, where a
-    # GPU would otherwise hang.
-    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
+    # GPU would otherwise hang. With look-back chunk 2 finds no INCL either (SPARSE: chunk 1
+    # publishes none), so the same chunks are NaN.
     monkeypatch.setattr(kernel, "SPIN_LIMIT", 20)
     log_a, b, h0 = make(1, 20, 16, torch.float32)  # 3 chunks of 8 rows, 1 channel block
 
@@ -122,10 +128,10 @@ def test_a_hand_off_that_never_comes_gives_nan_not_a_hang(monkeypatch):
     assert torch.isnan(h[:, 8:]).all() and torch.isnan(h_last).all()
 
 
-def test_chained_launches_leave_the_ring_zero_for_the_next(monkeypatch):
+@pytest.mark.parametrize("scan_kernels", ["serial"], indirect=True)
+def test_chained_launches_leave_the_ring_zero_for_the_next(monkeypatch, scan_kernels):
     # The ticket counter and ring are reused without a memset: each launch must hand them on
     # all zero, whatever its shape (one chunk, several, ragged channels, h0 or not).
-    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
     monkeypatch.setattr(kernel, "_RINGS", {})
     for bsz, steps, width, with_h0 in ((2, 20, 33, True), (1, 5, 16, False), (3, 17, 40, False)):
         log_a, b, h0 = make(bsz, steps, width, torch.float32)
@@ -139,10 +145,46 @@ def test_chained_launches_leave_the_ring_zero_for_the_next(monkeypatch):
         assert not ring.any(), f"backward B{bsz} T{steps} C{width} left {int(ring.count_nonzero())} words set"
 
 
-def test_unknown_forward_kernel_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("scan_kernels", ["lookback"], indirect=True)
+def test_lookback_descriptors_serve_launch_after_launch_and_survive_the_tag_wrap(monkeypatch, scan_kernels):
+    # The descriptors are never cleared between launches: each launch tags above the last one,
+    # so words left by a launch of another shape never pass for this launch's. Near the int32
+    # tag limit the buffer is zeroed and the tags start again.
+    monkeypatch.setattr(kernel, "_DESCS", {})
+    for i, (bsz, steps, width) in enumerate(((2, 40, 33), (1, 70, 16), (2, 40, 33), (3, 17, 40))):
+        if i == 3:
+            (entry,) = kernel._DESCS.values()
+            entry[1] = kernel.TAG_LIMIT - 5
+        log_a, b, h0 = make(bsz, steps, width, torch.float32)
+        h, h_last = kernel.scan_fwd(log_a, b, h0)
+        want_h, want_last = reference.forward(log_a, b, h0)
+        torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h_last, want_last, rtol=1e-5, atol=1e-5)
+        dh, dlast = torch.randn_like(h), torch.randn_like(h_last)
+        grads = kernel.scan_bwd(log_a, h, h0, dh, dlast)
+        for g, r in zip(grads, reference.backward(log_a, h, h0, dh, dlast), strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    (entry,) = kernel._DESCS.values()
+    assert entry[1] < 100  # wrapped: restarted from 1
+
+
+def test_chained_hand_off_is_picked_by_width(monkeypatch):
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
+    assert kernel._hand_off(1, 256, 128, 128)  # 2 programs a chunk row: look-back
+    assert kernel._hand_off(8, 512, 128, 128)  # 32
+    assert not kernel._hand_off(8, 2048, 128, 128)  # 128: the serial chain
+    assert not kernel._hand_off(1, 256, 128, 1 << 20)  # descriptors over LOOKBACK_BYTES
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
+    assert not kernel._hand_off(1, 256, 128, 128)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "lookback")
+    assert kernel._hand_off(8, 2048, 128, 128)
+
+
+@pytest.mark.parametrize("scan_kernels", ["walk"], indirect=True)
+def test_unknown_forward_kernel_is_a_clear_error(monkeypatch, scan_kernels):
     monkeypatch.setattr(kernels.knobs, "scan_kernels", "fast")
     log_a, b, h0 = make(1, 3, 4, torch.float32)
-    with pytest.raises(ValueError, match="MMREC_SCAN='fast': expected chained or walk"):
+    with pytest.raises(ValueError, match="MMREC_SCAN='fast': expected chained, serial, lookback or walk"):
         kernel.scan_fwd(log_a, b, h0)
 
 
@@ -154,7 +196,8 @@ def test_triton_scan_launchers_write_every_element():
         assert not torch.isnan(t).any()
 
 
-def test_non_contiguous_inputs_are_made_contiguous():
+@pytest.mark.parametrize("scan_kernels", ["chained"], indirect=True)
+def test_non_contiguous_inputs_are_made_contiguous(scan_kernels):
     log_a, b, h0 = make(2, 17, 6, torch.float32)
     strided = torch.empty(2, 17, 12, device=b.device)[:, :, ::2]
     strided.copy_(b)
@@ -165,7 +208,8 @@ def test_non_contiguous_inputs_are_made_contiguous():
 
 
 @pytest.mark.parametrize("use", ["h", "h_last"])
-def test_triton_scan_gradients_when_one_output_is_unused(use):
+@pytest.mark.parametrize("scan_kernels", ["chained"], indirect=True)
+def test_triton_scan_gradients_when_one_output_is_unused(use, scan_kernels):
     # Autograd passes None (not zeros) for the unused output's gradient: the kernels take that path.
     log_a, b, h0 = make(2, 21, 5, torch.float32)
     leaves = [t.requires_grad_() for t in (log_a, b, h0)]
