@@ -183,8 +183,9 @@ def scan_fp32_rows(bsz: int, steps: int, width: int) -> None:
 
 
 def scan_kernel_widths(quick: bool) -> None:
-    """Both pairs of scan kernels (MMREC_SCAN=chained / walk) from wide to narrow inputs: does the
-    chained kernels' per-chunk hand-off stop paying where few programs share it?"""
+    """The scan kernels (MMREC_SCAN=chained, i.e. the hand-off it picks by width; serial;
+    lookback; walk) from wide to narrow inputs: where does the serial hand-off stop paying, and
+    does `chained` pick the faster hand-off?"""
     shapes = [(2, 1024, 1024)] if quick else [(8, 4096, 2048), (4, 4096, 2048), (8, 4096, 512), (2, 4096, 1024),
                                               (1, 4096, 1024), (4, 1024, 256), (1, 4096, 256)]  # fmt: skip
     saved = kernels.knobs.scan_kernels
@@ -194,7 +195,7 @@ def scan_kernel_widths(quick: bool) -> None:
             b = torch.randn(bsz, steps, width, device="cuda").bfloat16().requires_grad_()
             dh = torch.randn_like(b)
             times = {}
-            for mode in ("chained", "walk"):
+            for mode in ("chained", "serial", "lookback", "walk"):
                 kernels.knobs.scan_kernels = mode
                 with torch.no_grad():
                     f = bench(lambda log_a=log_a, b=b: kernels.linear_scan(log_a, b))
@@ -203,11 +204,12 @@ def scan_kernel_widths(quick: bool) -> None:
                 # host-bound wall clock shows as the gap between the two.
                 graphed = attempt(f"scan {mode} CUDA graph", lambda run=run: graph_time(run, bench))
                 times[mode] = (f, bench(run), graphed)
-            (f, fb, g), (wf, wfb, wg) = times["chained"], times["walk"]
-            graphs = "-" if g is None or wg is None else f"{g:.3f} / {wg:.3f}"
+            (f, fb, _), (wf, wfb, _) = times["chained"], times["walk"]
+            graphs = " / ".join("-" if times[m][2] is None else f"{times[m][2]:.3f}" for m in times)
             note = (
-                f"walk {wf:.3f} / {wfb:.3f} ms: chained {wf / f:.2f}x / {wfb / fb:.2f}x faster; "
-                f"fwd+bwd as CUDA-graph replay chained / walk {graphs} ms"
+                f"walk {wf:.3f} / {wfb:.3f} ms: chained {wf / f:.2f}x / {wfb / fb:.2f}x faster; forward serial / "
+                f"lookback {times['serial'][0]:.3f} / {times['lookback'][0]:.3f} ms; fwd+bwd as CUDA-graph replay "
+                f"chained / serial / lookback / walk {graphs} ms"
             )
             row("scan-widths", "chained kernels", f"B{bsz} T{steps} C{width}", torch.bfloat16, f, fb, note)
     finally:
