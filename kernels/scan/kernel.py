@@ -373,7 +373,8 @@ def _scan_fwd_chained(
     SPIN_LIMIT: tl.constexpr,
 ):
     """Chunk k of a column waits for chunk k-1's last row, publishes its own and then writes h:
-    the hand-off is one word per channel, so a chunk's loads and its scan overlap the wait.
+    the hand-off is one word per channel, so a chunk's loads and its scan overlap the wait
+    (with LOOKBACK the carry comes by `_lookback` instead).
     Tickets, not program ids, name the chunk (`_chain_position`).
 
     H100, B8 T4096 C2048 (`benchmarks/recurrence.py --only scan`): 1.09x the copy floor in bf16
