@@ -28,7 +28,8 @@ class Knobs:
     decay_kernels: bool = os.environ.get("MMREC_DECAY_KERNELS", "0") == "1"
     # MMREC_SCAN: the linear scan's kernels (kernels/scan/kernel.py). chained (default): chunks
     # handed on down each column, serially (one predecessor) where many programs share a chunk
-    # row, by decoupled look-back where few do; serial or lookback force one hand-off; walk: the
+    # row, by decoupled look-back where few do; serial or lookback force one hand-off (look-back
+    # within its descriptors' size limit, LOOKBACK_BYTES); walk: the
     # earlier kernels (one walker per column block), for comparison.
     scan_kernels: str = os.environ.get("MMREC_SCAN", "chained")
     # Set by kernels.library.tracing_references() (export): entry points run each op's

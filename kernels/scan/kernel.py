@@ -10,10 +10,11 @@ scans its chunk, waits for the predecessor's last row (a 64-bit word per channel
 value and the chunk's tag, in a two-slot ring that every launch leaves zero), publishes its own last row,
 and only then applies the carry and writes h. Every load of a chunk is issued at once and
 thousands of programs are in flight, so DRAM is kept busy instead of one walker per column
-(`_scan_fwd_chained` says what it measured). Where few programs share a chunk row (B*C up to
-4096 channels) the serial hand-off is most of the launch, and the chain hands off by decoupled
-look-back instead (`_lookback`: each chunk publishes its own map at once and reads the W chunks
-before it in one round trip), 1.3x-1.8x faster there on the H200.
+(`_scan_fwd_chained` says what it measured). Where few programs share a chunk row (at most 32,
+i.e. B*C up to 4096 channels when C is a multiple of 128) the serial hand-off is most of the
+launch, and the chain hands off by decoupled look-back instead (`_lookback`: each chunk
+publishes its own map at once and reads the W chunks before it in one round trip): on the H200
+1.3x-1.8x faster forward, 1.15x-1.8x forward+backward there.
 
 Forward, tiled (MMREC_SCAN=walk, kept for comparison): one program owns a tile of
 BLOCK_C channels of one batch row and walks time in chunks of BLOCK_T rows, software-pipelined
@@ -29,7 +30,8 @@ thread, so the recurrence is one FMA per element in registers (`_scan_bwd` says 
 
 From DRAM every input element is read once and every output written once: the forward moves
 3 x B*T*C elements, the backward 5 (it reads log_a, h, dh; writes dlog_a, db). The chained
-kernels add a ring of 16 bytes per channel (B*C), reused from launch to launch (`_link`).
+kernels add a ring of 16 bytes per channel (B*C), reused from launch to launch (`_link`); the
+look-back, descriptors of 16 bytes per chunk and channel (at most LOOKBACK_BYTES, `_descriptors`).
 """
 
 from __future__ import annotations
@@ -714,29 +716,30 @@ def _descriptors(bsz: int, width: int, n_chunks: int, device) -> tuple[Tensor, i
     return entry[0], base
 
 
-# Programs a chunk row at or below which the chained kernels hand off by look-back: there the
-# serial chain is most of the launch (H200, bf16 forward: 1.8x faster at B1 C256, 2 programs a
-# row; 1.6x at B8 C512, 32), while at B8 C2048 (128) the look-back's window registers cost
-# programs an SM and it was 0.7x the serial chain (BENCHMARKS.md, session 16).
+# Programs a chunk row (B * ceil(C / 128)) at or below which the chained kernels hand off by
+# look-back: there the serial chain is most of the launch (H200, bf16 forward: 1.79x faster at
+# B1 C256, 2 programs a row; 1.44x at B8 C512, 32), while at B8 C2048 (128) the look-back's
+# window registers cost programs an SM and it was 0.67x the serial chain (BENCHMARKS.md,
+# session 16).
 LOOKBACK_PROGRAMS = 32
 LOOKBACK_BYTES = 1 << 26  # the descriptors' size limit (64 MB: B*C 4096 at T 32768)
 
 
 def _hand_off(bsz: int, width: int, block_c: int, n_chunks: int) -> bool:
-    """Whether a chained launch hands off by look-back (MMREC_SCAN=chained picks by width)."""
+    """Whether a chained launch hands off by look-back: MMREC_SCAN=chained picks by programs a
+    chunk row, lookback and serial force one. Descriptors over LOOKBACK_BYTES always take the
+    serial chain (under CUDA-graph capture they would be zeroed on every replay)."""
     mode = knobs.scan_kernels
-    if mode in ("lookback", "serial"):
-        return mode == "lookback"
-    small = bsz * triton.cdiv(width, block_c) <= LOOKBACK_PROGRAMS
-    return small and 2 * n_chunks * bsz * width * 8 <= LOOKBACK_BYTES
+    if 2 * n_chunks * bsz * width * 8 > LOOKBACK_BYTES or mode == "serial":
+        return False
+    return mode == "lookback" or bsz * triton.cdiv(width, block_c) <= LOOKBACK_PROGRAMS
 
 
 def _look_meta(bsz: int, width: int, block_c: int, n_chunks: int, device) -> dict:
     """The chained kernels' look-back arguments: W chunks a poll (4 in the interpreter, whose
     SPARSE tests need 3), the descriptors and tag base."""
     if not _hand_off(bsz, width, block_c, n_chunks):
-        return {"DESC": torch.empty(1, dtype=torch.int64, device=device), "tag_base": 1, "LOOKBACK": False, "W": 1,
-                "SPARSE": False}  # fmt: skip
+        return {"DESC": _link(1, 0, device), "tag_base": 1, "LOOKBACK": False, "W": 1, "SPARSE": False}  # unread
     desc, base = _descriptors(bsz, width, n_chunks, device)
     return {"DESC": desc, "tag_base": base, "LOOKBACK": True, "W": 4 if knobs.interpret else 2,
             "SPARSE": knobs.interpret}  # fmt: skip

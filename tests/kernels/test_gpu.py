@@ -77,13 +77,14 @@ def test_chained_scan_agrees_with_the_walk_elementwise(bsz, steps, width, hand_o
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
 
 
-def test_direct_launches_keep_each_specialization_apart(monkeypatch):
+@pytest.mark.parametrize("hand_off", ["serial", "lookback"])
+def test_direct_launches_keep_each_specialization_apart(hand_off, monkeypatch):
     """kernels.launch.Launcher reuses a compiled kernel per specialization: calls that alternate
     dtype, width (a constexpr), h0 and pointer alignment must each get their own kernel, on the
     first (Triton's path) and the later (direct) launches alike."""
     from kernels.scan import kernel
 
-    monkeypatch.setattr(kernels.knobs, "scan_kernels", "chained")
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", hand_off)  # tag_base changes every look-back launch
 
     def misaligned(t):  # same values, data pointer 2-4 bytes past a 16-byte boundary
         flat = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)

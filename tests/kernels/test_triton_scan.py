@@ -35,7 +35,7 @@ def make(bsz, steps, width, dtype, with_h0=True):
 @pytest.mark.parametrize(("steps", "width"), [(1, 3), (37, 20), (500, 5), (37, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_h0", [True, False])
-@pytest.mark.parametrize("scan_kernels", ["chained", "walk"], indirect=True)
+@pytest.mark.parametrize("scan_kernels", ["serial", "lookback", "walk"], indirect=True)
 def test_triton_scan_matches_reference(steps, width, dtype, with_h0, scan_kernels):
     log_a, b, h0 = make(2, steps, width, dtype, with_h0)
     leaves = [t.requires_grad_() for t in (log_a, b, h0) if t is not None]
@@ -151,9 +151,10 @@ def test_lookback_descriptors_serve_launch_after_launch_and_survive_the_tag_wrap
     # so words left by a launch of another shape never pass for this launch's. Near the int32
     # tag limit the buffer is zeroed and the tags start again.
     monkeypatch.setattr(kernel, "_DESCS", {})
-    for i, (bsz, steps, width) in enumerate(((2, 40, 33), (1, 70, 16), (2, 40, 33), (3, 17, 40))):
-        if i == 3:
+    for i, (bsz, steps, width) in enumerate(((2, 40, 33), (1, 70, 16), (2, 40, 33), (1, 17, 40))):
+        if i == 3:  # 240 words: fits the buffer of 660, so the wrap (not a growth) zeroes it
             (entry,) = kernel._DESCS.values()
+            buffer = entry[0]
             entry[1] = kernel.TAG_LIMIT - 5
         log_a, b, h0 = make(bsz, steps, width, torch.float32)
         h, h_last = kernel.scan_fwd(log_a, b, h0)
@@ -165,7 +166,28 @@ def test_lookback_descriptors_serve_launch_after_launch_and_survive_the_tag_wrap
         for g, r in zip(grads, reference.backward(log_a, h, h0, dh, dlast), strict=True):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     (entry,) = kernel._DESCS.values()
-    assert entry[1] < 100  # wrapped: restarted from 1
+    assert entry[0] is buffer and entry[1] == 1 + 2 * (2 * 3 + 3)  # wrapped: base 1, then two launches of 3 chunks
+
+
+@pytest.mark.parametrize("scan_kernels", ["lookback"], indirect=True)
+def test_lookback_never_takes_an_earlier_launchs_descriptor(monkeypatch, scan_kernels):
+    # The interpreter runs chunks in ticket order, so a window is always rewritten before it is
+    # read. A counter that starts one chunk late makes chunk 1 read chunk 0's descriptor before
+    # this launch writes it: it holds the previous launch's words (same shape, same slots), whose
+    # tags must not pass for this launch's, so the carry times out to NaN.
+    monkeypatch.setattr(kernel, "_DESCS", {})
+    log_a, b, h0 = make(1, 20, 16, torch.float32)
+    kernel.scan_fwd(log_a, b, h0)
+    monkeypatch.setattr(kernel, "SPIN_LIMIT", 20)
+
+    def late_link(bsz, width, device):
+        link = torch.zeros(1 + 2 * bsz * width, dtype=torch.int64, device=device)
+        link[0] = 1
+        return link
+
+    monkeypatch.setattr(kernel, "_link", late_link)
+    h, h_last = kernel.scan_fwd(log_a, b * 2, h0)
+    assert torch.isnan(h[:, 8:16]).all() and torch.isnan(h_last).all()
 
 
 def test_chained_hand_off_is_picked_by_width(monkeypatch):
@@ -208,7 +230,7 @@ def test_non_contiguous_inputs_are_made_contiguous(scan_kernels):
 
 
 @pytest.mark.parametrize("use", ["h", "h_last"])
-@pytest.mark.parametrize("scan_kernels", ["chained"], indirect=True)
+@pytest.mark.parametrize("scan_kernels", ["serial", "lookback"], indirect=True)
 def test_triton_scan_gradients_when_one_output_is_unused(use, scan_kernels):
     # Autograd passes None (not zeros) for the unused output's gradient: the kernels take that path.
     log_a, b, h0 = make(2, 21, 5, torch.float32)
