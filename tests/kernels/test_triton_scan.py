@@ -37,6 +37,8 @@ def make(bsz, steps, width, dtype, with_h0=True):
 @pytest.mark.parametrize("with_h0", [True, False])
 @pytest.mark.parametrize("scan_kernels", ["serial", "lookback", "walk"], indirect=True)
 def test_triton_scan_matches_reference(steps, width, dtype, with_h0, scan_kernels):
+    if scan_kernels == "lookback" and steps == 500:
+        pytest.skip("63 chunks: the look-back is slow to interpret; test_chains_cross_many_chunks covers long chains")
     log_a, b, h0 = make(2, steps, width, dtype, with_h0)
     leaves = [t.requires_grad_() for t in (log_a, b, h0) if t is not None]
     h, h_last = kernels.linear_scan(log_a, b, h0)
