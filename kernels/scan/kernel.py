@@ -204,10 +204,17 @@ def _carry_in(START, ring, j, state, col_ok, ring_slot, HAS_START: tl.constexpr,
 
 
 @triton.jit
+def _last_row(a_cum, b_cum, rows, R: tl.constexpr):
+    """A scanned tile's map through its last row: (a_cum[R-1], b_cum[R-1])."""
+    last = rows[:, None] == R - 1
+    return tl.sum(tl.where(last, a_cum, 0.0), axis=0), tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+
+
+@triton.jit
 def _through_last_row(a_cum, b_cum, carry, rows, R: tl.constexpr):
     """The carry taken through a scanned tile's last row: a_cum[R-1] carry + b_cum[R-1]."""
-    last = rows[:, None] == R - 1
-    return tl.sum(tl.where(last, a_cum, 0.0), axis=0) * carry + tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+    agg_a, agg_b = _last_row(a_cum, b_cum, rows, R)
+    return agg_a * carry + agg_b
 
 
 @triton.jit
@@ -300,9 +307,7 @@ def _lookback(DESC, base, j, n_chunks, START, END, state, col_ok, a_cum, b_cum, 
     """Publish chain position j's own map, find its carry by look-back, publish its inclusive
     value (or at the chain's end store it to END) -> the carry. SPARSE (the interpreter's
     tests): only every third position publishes INCL, so look-backs must combine AGGs."""
-    last = rows[:, None] == R - 1
-    agg_a = tl.sum(tl.where(last, a_cum, 0.0), axis=0)
-    agg_b = tl.sum(tl.where(last, b_cum, 0.0), axis=0)
+    agg_a, agg_b = _last_row(a_cum, b_cum, rows, R)
     _lb_publish(DESC, j, base, state, col_ok, BCT, agg_a, 0, 1)
     _lb_publish(DESC, j, base, state, col_ok, BCT, agg_b, 1, 1)
     if HAS_START:
@@ -316,6 +321,22 @@ def _lookback(DESC, base, j, n_chunks, START, END, state, col_ok, a_cum, b_cum, 
             _lb_publish(DESC, j, base, state, col_ok, BCT, out, 1, 2)
     elif HAS_END:
         tl.store(END + state, out.to(END.dtype.element_ty), mask=col_ok)
+    return carry
+
+
+@triton.jit
+def _hand_on(ring, DESC, tag_base, j, n_chunks, START, END, state, col_ok, a_cum, b_cum, rows, ring_slot,
+             R: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr, LOOKBACK: tl.constexpr,
+             W: tl.constexpr, SPARSE: tl.constexpr, BLOCK_C: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
+    """Chain position j's carry in, its scanned tile's map handed on (or at the chain's end
+    stored to END): by look-back, or serially through the two-slot ring -> the carry."""
+    if LOOKBACK:
+        carry = _lookback(DESC, tag_base, j, n_chunks, START, END, state, col_ok, a_cum, b_cum, rows, ring_slot, R,
+                          HAS_START, HAS_END, W, SPARSE, BLOCK_C, SPIN_LIMIT)  # fmt: skip
+    else:
+        carry = _carry_in(START, ring, j, state, col_ok, ring_slot, HAS_START, BLOCK_C, SPIN_LIMIT)
+        _carry_out(END, ring, j, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot,
+                   HAS_END)  # fmt: skip
     return carry
 
 
@@ -336,14 +357,8 @@ def _chunk_fwd(LA, X, H0, H, HLAST, ring, DESC, tag_base, base, cols, state, k, 
     # Rows past T load a = 1, b = 0: they copy the carry, so the last row is h_{T-1}.
     a_cum, b_cum = tl.associative_scan((_decay(la, FAST), x), 0, _compose)
     col_ok = cols < C
-    if LOOKBACK:
-        carry = _lookback(DESC, tag_base, k, n_chunks, H0, HLAST, state, col_ok, a_cum, b_cum, rows, ring_slot, R,
-                          HAS_H0, True, W, SPARSE, BLOCK_C, SPIN_LIMIT)  # fmt: skip
-    else:
-        carry = _carry_in(H0, ring, k, state, col_ok, ring_slot, HAS_H0, BLOCK_C, SPIN_LIMIT)
-        _carry_out(
-            HLAST, ring, k, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot, True
-        )
+    carry = _hand_on(ring, DESC, tag_base, k, n_chunks, H0, HLAST, state, col_ok, a_cum, b_cum, rows, ring_slot, R,
+                     HAS_H0, True, LOOKBACK, W, SPARSE, BLOCK_C, SPIN_LIMIT)  # fmt: skip
     h = (a_cum * carry[None, :] + b_cum).to(H.dtype.element_ty)
     if MASKED:
         tl.store(H + offs, h, mask=ok)
@@ -421,14 +436,8 @@ def _chunk_bwd(LA, H, H0, DH, DHLAST, DLA, DX, DH0, ring, DESC, tag_base, base, 
     a_cum, b_cum = tl.associative_scan((a, a * dh), 0, _compose)
     col_ok = cols < C
     # At the head (the last chunk) v_T = dh_last (a_T = 1 past the end); at the end dh0 = v_0.
-    if LOOKBACK:
-        carry = _lookback(DESC, tag_base, j, n_chunks, DHLAST, DH0, state, col_ok, a_cum, b_cum, rows, ring_slot, R,
-                          HAS_DHLAST, HAS_H0, W, SPARSE, BLOCK_C, SPIN_LIMIT)  # fmt: skip
-    else:
-        carry = _carry_in(DHLAST, ring, j, state, col_ok, ring_slot, HAS_DHLAST, BLOCK_C, SPIN_LIMIT)
-        _carry_out(
-            DH0, ring, j, n_chunks, _through_last_row(a_cum, b_cum, carry, rows, R), state, col_ok, ring_slot, HAS_H0
-        )
+    carry = _hand_on(ring, DESC, tag_base, j, n_chunks, DHLAST, DH0, state, col_ok, a_cum, b_cum, rows, ring_slot, R,
+                     HAS_DHLAST, HAS_H0, LOOKBACK, W, SPARSE, BLOCK_C, SPIN_LIMIT)  # fmt: skip
     # The outputs, SUB rows at a time from the chunk's end, re-reading log_a and dh (cache hits
     # a microsecond after the first read) so that only SUB rows of the scan live in registers.
     sub_rows = tl.arange(0, SUB)
