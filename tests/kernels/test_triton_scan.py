@@ -153,8 +153,9 @@ def test_lookback_descriptors_serve_launch_after_launch_and_survive_the_tag_wrap
     # so words left by a launch of another shape never pass for this launch's. Near the int32
     # tag limit the buffer is zeroed and the tags start again.
     monkeypatch.setattr(kernel, "_DESCS", {})
+    rows = kernel._chain_tile()[1]  # 8 rows a chunk under the interpreter, 32 on the GPU
     for i, (bsz, steps, width) in enumerate(((2, 40, 33), (1, 70, 16), (2, 40, 33), (1, 17, 40))):
-        if i == 3:  # 240 words: fits the buffer of 660, so the wrap (not a growth) zeroes it
+        if i == 3:  # fewer words than the first launch's: fits the buffer, so the wrap (not a growth) zeroes it
             (entry,) = kernel._DESCS.values()
             buffer = entry[0]
             entry[1] = kernel.TAG_LIMIT - 5
@@ -168,7 +169,8 @@ def test_lookback_descriptors_serve_launch_after_launch_and_survive_the_tag_wrap
         for g, r in zip(grads, reference.backward(log_a, h, h0, dh, dlast), strict=True):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     (entry,) = kernel._DESCS.values()
-    assert entry[0] is buffer and entry[1] == 1 + 2 * (2 * 3 + 3)  # wrapped: base 1, then two launches of 3 chunks
+    span = 2 * -(-17 // rows) + 3  # the tags one launch of 17 steps takes
+    assert entry[0] is buffer and entry[1] == 1 + 2 * span  # wrapped: base 1, then a forward and a backward
 
 
 @pytest.mark.parametrize("scan_kernels", ["lookback"], indirect=True)
