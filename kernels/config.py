@@ -22,6 +22,12 @@ class Knobs:
     # Hopper. Opt-in: with the guard that keeps another row's NaN out of a tile its tiles spill
     # registers, and it measured 13% slower than pointer loads (docs/kernels.md).
     memory_tma: bool = os.environ.get("MMREC_MEMORY_TMA", "0") == "1"
+    # MMREC_MEMORY_BWD: the memory query's backward. split: a dq kernel per token tile, then a
+    # dk/dv kernel per slot tile, each recomputing the probabilities; fused: a small pass for
+    # delta, then the dk/dv kernel adds each slot tile's dq in L2 (atomics); fused-tma: the same
+    # by TMA reductions (Hopper); auto (default): whichever measured faster for the dtype and
+    # GPU, split under torch.use_deterministic_algorithms (kernels/memory/kernel.py, _bwd_mode).
+    memory_bwd: str = os.environ.get("MMREC_MEMORY_BWD", "auto")
     # MMREC_DECAY_KERNELS=1: mdi_decay_logits (the decay's two MLPs, as fuse-decay-recurrence
     # leaves them) runs one Triton kernel per MLP, the bottleneck kept on chip (kernels/decay).
     # Opt-in: tested under the interpreter and compiled for sm_90, not yet run on a GPU.

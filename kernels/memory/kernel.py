@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import knobs, new_output
+from ..config import fp32_dot_precision, knobs, new_output
 from ..dot import dot_meta, operand
 from ..launch import Launcher
 
@@ -358,6 +358,39 @@ def _attend_bwd_dq(
 
 
 @triton.jit
+def _attend_bwd_stats(
+    LSE,
+    OUT,
+    DOUT,
+    STATS,  # [2, B, H, T] fp32: rowsum(dout * out), and the base-2 lse (0 where nothing is visible)
+    T,
+    HEADS,
+    RES,  # with HAS_RES: the residual the forward added to OUT, taken off again for delta
+    DH: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_RES: tl.constexpr = False,
+):
+    """The fused backward's first pass (the dq kernel's prologue alone): per token tile of one
+    (batch row, query head), what the dk/dv kernel reads per token."""
+    pid_bh = tl.program_id(1)
+    b, head = pid_bh // HEADS, pid_bh % HEADS
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    t_ok = t < T
+    row_ok = t_ok[:, None] & (cols < DH)[None, :]
+    offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
+    out = tl.load(OUT + offs, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        out -= tl.load(RES + offs, mask=row_ok, other=0.0).to(tl.float32)
+    delta = tl.sum(tl.load(DOUT + offs, mask=row_ok, other=0.0).to(tl.float32) * out, axis=1)
+    stat_offs = pid_bh.to(tl.int64) * T + t
+    lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
+    tl.store(STATS + stat_offs, delta, mask=t_ok)
+    tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL), mask=t_ok)
+
+
+@triton.jit
 def _attend_bwd_dkv(
     Q,
     KEYS,
@@ -373,6 +406,8 @@ def _attend_bwd_dkv(
     DOUT,
     DKEYS,
     DVALUES,  # [B, K, S, Dh], every element written
+    DQ_ACC,  # DQ > 0: [B, T, H*Dh] fp32, zeroed (a pointer, or with DQ == 2 a TMA descriptor as [B, T, H*Dh])
+    DBETA,  # DQ > 0: [H, L] fp32, zeroed
     T,
     n_slots,
     n_levels,
@@ -386,6 +421,7 @@ def _attend_bwd_dkv(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
+    DQ: tl.constexpr = 0,  # the fused backward: 0 dq elsewhere; 1 adds dq by atomics, 2 by TMA reductions
 ):
     tile = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -426,6 +462,7 @@ def _attend_bwd_dkv(
         q_offs = (b * T + t_lo + rows).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
         q_ptrs, do_ptrs = Q + q_offs, DOUT + q_offs
         stat_ptrs = STATS + (b * HEADS + head).to(tl.int64) * T + t_lo + rows
+        dbeta = tl.zeros([BLOCK_S], dtype=tl.float32)
         for t0 in range(t_lo, t_hi, BLOCK_T):
             t = t0 + rows
             t_ok = t < T
@@ -443,9 +480,18 @@ def _attend_bwd_dkv(
             dp_t = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            if DQ > 0:  # this slot tile's share of the tokens' dq, added in L2 (FlashAttention-2's dq)
+                dq = tl.dot(tl.trans(ds_t.to(kt.dtype)), kt, input_precision=PRECISION) * scale
+                if DQ == 2:
+                    DQ_ACC.atomic_add([b, t0, head * DH], tl.reshape(dq, [1, BLOCK_T, BLOCK_D]))
+                else:
+                    tl.atomic_add(DQ_ACC + q_offs + (t0 - t_lo) * (HEADS * DH), dq, mask=row_ok, sem="relaxed")
+                dbeta += tl.sum(ds_t, axis=1)
             q_ptrs += BLOCK_T * HEADS * DH
             do_ptrs += BLOCK_T * HEADS * DH
             stat_ptrs += BLOCK_T
+        if DQ > 0:
+            tl.atomic_add(DBETA + head * n_levels + lvl, tl.sum(dbeta, axis=0), sem="relaxed")
     tl.store(DKEYS + slot_offs, (dk * scale).to(DKEYS.dtype.element_ty), mask=slot_ok)
     tl.store(DVALUES + slot_offs, dv.to(DVALUES.dtype.element_ty), mask=slot_ok)
 
@@ -506,10 +552,13 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
 # and dq (157 with Triton 3.6) run three programs an SM; capped at 128 registers, four fit again:
 # fwd 0.425 -> 0.395 ms, dq 0.578 -> 0.529 (H200, 2026-12-01; a cap slows dk/dv, 0.712 -> 0.776).
 _TILES = {
-    "wide": {"fwd": (64, 32, 4, 3, 128), "dq": (64, 32, 4, 3, 128), "dkv": (32, 64, 4, 3)},
+    "wide": {"fwd": (64, 32, 4, 3, 128), "dq": (64, 32, 4, 3, 128), "dkv": (32, 64, 4, 3), "dkv_fused": (64, 64, 4, 3)},
     "wide+tma": {"fwd": (128, 64, 4, 3), "dq": (128, 64, 4, 3)},
     "fp32": {"fwd": (128, 64, 4, 2), "dq": (128, 64, 8, 2), "dkv": (64, 128, 8, 2)},
     "fp32+tma": {"fwd": (128, 32, 4, 3), "dq": (128, 64, 8, 3)},
+    # Exact fp32 (torch's default "highest"): products on the CUDA cores, where the TF32 tiles
+    # spill (backward 391 ms at the benchmark's shape); scratch/ieee_sweep.py, H200, session 17.
+    "fp32-ieee": {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkv": (16, 32, 2, 3), "dkv_fused": (32, 32, 4, 3)},
     "fp64": {"fwd": (64, 32, 4, 3), "dq": (32, 32, 4, 3), "dkv": (32, 32, 4, 3)},  # not swept
 }
 
@@ -518,8 +567,12 @@ def _tiles(kind: str, dtype: torch.dtype, tma: bool = False) -> dict:
     if knobs.interpret:
         return {"BLOCK_T": 16, "BLOCK_S": 16, "num_warps": 1}
     table = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "wide")
+    if table == "fp32" and fp32_dot_precision(dtype) == "ieee":
+        table = "fp32-ieee"  # products on the CUDA cores: the TF32 tiles spill
     if tma and kind in _TILES.get(table + "+tma", {}):  # the dk/dv kernel loads no slot tiles in its loop
         table += "+tma"
+    if kind == "dkv_fused" and kind not in _TILES[table]:
+        kind = "dkv"
     block_t, block_s, warps, stages, *cap = _TILES[table][kind]
     return {
         "BLOCK_T": block_t,
@@ -574,6 +627,30 @@ def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int, residual=No
     return out, lse
 
 
+def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
+    """The dk/dv kernel's DQ: 0 the split backward, 1 fused with atomics, 2 fused with TMA
+    reductions (Hopper, Dh a power of two; the interpreter has none and runs the atomics).
+    auto (the default) takes what measured fastest on the H200 (BENCHMARKS.md, session 17):
+    TMA reductions for bf16/fp16 on Hopper (1.21 against 1.25 ms at B8 H16 T4096 over 1024
+    slots), atomics for exact fp32 (26 against 85 ms: its split kernels take small tiles), and
+    the split backward for TF32 (not measured fused), fp64, older GPUs, and wherever
+    torch.use_deterministic_algorithms is on: added in L2 in whatever order the slot tiles
+    come, dq can differ in its last bits from run to run."""
+    mode = knobs.memory_bwd
+    if mode not in ("auto", "split", "fused", "fused-tma"):
+        raise ValueError(f"MMREC_MEMORY_BWD={mode!r}: expected auto, split, fused or fused-tma")
+    hopper = not knobs.interpret and torch.cuda.get_device_capability(q.device)[0] >= 9
+    if mode == "auto":
+        if torch.are_deterministic_algorithms_enabled() or q.dtype == torch.float64:
+            return 0
+        if q.dtype == torch.float32:
+            return 1 if fp32_dot_precision(q.dtype) == "ieee" else 0
+        mode = "fused-tma" if hopper else "split"
+    if mode == "split" or q.dtype == torch.float64:
+        return 0
+    return 2 if mode == "fused-tma" and hopper and block_d == dim else 1
+
+
 def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: int, residual=None):
     """-> (dq, dkeys, dvalues, dbeta). `residual`: the one attend_fwd added to `out` (its own
     gradient is dout, the caller's)."""
@@ -582,30 +659,47 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     lv = Levels.get(rings, spans, steps, q.device)
     dout = dout.contiguous()
     stats = new_output(q, (2, bsz, heads, steps), torch.float32)
-    dq = new_output(q)
     dkeys = new_output(keys)
     dvalues = new_output(values)
     dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
     meta = _meta(dim, q.dtype)
     common = (steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
-    tma = _tma_ok(keys, values)
-    tiles = _tiles("dq", q.dtype, tma)
-    descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
-    grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
-    _launch_bwd_dq(
-        grid,
-        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), lse, out, stats, dout,
-        dq, dbeta, *common, residual if residual is not None else q,
-        **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
-    )  # fmt: skip
-    tiles = _tiles("dkv", q.dtype)
+    res = residual if residual is not None else q
+    fused = _bwd_mode(q, dim, meta["BLOCK_D"])
+    if fused:
+        # dq accumulates in fp32 (in place for fp32 inputs), added to by every slot tile.
+        dq = dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        block_t = 16 if knobs.interpret else 64
+        _launch_bwd_stats(
+            (triton.cdiv(steps, block_t), bsz * heads), lse, out, dout, stats, steps, heads, res,
+            DH=dim, BLOCK_T=block_t, BLOCK_D=meta["BLOCK_D"], HAS_RES=residual is not None,
+        )  # fmt: skip
+    else:
+        dq = new_output(q)
+        tma = _tma_ok(keys, values)
+        tiles = _tiles("dq", q.dtype, tma)
+        descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
+        grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
+        _launch_bwd_dq(
+            grid,
+            q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), lse, out, stats, dout,
+            dq, dbeta, *common, res, **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
+        )  # fmt: skip
+    tiles = _tiles("dkv_fused" if fused else "dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
     grid = (tile_level.numel(), bsz * kv_heads)
+    dq_arg = q if not fused else dq_acc
+    if fused == 2:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, tiles["BLOCK_T"], meta["BLOCK_D"]])
     _launch_bwd_dkv(
         grid,
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, tile_level, tile_i0, stats, dout,
-        dkeys, dvalues, *common, **tiles, **meta,
+        dkeys, dvalues, dq_arg, dbeta, *common, **tiles, **meta, DQ=fused,
     )  # fmt: skip
+    if fused and q.dtype != torch.float32:
+        dq = dq_acc.to(q.dtype)
     return dq, dkeys, dvalues, dbeta.to(beta.dtype)
 
 
@@ -643,6 +737,7 @@ def _block_sums(
 _launch_fwd = Launcher(_attend_fwd)
 _launch_bwd_dq = Launcher(_attend_bwd_dq)
 _launch_bwd_dkv = Launcher(_attend_bwd_dkv)
+_launch_bwd_stats = Launcher(_attend_bwd_stats)
 _launch_block_sums = Launcher(_block_sums)
 
 

@@ -77,15 +77,20 @@ def test_residual_in_the_epilogue_is_added_once_and_takes_dout():
 WIDE = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=(47, 31, 20))  # spans 2, 4, 8
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tma, monkeypatch):
+@pytest.mark.parametrize(
+    ("dtype", "tma", "bwd"),
+    [(dt, tma, "auto") for dt in (torch.float32, torch.bfloat16) for tma in (True, False)]
+    + [(torch.float32, False, "split"), (torch.bfloat16, False, "fused")],
+)
+def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tma, bwd, monkeypatch):
     # Rings wider than the slot tiles (16 under the interpreter): a slot tile every token of the
     # token tile sees runs without the visibility mask, any other with it. Full rings of 47 and
     # 31 slots put a band edge one slot inside a tile; the rows start from empty, partly filled
     # and full rings; T is not a multiple of the token tile. Slot tiles by TMA (Dh 16 makes
     # 16-byte rows) and by pointer loads.
+    # The backward: auto (here, fused for exact fp32, split for bf16) and the other one.
     monkeypatch.setattr(kernels.knobs, "memory_tma", tma)
+    monkeypatch.setattr(kernels.knobs, "memory_bwd", bwd)
     torch.manual_seed(0)
     mem = kernels.Memory.empty(WIDE, 4)
     mem.keys, mem.values = [torch.randn_like(t) for t in mem.keys], [torch.randn_like(t) for t in mem.values]
@@ -119,6 +124,51 @@ def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tm
             assert err < 4e-2, f"dbeta: relative error {err:.2e}"
             continue
         assert_close(g.cpu(), r, what=f"d{name}", **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_and_split_backward_agree_and_deterministic_mode_repeats_bit_for_bit(dtype, monkeypatch):
+    # The fused backward adds each slot tile's dq in L2 (atomics, or TMA reductions on Hopper),
+    # in whatever order the tiles come; under torch.use_deterministic_algorithms auto takes the
+    # split backward, whose dq is the same bits every run.
+    mem, _, _ = build_history([30, 11], {1: [2]}, dtype=torch.float32)
+    mem = to_device(mem.map(lambda t: t.to(dtype) if t.is_floating_point() else t))
+    kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(3, 40, d).to(TRITON_DEVICE, dtype).requires_grad_() for d in (qd, kd, kd))
+    beta = torch.randn(HEADS, 3).to(TRITON_DEVICE, dtype).requires_grad_()
+    dout = torch.randn(3, 40, qd).to(TRITON_DEVICE, dtype)
+
+    def grads():
+        out = kernels.hds_query(q, k, v, beta, mem, HEADS)
+        return torch.autograd.grad(out, (q, k, v, beta), dout)
+
+    monkeypatch.setattr(kernels.knobs, "memory_bwd", "fused-tma")
+    fused = grads()
+    monkeypatch.setattr(kernels.knobs, "memory_bwd", "auto")
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    split, again = grads(), grads()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for name, a, b, c in zip("q k v beta".split(), fused, split, again, strict=True):
+        assert_close(a.cpu(), b.cpu(), what=f"d{name}, fused vs split", **tol)
+        assert torch.equal(b, c), f"d{name}: the split backward differs between two runs"
+
+
+def test_backward_mode_rules(monkeypatch):
+    monkeypatch.setattr(kernels.knobs, "interpret", True)  # no Hopper: no TMA reductions
+    q32, q16 = torch.zeros(1, 1, 16), torch.zeros(1, 1, 16, dtype=torch.bfloat16)
+    assert torch.get_float32_matmul_precision() == "highest"
+    monkeypatch.setattr(kernels.knobs, "memory_bwd", "auto")
+    assert kernel._bwd_mode(q32, 16, 16) == 1  # exact fp32: fused (atomics)
+    assert kernel._bwd_mode(q16, 16, 16) == 0  # bf16 without Hopper: split
+    assert kernel._bwd_mode(q32.double(), 16, 16) == 0
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert kernel._bwd_mode(q32, 16, 16) == 0
+    monkeypatch.setattr(kernels.knobs, "memory_bwd", "fused-tma")
+    assert kernel._bwd_mode(q16, 16, 16) == 1  # forced: atomics where TMA reductions are missing
+    monkeypatch.setattr(kernels.knobs, "memory_bwd", "fast")
+    with pytest.raises(ValueError, match="MMREC_MEMORY_BWD='fast': expected auto, split, fused or fused-tma"):
+        kernel._bwd_mode(q16, 16, 16)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on row 1's NaN
