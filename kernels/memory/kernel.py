@@ -387,7 +387,8 @@ def _attend_bwd_stats(
     stat_offs = pid_bh.to(tl.int64) * T + t
     lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
     tl.store(STATS + stat_offs, delta, mask=t_ok)
-    tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL), mask=t_ok)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
+    tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, lse2, mask=t_ok)
 
 
 @triton.jit

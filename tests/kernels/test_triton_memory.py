@@ -149,7 +149,7 @@ def test_fused_and_split_backward_agree_and_deterministic_mode_repeats_bit_for_b
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     split, again = grads(), grads()
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for name, a, b, c in zip("q k v beta".split(), fused, split, again, strict=True):
+    for name, a, b, c in zip(["q", "k", "v", "beta"], fused, split, again, strict=True):
         assert_close(a.cpu(), b.cpu(), what=f"d{name}, fused vs split", **tol)
         assert torch.equal(b, c), f"d{name}: the split backward differs between two runs"
 
