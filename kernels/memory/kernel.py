@@ -295,7 +295,7 @@ def _attend_bwd_dq(
     STATS,  # [2, B, H, T] fp32, written here for the dk/dv kernel: rowsum(dout * out), base-2 lse
     DOUT,
     DQ,
-    DBETA,  # [H, L] fp32, zeroed
+    DBETA,  # [token tiles, B, H, L] fp32: each program's share of the level-bias gradient
     T,
     n_slots,
     n_levels,
@@ -353,7 +353,8 @@ def _attend_bwd_dq(
             k_ptrs += BLOCK_S * DH
             v_ptrs += BLOCK_S * DH
             row += BLOCK_S
-        tl.atomic_add(DBETA + head * n_levels + lvl, tl.sum(dbeta, axis=0))
+        part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * n_levels + lvl
+        tl.store(DBETA + part, tl.sum(dbeta, axis=0))  # summed on the host: the same bits every run
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok)
 
 
@@ -662,7 +663,6 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     stats = new_output(q, (2, bsz, heads, steps), torch.float32)
     dkeys = new_output(keys)
     dvalues = new_output(values)
-    dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
     meta = _meta(dim, q.dtype)
     common = (steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
     res = residual if residual is not None else q
@@ -670,6 +670,7 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     if fused:
         # dq accumulates in fp32 (in place for fp32 inputs), added to by every slot tile.
         dq = dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
         block_t = 16 if knobs.interpret else 64
         _launch_bwd_stats(
             (triton.cdiv(steps, block_t), bsz * heads), lse, out, dout, stats, steps, heads, res,
@@ -681,11 +682,13 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
         tiles = _tiles("dq", q.dtype, tma)
         descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
         grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
+        parts = torch.empty((*grid, len(rings)), device=q.device, dtype=torch.float32)
         _launch_bwd_dq(
             grid,
             q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), lse, out, stats, dout,
-            dq, dbeta, *common, res, **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
+            dq, parts, *common, res, **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
         )  # fmt: skip
+        dbeta = parts.view(grid[0], bsz, heads, len(rings)).sum((0, 1))
     tiles = _tiles("dkv_fused" if fused else "dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
     grid = (tile_level.numel(), bsz * kv_heads)
