@@ -28,13 +28,17 @@ in [1/2, 2^100], |acc| <= 2^120, m known) and walks the tile again with the onli
 it fails. So the output is the online softmax's in every case; only the time differs (a
 100-octave spread of logits costs the second walk).
 
-Backward (FlashAttention-2 style, probabilities recomputed from the saved log-sum-exp):
-- `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (one atomic add per level),
-  and for the next kernel delta = rowsum(dout * out) and the base-2 LSE;
+Backward (FlashAttention-2 style, probabilities recomputed from the saved log-sum-exp), split:
+- `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (a part per program and
+  level, summed on the host), and for the next kernel delta = rowsum(dout * out) and the
+  base-2 LSE;
 - `_attend_bwd_dkv`: per slot tile (one level), the tokens that see it, every query head of its
   memory head's group, computed transposed ([slots, tokens]) so p^T and ds^T are the left
   operands of the dv and dk products straight from registers; dk and dv accumulate in
   registers and are stored once, no atomics.
+Or fused (`_bwd_mode`): `_attend_bwd_stats` writes delta and the LSE, and the dk/dv kernel also
+adds each slot tile's dq into an fp32 buffer, by TMA reductions or atomics (not the same bits
+from run to run; the split backward is, and runs under torch.use_deterministic_algorithms).
 
 With MMREC_MEMORY_TMA=1 the forward and dq kernels load slot tiles by TMA on Hopper (`_tma_ok`).
 
@@ -553,6 +557,8 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
 # tiles fit. The bf16 forward (its fallback walk, the online softmax, needs 136 registers a thread)
 # and dq (157 with Triton 3.6) run three programs an SM; capped at 128 registers, four fit again:
 # fwd 0.425 -> 0.395 ms, dq 0.578 -> 0.529 (H200, 2026-12-01; a cap slows dk/dv, 0.712 -> 0.776).
+# The fused backward's dk/dv ("dkv_fused", else "dkv"): 64x64 in bf16 (half the dq reductions
+# of 32x64: 1.21 against 1.86 ms for the whole backward, H200, session 17).
 _TILES = {
     "wide": {"fwd": (64, 32, 4, 3, 128), "dq": (64, 32, 4, 3, 128), "dkv": (32, 64, 4, 3), "dkv_fused": (64, 64, 4, 3)},
     "wide+tma": {"fwd": (128, 64, 4, 3), "dq": (128, 64, 4, 3)},
