@@ -727,9 +727,8 @@ def _descriptors(bsz: int, width: int, n_chunks: int, device) -> tuple[Tensor, i
 
 # Programs a chunk row (B * ceil(C / 128)) at or below which the chained kernels hand off by
 # look-back: there the serial chain is most of the launch (H200, bf16 forward: 1.79x faster at
-# B1 C256, 2 programs a row; 1.44x at B8 C512, 32), while at B8 C2048 (128) the look-back's
-# window registers cost programs an SM and it was 0.67x the serial chain (BENCHMARKS.md,
-# session 16).
+# B1 C256, 2 programs a row; 1.44x at B8 C512, 32), while at B8 C2048 (128) it was 0.67x the
+# serial chain, and a 128-register version no better (BENCHMARKS.md, sessions 16 and 17).
 LOOKBACK_PROGRAMS = 32
 LOOKBACK_BYTES = 1 << 26  # the descriptors' size limit (64 MB: B*C 4096 at T 32768)
 
