@@ -69,8 +69,8 @@ def main() -> None:
         return (lambda: kernel._attend_fwd[grid](*args, **tiles, **meta)), o, out
 
     def run_dq(bt, bs, w, st, tma=False, reg=None):
-        dq, db = torch.empty_like(q), torch.zeros(heads, 3, device="cuda")
         grid = (triton.cdiv(steps, bt), bsz * heads)
+        dq, db = torch.empty_like(q), torch.empty(*grid, 3, device="cuda")  # dbeta: a part per program
         descs, flag = slot_args(bs, tma)
         args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, lse, out, stats, dout, dq, db)
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag, **({"maxnreg": reg} if reg else {}))
@@ -80,7 +80,8 @@ def main() -> None:
         dk, dv = torch.empty_like(keys), torch.empty_like(values)
         level, i0 = lv.tiles(bs)
         grid = (level.numel(), bsz * heads)
-        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, level, i0, stats, dout, dk, dv)
+        # q and beta stand in for the fused backward's dq buffer and dbeta (unused with DQ=0)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, level, i0, stats, dout, dk, dv, q, beta)
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **({"maxnreg": reg} if reg else {}))
         return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta)), dk, want[1]
 

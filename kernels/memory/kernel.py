@@ -43,14 +43,15 @@ from run to run; the split backward is, and runs under torch.use_deterministic_a
 With MMREC_MEMORY_TMA=1 the forward and dq kernels load slot tiles by TMA on Hopper (`_tma_ok`).
 
 With a residual (HAS_RES; the block's h + m, moved here by fuse-residual-epilogue) the forward
-stores residual + m and m never reaches HBM alone; the dq kernel takes the residual off the
-saved output again for delta. In bf16/fp16 that difference carries the rounding of the sum,
+stores residual + m and m never reaches HBM alone; the dq kernel (or, fused, the stats kernel)
+takes the residual off the saved output again for delta. In bf16/fp16 that difference carries the rounding of the sum,
 2^-9 |h + m| instead of 2^-9 |m| (the delta of FlashAttention-2 from its rounded output).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import ClassVar
 
 import torch
@@ -408,7 +409,7 @@ def _attend_bwd_dkv(
     SPAN,
     TILE_LEVEL,
     TILE_I0,  # per slot tile: its level and first level-local index
-    STATS,  # [2, B, H, T]: delta and the base-2 lse (0 where nothing is visible), from the dq kernel
+    STATS,  # [2, B, H, T]: delta and the base-2 lse (0 where nothing is visible), from the dq or stats kernel
     DOUT,
     DKEYS,
     DVALUES,  # [B, K, S, Dh], every element written
@@ -443,13 +444,16 @@ def _attend_bwd_dkv(
     slot_ok = (i < count)[:, None] & col_ok[None, :]
     kv_base = (b * kv_heads + kvh).to(tl.int64) * n_slots * DH
     slot_offs = kv_base + (start + i).to(tl.int64)[:, None] * DH + cols[None, :]
-    kt = operand(tl.load(KEYS + slot_offs, mask=slot_ok, other=0.0), UPCAST)
-    vt = operand(tl.load(VALUES + slot_offs, mask=slot_ok, other=0.0), UPCAST)
+    ring, span, r, floor = _band_origin(POS, RING, SPAN, b, lvl)
+    # Slots before the stream's start (below floor) are seen by no token: read as 0, so that
+    # whatever they hold (0 * NaN) reaches neither their gradients nor, fused, other slots' dq.
+    seen_ok = slot_ok & (i >= floor)[:, None]
+    kt = operand(tl.load(KEYS + slot_offs, mask=seen_ok, other=0.0), UPCAST)
+    vt = operand(tl.load(VALUES + slot_offs, mask=seen_ok, other=0.0), UPCAST)
 
     # Token t sees local index i iff i >= floor and d_t in (i - M, i], i.e.
     # (i - M + 1) S - r <= t < (i + 1) S - r: a token range per slot, so the mask is two compares
     # per element and no division per token. Past the level's count the range starts after T.
-    ring, span, r, floor = _band_origin(POS, RING, SPAN, b, lvl)
     seen_lo = tl.where(i >= floor, (i - ring + 1).to(tl.int64) * span - r, T)
     seen_hi = (i + 1).to(tl.int64) * span - r
     seen_lo = tl.minimum(tl.maximum(seen_lo, 0), T).to(tl.int32)
@@ -491,7 +495,8 @@ def _attend_bwd_dkv(
                 if DQ == 2:
                     DQ_ACC.atomic_add([b, t0, head * DH], tl.reshape(dq, [1, BLOCK_T, BLOCK_D]))
                 else:
-                    tl.atomic_add(DQ_ACC + q_offs + (t0 - t_lo) * (HEADS * DH), dq, mask=row_ok, sem="relaxed")
+                    dq_offs = q_offs + (t0 - t_lo).to(tl.int64) * (HEADS * DH)
+                    tl.atomic_add(DQ_ACC + dq_offs, dq, mask=row_ok, sem="relaxed")
                 dbeta += tl.sum(ds_t, axis=1)
             q_ptrs += BLOCK_T * HEADS * DH
             do_ptrs += BLOCK_T * HEADS * DH
@@ -639,24 +644,35 @@ def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
     """The dk/dv kernel's DQ: 0 the split backward, 1 fused with atomics, 2 fused with TMA
     reductions (Hopper, Dh a power of two; the interpreter has none and runs the atomics).
     auto (the default) takes what measured fastest on the H200 (BENCHMARKS.md, session 17):
-    TMA reductions for bf16/fp16 on Hopper (1.21 against 1.25 ms at B8 H16 T4096 over 1024
-    slots), atomics for exact fp32 (26 against 85 ms: its split kernels take small tiles), and
-    the split backward for TF32 (not measured fused), fp64, older GPUs, and wherever
-    torch.use_deterministic_algorithms is on: added in L2 in whatever order the slot tiles
-    come, dq can differ in its last bits from run to run."""
+    TMA reductions for bf16/fp16 on Hopper where Dh allows them (1.21 against 1.25 ms at B8 H16
+    T4096 over 1024 slots; by atomics 1.45, so other Dh and older GPUs take the split backward),
+    atomics for exact fp32 on any GPU (26 against 85 ms on the H200: the split kernels recompute
+    the probabilities on the CUDA cores twice), and the split backward for TF32 (not measured
+    fused) and fp64. Added in L2 in whatever order the slot tiles come, the fused dq can differ
+    in its last bits from run to run: under torch.use_deterministic_algorithms auto takes the
+    split backward, and a forced fused one raises (or warns, with warn_only) as torch's own
+    nondeterministic ops do."""
     mode = knobs.memory_bwd
     if mode not in ("auto", "split", "fused", "fused-tma"):
         raise ValueError(f"MMREC_MEMORY_BWD={mode!r}: expected auto, split, fused or fused-tma")
-    hopper = not knobs.interpret and torch.cuda.get_device_capability(q.device)[0] >= 9
+    if mode == "split" or q.dtype == torch.float64:
+        return 0
+    tma = block_d == dim and not knobs.interpret and torch.cuda.get_device_capability(q.device)[0] >= 9
     if mode == "auto":
-        if torch.are_deterministic_algorithms_enabled() or q.dtype == torch.float64:
+        if torch.are_deterministic_algorithms_enabled():
             return 0
         if q.dtype == torch.float32:
             return 1 if fp32_dot_precision(q.dtype) == "ieee" else 0
-        mode = "fused-tma" if hopper else "split"
-    if mode == "split" or q.dtype == torch.float64:
-        return 0
-    return 2 if mode == "fused-tma" and hopper and block_d == dim else 1
+        return 2 if tma else 0
+    if torch.are_deterministic_algorithms_enabled():
+        msg = (
+            f"hds_query backward: MMREC_MEMORY_BWD={mode} adds dq by atomics, not deterministic, but "
+            "torch.use_deterministic_algorithms(True) is set; use MMREC_MEMORY_BWD=auto or split"
+        )
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(msg)
+        warnings.warn(msg, stacklevel=2)
+    return 2 if mode == "fused-tma" and tma else 1
 
 
 def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: int, residual=None):

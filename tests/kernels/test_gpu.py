@@ -183,16 +183,19 @@ def test_model_on_cuda_decodes_like_forward_and_trains():
     assert torch.isfinite(loss) and model.get_parameter("layer0.w_g").grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("bwd", ["auto", "split", "fused"])  # auto: bf16 by TMA reductions on Hopper
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_memory_query_at_gpu_tile_sizes(dtype, tma, monkeypatch):
+def test_memory_query_at_gpu_tile_sizes(dtype, tma, bwd, monkeypatch):
     # Rings wider than the GPU's slot tiles (64-128), so tiles inside every token's band skip
     # the mask; slot tiles by pointer loads and by TMA; GQA; rows at the stream's start, part
     # way and far on; ring gradients. Then row 1's rings turn NaN/inf: rows 0 and 2 must not
     # change.
     from kernels.memory import reference as mem_ref
 
+    # T 700 is not a multiple of any token tile. The backward: split, fused (atomics) or auto.
     monkeypatch.setattr(kernels.knobs, "memory_tma", tma)
+    monkeypatch.setattr(kernels.knobs, "memory_bwd", bwd)
     torch.manual_seed(0)
     spec = kernels.MemorySpec(heads=4, dim=64, block=16, ratio=4, slots=(200, 150, 90))
     mem = kernels.Memory.empty(spec, 3, device="cuda", dtype=dtype)

@@ -48,10 +48,13 @@ def test_triton_query_matches_reference_forward_and_backward(chunks, resets, ste
         assert_close(g.cpu(), r, what=f"d{name}", **tol)
 
 
-def test_residual_in_the_epilogue_is_added_once_and_takes_dout():
+@pytest.mark.parametrize("bwd", ["split", "fused"])
+def test_residual_in_the_epilogue_is_added_once_and_takes_dout(bwd, monkeypatch):
     # fuse-residual-epilogue's form h + m (fp32 graphs only): the kernel adds h before its store,
-    # and the backward takes h off the saved output again for delta; a wrong delta shows in dq,
-    # dk and dbeta (this test fails with the subtraction left out).
+    # and the backward takes h off the saved output again for delta (the split backward's dq
+    # kernel, or the fused one's stats kernel); a wrong delta shows in dq, dk and dbeta (this
+    # test fails with the subtraction left out).
+    monkeypatch.setattr(kernels.knobs, "memory_bwd", bwd)
     dtype = torch.float32
     mem, _, _ = build_history([13, 6], {0: [1]}, dtype=torch.float32)
     mem = to_device(mem.map(lambda t: t.to(dtype) if t.is_floating_point() else t))
@@ -131,7 +134,9 @@ def test_fused_and_split_backward_agree_and_deterministic_mode_repeats_bit_for_b
     # The fused backward adds each slot tile's dq (and dbeta) in L2, by atomics or TMA
     # reductions, in whatever order the tiles come; under torch.use_deterministic_algorithms
     # auto takes the split backward, whose every gradient is the same bits from run to run
-    # (its dbeta comes as per-program parts summed on the host, not by atomics).
+    # (its dbeta comes as per-program parts summed on the host, not by atomics). The
+    # interpreter runs programs one after another, so there even atomics repeat: the bit-for-bit
+    # check can fail only on a GPU.
     mem, _, _ = build_history([30, 11], {1: [2]}, dtype=torch.float32)
     mem = to_device(mem.map(lambda t: t.to(dtype) if t.is_floating_point() else t))
     kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
@@ -158,20 +163,43 @@ def test_fused_and_split_backward_agree_and_deterministic_mode_repeats_bit_for_b
 
 
 def test_backward_mode_rules(monkeypatch):
-    monkeypatch.setattr(kernels.knobs, "interpret", True)  # no Hopper: no TMA reductions
     q32, q16 = torch.zeros(1, 1, 16), torch.zeros(1, 1, 16, dtype=torch.bfloat16)
     assert torch.get_float32_matmul_precision() == "highest"
     monkeypatch.setattr(kernels.knobs, "memory_bwd", "auto")
-    assert kernel._bwd_mode(q32, 16, 16) == 1  # exact fp32: fused (atomics)
-    assert kernel._bwd_mode(q16, 16, 16) == 0  # bf16 without Hopper: split
-    assert kernel._bwd_mode(q32.double(), 16, 16) == 0
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert kernel._bwd_mode(q32, 16, 16) == 0
+    monkeypatch.setattr(kernels.knobs, "interpret", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Hopper
+    assert kernel._bwd_mode(q16, 64, 64) == 2  # bf16: fused by TMA reductions
+    assert kernel._bwd_mode(q16, 48, 64) == 0  # Dh not a power of two: no TMA tile, so split
+    assert kernel._bwd_mode(q32, 64, 64) == 1  # exact fp32: fused by atomics
+    assert kernel._bwd_mode(q32.double(), 64, 64) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # Ampere
+    assert kernel._bwd_mode(q16, 64, 64) == 0
+    assert kernel._bwd_mode(q32, 64, 64) == 1
     monkeypatch.setattr(kernels.knobs, "memory_bwd", "fused-tma")
-    assert kernel._bwd_mode(q16, 16, 16) == 1  # forced: atomics where TMA reductions are missing
+    assert kernel._bwd_mode(q16, 64, 64) == 1  # forced: atomics where TMA reductions are missing
     monkeypatch.setattr(kernels.knobs, "memory_bwd", "fast")
     with pytest.raises(ValueError, match="MMREC_MEMORY_BWD='fast': expected auto, split, fused or fused-tma"):
-        kernel._bwd_mode(q16, 16, 16)
+        kernel._bwd_mode(q16, 64, 64)
+
+
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_deterministic_mode_takes_the_split_backward_and_alerts_on_a_forced_fused_one(warn_only, monkeypatch):
+    q32 = torch.zeros(1, 1, 16)
+    monkeypatch.setattr(kernels.knobs, "interpret", True)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        monkeypatch.setattr(kernels.knobs, "memory_bwd", "auto")
+        assert kernel._bwd_mode(q32, 16, 16) == 0
+        monkeypatch.setattr(kernels.knobs, "memory_bwd", "fused")
+        if warn_only:
+            with pytest.warns(UserWarning, match="MMREC_MEMORY_BWD=fused"):
+                assert kernel._bwd_mode(q32, 16, 16) == 1
+        else:
+            with pytest.raises(RuntimeError, match="MMREC_MEMORY_BWD=fused"):
+                kernel._bwd_mode(q32, 16, 16)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on row 1's NaN
