@@ -2,7 +2,7 @@
 and the dk/dv kernel timed apart for every tile config, each checked against the default
 config's result before it is timed. This is how kernels/memory/kernel.py's tiles are chosen.
 
-    python benchmarks/memory_sweep.py [--only fwd,dq,dkv,sums] [--dtype bf16|fp32]
+    python benchmarks/memory_sweep.py [--only fwd,dq,dkv,dkv_fused,sums] [--dtype bf16|fp32]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from kernels.memory import kernel, reference
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="fwd,dq,dkv,sums", help="comma-separated: fwd, dq, dkv, sums")
+    parser.add_argument("--only", default="fwd,dq,dkv,sums", help="comma-separated: fwd, dq, dkv, dkv_fused, sums")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32: TF32 products")
     args = parser.parse_args()
     only = args.only.split(",")
@@ -85,6 +85,26 @@ def main() -> None:
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **({"maxnreg": reg} if reg else {}))
         return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta)), dk, want[1]
 
+    def run_dkv_fused(bt, bs, w, st, tma=False, reg=None):
+        """The fused backward's dk/dv kernel (MMREC_MEMORY_BWD=fused-tma on Hopper, else fused),
+        checked on the dq it adds up."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        dk, dv = torch.empty_like(keys), torch.empty_like(values)
+        dq, db = torch.zeros(q.shape, device="cuda"), torch.zeros(heads, 3, device="cuda")
+        mode = 2 if torch.cuda.get_device_capability()[0] >= 9 else 1
+        dq_arg = TensorDescriptor.from_tensor(dq, [1, bt, meta["BLOCK_D"]]) if mode == 2 else dq
+        level, i0 = lv.tiles(bs)
+        grid = (level.numel(), bsz * heads)
+        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, level, i0, stats, dout, dk, dv, dq_arg, db)
+        tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **({"maxnreg": reg} if reg else {}))
+
+        def run():
+            dq.zero_()  # part of the fused backward's cost
+            kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta, DQ=mode)
+
+        return run, dq, want[0]
+
     sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
     # (BLOCK_T, BLOCK_S, warps, stages, TMA, maxnreg); caps of 128 registers let four 4-warp programs share an SM.
     tiling = [(w, st, reg) for w in (4, 8) for st in (2, 3) for reg in (None, 128)]
@@ -92,9 +112,10 @@ def main() -> None:
         "fwd": [(*c, *t[:2], tma, t[2]) for c in sizes if c[0] >= 64 for t in tiling for tma in (0, 1)],
         "dq": [(*c, *t[:2], tma, t[2]) for c in sizes if c[1] <= 64 for t in tiling for tma in (0, 1)],
         "dkv": [(*c, *t[:2], 0, t[2]) for c in sizes for t in tiling],
+        "dkv_fused": [(*c, *t[:2], 0, t[2]) for c in sizes for t in tiling],
     }
-    launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv}
-    run_dq(64, 32, 4, 3)[0]()  # fills stats for the dk/dv configs
+    launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv, "dkv_fused": run_dkv_fused}
+    run_dq(64, 32, 4, 3)[0]()  # fills stats for the dk/dv configs (the fused backward's stats are the same)
     for name, launcher in launchers.items():
         if name not in only:
             continue
