@@ -322,17 +322,9 @@ def _attend_bwd_dq(
     row_ok = t_ok[:, None] & col_ok[None, :]
     q = operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
     do = operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
-    stat_offs = (b * HEADS + head).to(tl.int64) * T + t
-    lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
+    delta, lse2 = _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, q_offs, row_ok, T, HEADS, HAS_RES)
     # Padding tokens (t >= T) give p = 0 everywhere, so a large bias cannot make inf * 0 there.
     lse2 = tl.where(t_ok, lse2, float("inf"))
-    out = tl.load(OUT + q_offs, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_RES:
-        out -= tl.load(RES + q_offs, mask=row_ok, other=0.0).to(tl.float32)
-    delta = tl.sum(do.to(tl.float32) * out, axis=1)
-    tl.store(STATS + stat_offs, delta, mask=t_ok)
-    tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, lse2, mask=t_ok)
 
     dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for lvl in range(n_levels):
@@ -364,6 +356,23 @@ def _attend_bwd_dq(
 
 
 @triton.jit
+def _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HEADS, HAS_RES: tl.constexpr):
+    """Per token of a tile, what the dk/dv kernel reads (stored to STATS [2, B, H, T]):
+    delta = rowsum(dout * out), with the forward's residual taken off out again (HAS_RES), and
+    the base-2 LSE, 0 where nothing is visible. -> (delta, that LSE)."""
+    out = tl.load(OUT + offs, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        out -= tl.load(RES + offs, mask=row_ok, other=0.0).to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * out, axis=1)
+    stat_offs = (b * HEADS + head).to(tl.int64) * T + t
+    lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
+    tl.store(STATS + stat_offs, delta, mask=t_ok)
+    tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, lse2, mask=t_ok)
+    return delta, lse2
+
+
+@triton.jit
 def _attend_bwd_stats(
     LSE,
     OUT,
@@ -377,24 +386,12 @@ def _attend_bwd_stats(
     BLOCK_D: tl.constexpr,
     HAS_RES: tl.constexpr = False,
 ):
-    """The fused backward's first pass (the dq kernel's prologue alone): per token tile of one
-    (batch row, query head), what the dk/dv kernel reads per token."""
-    pid_bh = tl.program_id(1)
-    b, head = pid_bh // HEADS, pid_bh % HEADS
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    t_ok = t < T
-    row_ok = t_ok[:, None] & (cols < DH)[None, :]
-    offs = (b * T + t).to(tl.int64)[:, None] * (HEADS * DH) + head * DH + cols[None, :]
-    out = tl.load(OUT + offs, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_RES:
-        out -= tl.load(RES + offs, mask=row_ok, other=0.0).to(tl.float32)
-    delta = tl.sum(tl.load(DOUT + offs, mask=row_ok, other=0.0).to(tl.float32) * out, axis=1)
-    stat_offs = pid_bh.to(tl.int64) * T + t
-    lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
-    tl.store(STATS + stat_offs, delta, mask=t_ok)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
-    tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, lse2, mask=t_ok)
+    """The fused backward's first pass, the dq kernel's prologue alone, per token tile of one
+    (batch row, query head)."""
+    b, head, t, _, t_ok, col_ok, offs, _, _ = _token_tile(T, 0, HEADS, 1, DH, BLOCK_T, BLOCK_D)
+    row_ok = t_ok[:, None] & col_ok[None, :]
+    do = tl.load(DOUT + offs, mask=row_ok, other=0.0)
+    _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HEADS, HAS_RES)
 
 
 @triton.jit
@@ -714,11 +711,12 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     tiles = _tiles("dkv_fused" if fused else "dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
     grid = (tile_level.numel(), bsz * kv_heads)
-    dq_arg = q if not fused else dq_acc
     if fused == 2:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, tiles["BLOCK_T"], meta["BLOCK_D"]])
+    else:
+        dq_arg = dq_acc if fused else q  # split: unused
     _launch_bwd_dkv(
         grid,
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, tile_level, tile_i0, stats, dout,
