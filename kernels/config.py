@@ -38,6 +38,9 @@ class Knobs:
     # within its descriptors' size limit, LOOKBACK_BYTES); walk: the
     # earlier kernels (one walker per column block), for comparison.
     scan_kernels: str = os.environ.get("MMREC_SCAN", "chained")
+    # MMREC_SCAN_WORDS=0: bf16/fp16 serial chains keep the 32-row channel-pair tile instead of
+    # 64-row chunks held as raw words (`_scan_fwd_words`), for comparison.
+    scan_words: bool = os.environ.get("MMREC_SCAN_WORDS", "1") == "1"
     # Set by kernels.library.tracing_references() (export): entry points run each op's
     # plain-PyTorch body instead of its custom op or Triton launcher.
     trace_references: bool = False

@@ -147,6 +147,45 @@ def test_chained_launches_leave_the_ring_zero_for_the_next(monkeypatch, scan_ker
         assert not ring.any(), f"backward B{bsz} T{steps} C{width} left {int(ring.count_nonzero())} words set"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scan_kernels", ["serial"], indirect=True)
+def test_word_chunks_and_the_unmasked_backward_match_the_reference(monkeypatch, dtype, scan_kernels):
+    # bf16/fp16 at an even width: the forward holds chunks as raw words (`_scan_fwd_words`; masked
+    # chunks at T 21 and 5 words a 8-word block, unmasked at T 16 and C 32); T a multiple of the
+    # chunk and C of the channel block: the backward without its masked path (EVEN). A base that
+    # is not 4-byte aligned falls back to the channel pairs. The ring is left zero each time.
+    monkeypatch.setattr(kernel, "_RINGS", {})
+    taken = []
+
+    def spy(name):
+        launch = getattr(kernel, name)
+        return lambda *args, **meta: taken.append((name, meta.get("EVEN"))) or launch(*args, **meta)
+
+    for name in ("_launch_fwd_words", "_launch_fwd_chained", "_launch_bwd_chained"):
+        monkeypatch.setattr(kernel, name, spy(name))
+    for bsz, steps, width, offset in ((2, 16, 32, 0), (1, 21, 10, 0), (1, 16, 32, 1)):
+        log_a, b, h0 = make(bsz, steps, width, dtype)
+        if offset:  # a 2-byte offset base
+            b = torch.empty(b.numel() + 1, dtype=dtype, device=b.device)[1:].view_as(b).copy_(b)
+        taken.clear()
+        h, h_last = kernel.scan_fwd(log_a, b, h0)
+        dh, dlast = torch.randn_like(h), torch.randn_like(h_last)
+        grads = kernel.scan_bwd(log_a, h, h0, dh, dlast)
+        assert taken == [
+            ("_launch_fwd_chained" if offset else "_launch_fwd_words", None),
+            ("_launch_bwd_chained", steps % 8 == 0 and width % 16 == 0),
+        ], taken
+        (ring,) = kernel._RINGS.values()
+        assert not ring.any()
+        cpu = [t.cpu().double() for t in (log_a, b, h0)]
+        ref_h, ref_last = reference.forward(*cpu)
+        assert_close(h.cpu(), ref_h, what=f"h B{bsz} T{steps} C{width}", rtol=2e-2, atol=2e-2)
+        assert_close(h_last.cpu(), ref_last, what="h_last", rtol=2e-2, atol=2e-2)
+        ref_grads = reference.backward(cpu[0], h.cpu().double(), cpu[2], dh.cpu().double(), dlast.cpu().double())
+        for name, g, r in zip(["log_a", "b", "h0"], grads, ref_grads, strict=True):
+            assert_close(g.cpu(), r, what=f"d{name} B{bsz} T{steps} C{width}", rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("scan_kernels", ["lookback"], indirect=True)
 def test_lookback_descriptors_serve_launch_after_launch_and_survive_the_tag_wrap(monkeypatch, scan_kernels):
     # The descriptors are never cleared between launches: each launch tags above the last one,
