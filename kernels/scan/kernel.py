@@ -464,25 +464,57 @@ def _half(w, HI: tl.constexpr, FP16: tl.constexpr, PURE: tl.constexpr):
 
 
 @triton.jit
-def _half_bits(h, DT: tl.constexpr):
-    """fp32 -> the 16-bit float's bits (round to nearest even) in the low half of an int32."""
-    return h.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+def _pack_halves(h_lo, h_hi, DT: tl.constexpr, FP16: tl.constexpr, FAST: tl.constexpr):
+    """Two fp32 tiles -> int32 words of their 16-bit floats (round to nearest even, as `.to`):
+    on the GPU one cvt per word instead of two conversions and the shifts to pack them."""
+    if FAST:
+        if FP16:
+            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [h_hi, h_lo], dtype=tl.int32,
+                                             is_pure=True, pack=1)  # fmt: skip
+        else:
+            return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,r,r", [h_hi, h_lo], dtype=tl.int32,
+                                             is_pure=True, pack=1)  # fmt: skip
+    else:
+        lo = h_lo.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        hi = h_hi.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo | (hi << 16)
 
 
 @triton.jit
-def _decay_again(la, FAST: tl.constexpr):
-    """`_decay` for pass 2: on the GPU an ex2 the compiler may not merge with pass 1's."""
+def _clamp_words(w, FP16: tl.constexpr, FAST: tl.constexpr):
+    """On the GPU: log_a's words clamped to [LOG_A_MIN, LOG_A_MAX] two channels an instruction
+    (bf16x2 / f16x2 min and max, NaN kept as torch.clamp keeps it; both bounds are exact in 16
+    bits, so this equals clamping after the conversion). Clamped once, the words serve both
+    passes. The interpreter clamps in fp32 instead (`_word_decay`)."""
     if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [_clamp_log_a(la) * 1.4426950408889634],
-                                         dtype=tl.float32, is_pure=False, pack=1)  # fmt: skip
+        if FP16:  # -50 is 0xD240 in fp16
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 lo, hi; mov.b32 lo, 0xD240D240; mov.b32 hi, 0; max.NaN.f16x2 $0, $1, lo; "
+                "min.NaN.f16x2 $0, $0, hi; }", "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+        else:  # -50 is 0xC248 in bf16
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 lo, hi; mov.b32 lo, 0xC248C248; mov.b32 hi, 0; max.NaN.bf16x2 $0, $1, lo; "
+                "min.NaN.bf16x2 $0, $0, hi; }", "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+    else:
+        return w
+
+
+@triton.jit
+def _word_decay(la, FAST: tl.constexpr, PURE: tl.constexpr):
+    """exp of a half of the (on the GPU already clamped) log-decay words: one ex2 on the GPU,
+    PURE=False for pass 2 (an ex2 the compiler may not merge with pass 1's); `_decay` in the
+    interpreter."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [la * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=PURE, pack=1)  # fmt: skip
     else:
         return _decay(la, False)
 
 
 @triton.jit
-def _words_half(law, xw, carry, first, last, HI: tl.constexpr, FP16: tl.constexpr, FAST: tl.constexpr):
+def _words_half(law, xw, carry, first, HI: tl.constexpr, FP16: tl.constexpr, FAST: tl.constexpr):
     """Pass 2 for one half of the words: h from the carry -> fp32 [words, rows]."""
-    a = _decay_again(_half(law, HI, FP16, not FAST), FAST)
+    a = _word_decay(_half(law, HI, FP16, not FAST), FAST, False)
     x = _half(xw, HI, FP16, not FAST)
     _, h = tl.associative_scan((a, tl.where(first, a * carry[:, None] + x, x)), 1, _compose)
     return h
@@ -511,11 +543,12 @@ def _chunk_fwd_words(LA, X, H0, H, HLAST, LINK, pid_b, pid_c, k, T, n_chunks, ri
     else:
         law = tl.load(LAW + woffs)
         xw = tl.load(XW + woffs)
+    law = _clamp_words(law, FP16, FAST)
     last = rows[None, :] == R - 1
-    a_lo, b_lo = tl.associative_scan((_decay(_half(law, False, FP16, True), FAST), _half(xw, False, FP16, True)), 1,
-                                     _compose)  # fmt: skip
-    a_hi, b_hi = tl.associative_scan((_decay(_half(law, True, FP16, True), FAST), _half(xw, True, FP16, True)), 1,
-                                     _compose)  # fmt: skip
+    a_lo, b_lo = tl.associative_scan((_word_decay(_half(law, False, FP16, True), FAST, True),
+                                      _half(xw, False, FP16, True)), 1, _compose)  # fmt: skip
+    a_hi, b_hi = tl.associative_scan((_word_decay(_half(law, True, FP16, True), FAST, True),
+                                      _half(xw, True, FP16, True)), 1, _compose)  # fmt: skip
     ring = LINK + 1
     carry_lo = _carry_in(H0, ring + state_lo, k, state_lo, w_ok, ring_slot, HAS_H0, NW, SPIN_LIMIT)
     carry_hi = _carry_in(H0, ring + state_hi, k, state_hi, w_ok, ring_slot, HAS_H0, NW, SPIN_LIMIT)
@@ -524,10 +557,9 @@ def _chunk_fwd_words(LA, X, H0, H, HLAST, LINK, pid_b, pid_c, k, T, n_chunks, ri
     _carry_out(HLAST, ring + state_lo, k, n_chunks, out_lo, state_lo, w_ok, ring_slot, True)
     _carry_out(HLAST, ring + state_hi, k, n_chunks, out_hi, state_hi, w_ok, ring_slot, True)
     first = rows[None, :] == 0
-    h_lo = _words_half(law, xw, carry_lo, first, last, False, FP16, FAST)
-    h_hi = _words_half(law, xw, carry_hi, first, last, True, FP16, FAST)
-    DT: tl.constexpr = H.dtype.element_ty
-    hw = _half_bits(h_lo, DT) | (_half_bits(h_hi, DT) << 16)
+    h_lo = _words_half(law, xw, carry_lo, first, False, FP16, FAST)
+    h_hi = _words_half(law, xw, carry_hi, first, True, FP16, FAST)
+    hw = _pack_halves(h_lo, h_hi, H.dtype.element_ty, FP16, FAST)
     HW = H.to(tl.pointer_type(tl.int32), bitcast=True)
     if MASKED:
         tl.store(HW + woffs, hw, mask=w_ok[:, None] & _rows_below(T - k * R, rows, FAST)[None, :])

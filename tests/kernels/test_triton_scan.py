@@ -163,8 +163,9 @@ def test_word_chunks_and_the_unmasked_backward_match_the_reference(monkeypatch, 
 
     for name in ("_launch_fwd_words", "_launch_fwd_chained", "_launch_bwd_chained"):
         monkeypatch.setattr(kernel, name, spy(name))
+    block_c, rows, _ = kernel._chain_tile()  # 16 channels and 8 rows under the interpreter
     for bsz, steps, width, offset in ((2, 16, 32, 0), (1, 21, 10, 0), (1, 16, 32, 1)):
-        log_a, b, h0 = make(bsz, steps, width, dtype)
+        log_a, b, h0 = make(bsz, steps, width, dtype)  # a log_a clamped below and one above
         if offset:  # a 2-byte offset base
             b = torch.empty(b.numel() + 1, dtype=dtype, device=b.device)[1:].view_as(b).copy_(b)
         taken.clear()
@@ -173,7 +174,7 @@ def test_word_chunks_and_the_unmasked_backward_match_the_reference(monkeypatch, 
         grads = kernel.scan_bwd(log_a, h, h0, dh, dlast)
         assert taken == [
             ("_launch_fwd_chained" if offset else "_launch_fwd_words", None),
-            ("_launch_bwd_chained", steps % 8 == 0 and width % 16 == 0),
+            ("_launch_bwd_chained", steps % rows == 0 and width % block_c == 0),
         ], taken
         (ring,) = kernel._RINGS.values()
         assert not ring.any()
@@ -184,6 +185,10 @@ def test_word_chunks_and_the_unmasked_backward_match_the_reference(monkeypatch, 
         ref_grads = reference.backward(cpu[0], h.cpu().double(), cpu[2], dh.cpu().double(), dlast.cpu().double())
         for name, g, r in zip(["log_a", "b", "h0"], grads, ref_grads, strict=True):
             assert_close(g.cpu(), r, what=f"d{name} B{bsz} T{steps} C{width}", rtol=2e-2, atol=2e-2)
+        log_a[0, 3, 5] = float("nan")  # the words' clamp keeps it, as torch.clamp does: channel 5 NaN from row 3
+        h, _ = kernel.scan_fwd(log_a, b, h0)
+        ref_h, _ = reference.forward(log_a.cpu().double(), cpu[1], cpu[2])
+        assert torch.isnan(ref_h).sum() == steps - 3 and torch.equal(torch.isnan(h.cpu()), torch.isnan(ref_h))
 
 
 @pytest.mark.parametrize("scan_kernels", ["lookback"], indirect=True)
