@@ -405,7 +405,6 @@ def _scan_fwd_chained(
     W: tl.constexpr,
     SPARSE: tl.constexpr,
     SPIN_LIMIT: tl.constexpr,
-    EVEN: tl.constexpr = False,  # no chunk is masked: the masked path is not compiled (`_even`)
 ):
     """Chunk k of a column waits for chunk k-1's last row, publishes its own and then writes h:
     the hand-off is one word per channel, so a chunk's loads and its scan overlap the wait
@@ -417,7 +416,7 @@ def _scan_fwd_chained(
     carry instead of the wait reads 1.03x / 1.01x: the hand-offs (0.68 us each, one after
     another down a column) cost the rest, at the launch's ends (BENCHMARKS.md, session 10)."""
     _, k, cols, state, ring, base = _chain_position(LINK, B, T, n_chunks, C, R, BLOCK_C, False)
-    if (not EVEN) and ((C % BLOCK_C != 0) or (k * R + R > T)):
+    if (C % BLOCK_C != 0) or (k * R + R > T):
         _chunk_fwd(LA, X, H0, H, HLAST, ring, DESC, tag_base, base, cols, state, k, T, n_chunks, B * C, C, HAS_H0, R,
                    BLOCK_C, True, FAST, LOOKBACK, W, SPARSE, SPIN_LIMIT)  # fmt: skip
     else:
@@ -586,7 +585,6 @@ def _scan_fwd_words(
     FP16: tl.constexpr,
     FAST: tl.constexpr,
     SPIN_LIMIT: tl.constexpr,
-    EVEN: tl.constexpr = False,  # no chunk is masked: the masked path is not compiled (`_even`)
 ):
     """`_scan_fwd_chained`'s serial chain with 64-row chunks held as words (above): half the
     hand-offs down a column. H200, bf16, against the 32-row channel-pair chain in the same run:
@@ -601,7 +599,7 @@ def _scan_fwd_words(
     rest = ticket % per_chunk
     pid_b = rest // n_ct
     pid_c = rest % n_ct
-    if (not EVEN) and (((C // 2) % (BLOCK_C // 2) != 0) or (k * R + R > T)):
+    if ((C // 2) % (BLOCK_C // 2) != 0) or (k * R + R > T):
         _chunk_fwd_words(LA, X, H0, H, HLAST, LINK, pid_b, pid_c, k, T, n_chunks, B * C, C, HAS_H0, R, BLOCK_C, True,
                          FP16, FAST, SPIN_LIMIT)  # fmt: skip
     else:
@@ -972,15 +970,16 @@ def _chain_tile(itemsize: int = 4, even: bool = False) -> tuple[int, int, int]:
 
 
 BWD_SUB = {2: 32, 4: 32}  # the backward's output rows a pass where no chunk is masked, by element size
-EVEN_KERNELS = True  # False: compile the masked path into every chained kernel (for comparison)
+EVEN_KERNELS = True  # False: compile the masked path into every chained backward (for comparison)
 
 
 def _even(bsz: int, steps: int, width: int, rows: int, block_c: int, n_chunks: int) -> bool:
-    """Whether a chained launch compiles its unmasked path only: T a multiple of the chunk, C of
-    the channel block, and the serial hand-off. With both paths in one kernel Triton 3.6's
+    """Whether a chained backward compiles its unmasked path only: T a multiple of the chunk, C
+    of the channel block, and the serial hand-off. With both paths in one kernel Triton 3.6's
     schedule took 210 registers in the bf16 backward at 32-row passes, against 128 and 80 for
-    either alone; the look-back measured slower unmasked-only (B2 C1024 bf16 backward: 2.7x its
-    floor against 2.35x), so it keeps both (BENCHMARKS.md, session 18)."""
+    either alone; the look-back measured slower unmasked-only (B2 C1024 bf16: 2.7x its floor
+    against 2.35x), so it keeps both. The forwards gained nothing from it (bf16 1.10x -> 1.13x,
+    fp32 1.08x -> 1.10x at B8 T4096 C2048) and keep both (BENCHMARKS.md, session 18)."""
     return EVEN_KERNELS and steps % rows == 0 and width % block_c == 0 and not _hand_off(bsz, width, block_c, n_chunks)
 
 
@@ -1033,7 +1032,7 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
                 log_a, b, h0 if h0 is not None else b, h, h_last, _link(bsz, width, b.device),
                 B=bsz, T=steps, n_chunks=n_chunks, C=width, HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c,
                 FP16=b.dtype == torch.float16, FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT,
-                EVEN=_even(bsz, steps, width, rows, block_c, n_chunks), num_warps=_chain_warps(block_c),
+                num_warps=_chain_warps(block_c),
             )  # fmt: skip
             return h, h_last
         _launch_fwd_chained(
@@ -1041,7 +1040,6 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
             log_a, b, h0 if h0 is not None else b, h, h_last, _link(bsz, width, b.device),
             B=bsz, T=steps, n_chunks=n_chunks, C=width, HAS_H0=h0 is not None, R=rows, BLOCK_C=block_c,
             FAST=not knobs.interpret, SPIN_LIMIT=SPIN_LIMIT, num_warps=_chain_warps(block_c),
-            EVEN=_even(bsz, steps, width, rows, block_c, n_chunks),
             **_look_meta(bsz, width, block_c, n_chunks, b.device),
         )  # fmt: skip
         return h, h_last

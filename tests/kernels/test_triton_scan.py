@@ -152,7 +152,7 @@ def test_chained_launches_leave_the_ring_zero_for_the_next(monkeypatch, scan_ker
 def test_word_chunks_and_the_unmasked_backward_match_the_reference(monkeypatch, dtype, scan_kernels):
     # bf16/fp16 at an even width: the forward holds chunks as raw words (`_scan_fwd_words`; masked
     # chunks at T 21 and 5 words a 8-word block, unmasked at T 16 and C 32); T a multiple of the
-    # chunk and C of the channel block: kernels without their masked path (EVEN). A base that
+    # chunk and C of the channel block: the backward without its masked path (EVEN). A base that
     # is not 4-byte aligned falls back to the channel pairs. The ring is left zero each time.
     monkeypatch.setattr(kernel, "_RINGS", {})
     taken = []
@@ -174,7 +174,7 @@ def test_word_chunks_and_the_unmasked_backward_match_the_reference(monkeypatch, 
         grads = kernel.scan_bwd(log_a, h, h0, dh, dlast)
         even = steps % rows == 0 and width % block_c == 0
         assert taken == [
-            ("_launch_fwd_chained" if offset else "_launch_fwd_words", even),
+            ("_launch_fwd_chained" if offset else "_launch_fwd_words", None),
             ("_launch_bwd_chained", even),
         ], taken
         (ring,) = kernel._RINGS.values()
