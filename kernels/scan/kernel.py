@@ -29,7 +29,8 @@ Backward, chained (the default): the same chain from the last chunk to the first
 (`_scan_bwd_chained`). A first pass over the chunk's 32 rows gives the map to hand on; the
 outputs then come SUB rows at a time, re-reading log_a and dh (from cache, a microsecond after
 the first read), so that only SUB rows of scan state live in registers: 32 where no chunk is
-masked (then the masked path is not compiled: EVEN), else 16 (`_chain_tile`).
+masked and the hand-off is serial (then the masked path is not compiled: EVEN, `_even`), else
+16 (`_chain_tile`).
 
 Backward, walk (MMREC_SCAN=walk): the reverse walk one row at a time, 4 bytes of a row per
 thread, so the recurrence is one FMA per element in registers (`_scan_bwd` says why).
@@ -41,6 +42,8 @@ look-back, descriptors of 16 bytes per chunk and channel (at most LOOKBACK_BYTES
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -347,14 +350,20 @@ def _hand_on(ring, DESC, tag_base, j, n_chunks, START, END, state, col_ok, a_cum
 
 
 @triton.jit
-def _rows_below(limit, rows, FAST: tl.constexpr):
-    """rows < limit, for a store's mask after the hand-off: on the GPU through an opaque copy
-    of the limit, so the compiler recomputes the compares instead of keeping the load's mask
-    live across the wait (a register per row; Triton 3.6, sm_90: the channel-pair forward
-    195 -> 157 registers in bf16, 162 in fp32; the word forward 234 -> 168)."""
+def _opaque(x, FAST: tl.constexpr):
+    """x, through an inline-asm copy on the GPU that the compiler cannot see through."""
     if FAST:
-        limit = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [limit], dtype=tl.int32, is_pure=False, pack=1)
-    return rows < limit
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
+def _rows_below(limit, rows, FAST: tl.constexpr):
+    """rows < limit, for a store's mask after the hand-off: from an opaque copy of the limit,
+    so the compiler recomputes the compares instead of keeping the load's mask live across the
+    wait (a register per row; Triton 3.6, sm_90: the channel-pair forward 195 -> 157 registers
+    in bf16, 162 in fp32; the word forward 234 -> 168)."""
+    return rows < _opaque(limit, FAST)
 
 
 @triton.jit
@@ -559,6 +568,15 @@ def _chunk_fwd_words(LA, X, H0, H, HLAST, LINK, pid_b, pid_c, k, T, n_chunks, ri
     first = rows[None, :] == 0
     h_lo = _words_half(law, xw, carry_lo, first, False, FP16, FAST)
     h_hi = _words_half(law, xw, carry_hi, first, True, FP16, FAST)
+    # The chunk's last row is the value handed on (and h_last), not pass 2's own rounding of it,
+    # so that h_last is h[:, -1] bit for bit. In a masked chunk that is every row from the last
+    # one before T (the rows past T only copy it and are not stored).
+    if MASKED:  # noqa: SIM108 (constexpr branches)
+        tail = (rows >= _opaque(T - k * R - 1, FAST))[None, :]
+    else:
+        tail = last
+    h_lo = tl.where(tail, out_lo[:, None], h_lo)
+    h_hi = tl.where(tail, out_hi[:, None], h_hi)
     hw = _pack_halves(h_lo, h_hi, H.dtype.element_ty, FP16, FAST)
     HW = H.to(tl.pointer_type(tl.int32), bitcast=True)
     if MASKED:
@@ -588,8 +606,8 @@ def _scan_fwd_words(
 ):
     """`_scan_fwd_chained`'s serial chain with 64-row chunks held as words (above): half the
     hand-offs down a column. H200, bf16, against the 32-row channel-pair chain in the same run:
-    B8 T4096 C2048 1.19x the copy floor against 1.25x, B4 1.47x against 1.87x, B16 T1024 C1024
-    1.27x against 2.05x (BENCHMARKS.md, session 18)."""
+    B8 T4096 C2048 1.19x the copy floor against 1.25x, B4 1.47x against 1.87x; with the packed
+    clamp and stores since, 1.10x-1.13x at B8 (BENCHMARKS.md, session 18)."""
     n_ct: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
     per_chunk = B * n_ct
     ticket = tl.atomic_add(LINK, 1, sem="relaxed")  # as in `_chain_position`
@@ -698,7 +716,7 @@ def _scan_bwd_chained(
     HAS_DHLAST: tl.constexpr,
     R: tl.constexpr,
     SUB: tl.constexpr,
-    EVEN: tl.constexpr,  # T % R == 0 and C % BLOCK_C == 0: no chunk is masked, and no masked path compiled
+    EVEN: tl.constexpr,  # no chunk is masked (and the hand-off is serial): no masked path compiled (`_even`)
     BLOCK_C: tl.constexpr,
     FAST: tl.constexpr,
     LOOKBACK: tl.constexpr,
@@ -983,6 +1001,11 @@ def _even(bsz: int, steps: int, width: int, rows: int, block_c: int, n_chunks: i
     return EVEN_KERNELS and steps % rows == 0 and width % block_c == 0 and not _hand_off(bsz, width, block_c, n_chunks)
 
 
+@functools.cache
+def _sm80(device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _words(log_a: Tensor, b: Tensor, block_c: int, n_chunks: int) -> bool:
     """Whether the forward runs on raw words (`_scan_fwd_words`): bf16 or fp16 inputs of one
     dtype, an even width and 4-byte aligned bases, the serial hand-off (the look-back keeps the
@@ -990,6 +1013,7 @@ def _words(log_a: Tensor, b: Tensor, block_c: int, n_chunks: int) -> bool:
     bsz, _, width = b.shape
     return (
         knobs.scan_words
+        and (b.device.type != "cuda" or _sm80(b.device))  # its PTX: bf16x2 min/max, cvt to bf16x2
         and b.dtype in (torch.bfloat16, torch.float16)
         and log_a.dtype == b.dtype
         and width % 2 == 0

@@ -86,25 +86,29 @@ def test_direct_launches_keep_each_specialization_apart(hand_off, monkeypatch):
 
     monkeypatch.setattr(kernels.knobs, "scan_kernels", hand_off)  # tag_base changes every look-back launch
 
-    def misaligned(t):  # same values, data pointer 2-4 bytes past a 16-byte boundary
-        flat = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)
-        view = flat[1:].view(t.shape)
+    def misaligned(t, shift):  # same values, data pointer `shift` elements past a 16-byte boundary
+        flat = torch.empty(t.numel() + shift, device="cuda", dtype=t.dtype)
+        view = flat[shift:].view(t.shape)
         view.copy_(t)
         return view
 
+    # bf16 with the serial hand-off: the word forward where the bases are 4-byte aligned (three
+    # kernels: two 16-byte aligned, one not), the channel pairs at a 2-byte offset.
     cases = []
-    for dtype, width, with_h0, shift in [(torch.bfloat16, 256, False, False), (torch.float32, 256, False, False),
-                                         (torch.bfloat16, 384, True, False), (torch.bfloat16, 256, False, True),
-                                         (torch.float32, 320, True, True)]:  # fmt: skip
+    for dtype, width, with_h0, shift in [(torch.bfloat16, 256, False, 0), (torch.float32, 256, False, 0),
+                                         (torch.bfloat16, 384, True, 0), (torch.bfloat16, 256, False, 1),
+                                         (torch.float32, 320, True, 1), (torch.bfloat16, 256, False, 2)]:  # fmt: skip
         log_a = (-torch.rand(2, 200, width, device="cuda") * 0.5).to(dtype)
         b = torch.randn(2, 200, width, device="cuda", dtype=dtype)
         h0 = torch.randn(2, width, device="cuda", dtype=dtype) if with_h0 else None
         if shift:
-            log_a, b = misaligned(log_a), misaligned(b)
+            log_a, b = misaligned(log_a, shift), misaligned(b, shift)
             assert b.data_ptr() % 16 != 0
         cases.append((log_a, b, h0))
-    monkeypatch.setattr(kernel._launch_fwd_chained, "compiled", {})
-    before = kernel._launch_fwd_chained.direct_calls
+    launchers = (kernel._launch_fwd_chained, kernel._launch_fwd_words)
+    for launcher in launchers:
+        monkeypatch.setattr(launcher, "compiled", {})
+    before = sum(launcher.direct_calls for launcher in launchers)
     for _ in range(3):
         for log_a, b, h0 in cases:
             h, h_last = kernel.scan_fwd(log_a, b, h0)
@@ -117,8 +121,39 @@ def test_direct_launches_keep_each_specialization_apart(hand_off, monkeypatch):
             assert rel(h, want_h) < limit and rel(h_last, want_last) < limit, (b.dtype, b.shape)
             assert rel(grads[0], want[0]) < 2 * limit and rel(grads[1], want[1]) < 2 * limit, (b.dtype, b.shape)
     # The direct path was taken, with one compiled kernel per case.
-    assert kernel._launch_fwd_chained.direct_calls - before == 3 * len(cases)
-    assert len(kernel._launch_fwd_chained.compiled) == len(cases)
+    assert sum(launcher.direct_calls for launcher in launchers) - before == 3 * len(cases)
+    assert len(kernel._launch_fwd_chained.compiled) + len(kernel._launch_fwd_words.compiled) == len(cases)
+    assert len(kernel._launch_fwd_words.compiled) == (3 if hand_off == "serial" else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_word_forward_matches_the_reference_elementwise(dtype, monkeypatch):
+    """The bf16/fp16 word forward (`_scan_fwd_words`; its PTX clamp, unpacks and packed stores run
+    only on the GPU) against the fp64 reference element by element, launch after launch (hand-off
+    races): unmasked chunks (B8 T4096 C2048) and ragged words with a masked last chunk (B3 T1001
+    C1000); whole rows of log_a at -80, 0.25, -inf and -0.0; NaN in a low and in a high half."""
+    from kernels.scan import kernel
+
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
+    words = kernel._launch_fwd_words
+    for bsz, steps, width in ((8, 4096, 2048), (3, 1001, 1000)):
+        log_a = torch.rand(bsz, steps, width, device="cuda") * -0.5
+        log_a[:, 100], log_a[:, 200], log_a[:, 300], log_a[:, 400] = -80.0, 0.25, float("-inf"), -0.0
+        log_a[1, 500, 6] = log_a[2, 600, 9] = float("nan")  # channel 6: a word's low half, 9: a high half
+        log_a = log_a.to(dtype)
+        b = torch.randn(bsz, steps, width, device="cuda", dtype=dtype)
+        h0 = torch.randn(bsz, width, device="cuda", dtype=dtype)
+        want_h, _ = scan_ref.forward(log_a.double(), b.double(), h0.double())
+        real = ~torch.isnan(want_h)
+        assert (~real).sum() == (steps - 500) + (steps - 600)
+        calls = len(words.compiled) + words.direct_calls
+        for _ in range(10):
+            h, h_last = kernel.scan_fwd(log_a, b, h0)
+            assert torch.equal(torch.isnan(h), ~real)
+            tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
+            torch.testing.assert_close(h.double()[real], want_h[real], **tol)
+            assert torch.equal(h_last.view(torch.int16), h[:, -1].view(torch.int16))  # bit for bit, NaN included
+        assert len(words.compiled) + words.direct_calls > calls  # the word kernel ran
 
 
 @pytest.mark.parametrize(("dh", "dtype"), [(64, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)])

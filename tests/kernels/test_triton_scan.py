@@ -183,6 +183,7 @@ def test_word_chunks_and_the_unmasked_backward_match_the_reference(monkeypatch, 
         ref_h, ref_last = reference.forward(*cpu)
         assert_close(h.cpu(), ref_h, what=f"h B{bsz} T{steps} C{width}", rtol=2e-2, atol=2e-2)
         assert_close(h_last.cpu(), ref_last, what="h_last", rtol=2e-2, atol=2e-2)
+        assert torch.equal(h_last, h[:, -1])  # bit for bit: both from the output pass
         ref_grads = reference.backward(cpu[0], h.cpu().double(), cpu[2], dh.cpu().double(), dlast.cpu().double())
         for name, g, r in zip(["log_a", "b", "h0"], grads, ref_grads, strict=True):
             assert_close(g.cpu(), r, what=f"d{name} B{bsz} T{steps} C{width}", rtol=2e-2, atol=2e-2)
