@@ -1009,7 +1009,7 @@ def _sm80(device) -> bool:
 def _words(log_a: Tensor, b: Tensor, block_c: int, n_chunks: int) -> bool:
     """Whether the forward runs on raw words (`_scan_fwd_words`): bf16 or fp16 inputs of one
     dtype, an even width and 4-byte aligned bases, the serial hand-off (the look-back keeps the
-    channel-pair tile), and not MMREC_SCAN_WORDS=0."""
+    channel-pair tile), an sm_80+ GPU or the interpreter, and not MMREC_SCAN_WORDS=0."""
     bsz, _, width = b.shape
     return (
         knobs.scan_words
