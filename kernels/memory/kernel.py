@@ -458,6 +458,10 @@ def _attend_bwd_dkv(
     # The tokens that see any slot of the tile, from a token-tile boundary.
     t_lo = (tl.maximum((i0 - ring + 1).to(tl.int64) * span - r, 0) // BLOCK_T * BLOCK_T).to(tl.int32)
     t_hi = tl.minimum((i0 + BLOCK_S).to(tl.int64) * span - r, T).to(tl.int32)
+    # The tokens that see every slot of the tile (none where a slot is past the count or below
+    # the floor: its range starts at T): token tiles inside skip the mask, as in `_edge`.
+    all_lo = tl.max(seen_lo, axis=0)
+    all_hi = tl.min(seen_hi, axis=0)
 
     n_stats = (tl.num_programs(1) // kv_heads).to(tl.int64) * HEADS * T  # B * H * T
     rows = tl.arange(0, BLOCK_T)
@@ -482,7 +486,8 @@ def _attend_bwd_dkv(
             # registers, as the left operand, with no layout change through shared memory.
             qk_t = tl.dot(kt, tl.trans(q), input_precision=PRECISION)
             p_t = tl.math.exp2(qk_t * qk_scale + (bias2 - lse2)[None, :])
-            p_t = tl.where((t[None, :] >= seen_lo[:, None]) & (t[None, :] < seen_hi[:, None]), p_t, 0.0)
+            if (t0 < all_lo) | (t0 + BLOCK_T > all_hi):
+                p_t = tl.where((t[None, :] >= seen_lo[:, None]) & (t[None, :] < seen_hi[:, None]), p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
