@@ -93,10 +93,12 @@ def _band_mask(lo, hi, i):
 
 
 @triton.jit
-def _edge(i0, lo_all, hi_all, BLOCK_S: tl.constexpr):
-    """Whether slot tile [i0, i0 + BLOCK_S) needs the visibility mask: every token of the tile sees
-    [lo_all, hi_all) (the bands only move forward with the token), so tiles inside it skip it."""
-    return (i0 < lo_all) | (i0 + BLOCK_S > hi_all)
+def _edge(i0, lo_all, hi_all, BLOCK: tl.constexpr):
+    """Whether tile [i0, i0 + BLOCK) needs the visibility mask. Slot tiles of a token tile: every
+    token of it sees [lo_all, hi_all) (the bands only move forward with the token), so slot tiles
+    inside skip it; token tiles of a slot tile (dk/dv) likewise, with [lo_all, hi_all) the tokens
+    that see every slot of it."""
+    return (i0 < lo_all) | (i0 + BLOCK > hi_all)
 
 
 @triton.jit
@@ -486,7 +488,7 @@ def _attend_bwd_dkv(
             # registers, as the left operand, with no layout change through shared memory.
             qk_t = tl.dot(kt, tl.trans(q), input_precision=PRECISION)
             p_t = tl.math.exp2(qk_t * qk_scale + (bias2 - lse2)[None, :])
-            if (t0 < all_lo) | (t0 + BLOCK_T > all_hi):
+            if _edge(t0, all_lo, all_hi, BLOCK_T):
                 p_t = tl.where((t[None, :] >= seen_lo[:, None]) & (t[None, :] < seen_hi[:, None]), p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(vt, tl.trans(do), input_precision=PRECISION)

@@ -1,0 +1,265 @@
+"""A/B of a kernel module against an earlier git revision, both timed side by side in one run.
+
+    python benchmarks/ab.py REV scan   [--shape 8,4096,2048 ...] [--dtype bf16 fp32] [--repeats 3]
+    python benchmarks/ab.py REV memory [--dtype bf16] [--bwd auto split fused-tma] [--repeats 3]
+    TRITON_INTERPRET=1 python benchmarks/ab.py REV scan --check     # no GPU: outputs only
+
+REV's `kernels/<op>/kernel.py` is loaded beside the working tree's, as a sibling module of the
+same package, so its relative imports (`..config`, `..launch`, `..dot`) resolve to the working
+tree's helpers: the two must agree on those helpers' API (true between neighbouring commits; a
+revision that does not is reported in one line). For each case both versions run once, each is
+checked against the fp64 reference (its relative error printed) and against the other (bit-equal
+or the largest difference), then they are timed in turns (A, B, A, B, ...; drift of the device
+falls on both) as CUDA-graph replays of their launches: GPU time, no host time. Every time is
+printed beside a yardstick measured in the same run: the copy-bandwidth floor for the scan
+(forward 3 passes over B*T*C elements, backward 5), SDPA over the same key count for the memory
+query. This is how a kernel change is judged before it lands (BENCHMARKS.md).
+
+`--check` (what CI runs, on CPU tensors under TRITON_INTERPRET=1) does the checks on small shapes
+and times nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import kernels  # noqa: E402
+from kernels.memory import reference as memory_ref  # noqa: E402
+from kernels.scan import reference as scan_ref  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_revision(rev: str, op: str) -> ModuleType:
+    """kernels/<op>/kernel.py as it was at `rev`, imported as kernels.<op>._ab_<hash>."""
+    path = f"kernels/{op}/kernel.py"
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    if shown.returncode != 0:
+        sys.exit(f"ab.py: cannot read {path} at {rev!r}: {shown.stderr.strip().splitlines()[-1]}")
+    tag = hashlib.sha1(shown.stdout.encode()).hexdigest()[:10]
+    # A real file: Triton's @jit reads each kernel's source back through `inspect`.
+    file = Path(tempfile.mkdtemp(prefix="mmrec-ab-")) / f"kernel_{tag}.py"
+    file.write_text(shown.stdout)
+    name = f"kernels.{op}._ab_{tag}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        sys.exit(f"ab.py: {path} at {rev!r} does not import beside today's helpers: {e}")
+    return module
+
+
+def current(op: str) -> ModuleType:
+    return importlib.import_module(f"kernels.{op}.kernel")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> str:
+    """'bit-equal', or the largest element difference between A's and B's outputs."""
+    if all(torch.equal(x, y) for x, y in zip(a, b, strict=True)):
+        return "bit-equal"
+    worst = max((x.double() - y.double()).abs().nan_to_num(math.inf).max().item() for x, y in zip(a, b, strict=True))
+    return f"differ (max |A - B| {worst:.2e})"
+
+
+def graph_ms(fn) -> float:
+    """Median ms of one CUDA-graph replay of fn (warmed up outside the capture)."""
+    import triton
+
+    from benchmarks.common import graph_time
+
+    return graph_time(fn, lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median"))
+
+
+def in_turns(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    """Each fn timed `repeats` times, in turns; the median of each."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(graph_ms(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---- linear scan -------------------------------------------------------------------------
+
+
+def scan_case(versions: dict[str, ModuleType], shape, dtype, device, repeats: int, check: bool) -> None:
+    bsz, steps, width = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    log_a = (-torch.rand(bsz, steps, width, generator=g) * 0.5).to(device, dtype)
+    b = torch.randn(bsz, steps, width, generator=g).to(device, dtype)
+    h0 = torch.randn(bsz, width, generator=g).to(device, dtype)
+    dh = torch.randn(bsz, steps, width, generator=g).to(device, dtype)
+    dh_last = torch.randn(bsz, width, generator=g).to(device, dtype)
+    want_h, want_last = scan_ref.forward(log_a.double(), b.double(), h0.double())
+    want_g = scan_ref.backward(log_a.double(), want_h, h0.double(), dh.double(), dh_last.double())
+    label = f"scan B{bsz} T{steps} C{width} {str(dtype).removeprefix('torch.')}"
+    outs = {}
+    for name, mod in versions.items():
+        h, h_last = mod.scan_fwd(log_a, b, h0)
+        grads = mod.scan_bwd(log_a, h, h0, dh, dh_last)
+        outs[name] = [h, h_last, *grads]
+        errs = [rel_err(x, w) for x, w in zip(outs[name], [want_h, want_last, *want_g], strict=True)]
+        print(f"  {label} {name}: rel err h {errs[0]:.1e}, h_last {errs[1]:.1e}, dlog_a {errs[2]:.1e}, "
+              f"db {errs[3]:.1e}, dh0 {errs[4]:.1e}", flush=True)  # fmt: skip
+    a, b_ = outs.values()
+    print(f"  {label}: A and B {agreement(a, b_)}", flush=True)
+    if check:
+        return
+    h_by = {k: v[0] for k, v in outs.items()}
+    src = torch.randn(b.numel(), device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    fns = {"copy": lambda: dst.copy_(src)}
+    for name, mod in versions.items():
+        fns[f"{name} fwd"] = lambda mod=mod: mod.scan_fwd(log_a, b, h0)
+        fns[f"{name} bwd"] = lambda mod=mod, h=h_by[name]: mod.scan_bwd(log_a, h, h0, dh, dh_last)
+    t = in_turns(fns, repeats)
+    floor_f, floor_b = t["copy"] * 1.5, t["copy"] * 2.5
+    gbps = 2 * src.numel() * src.element_size() / t["copy"] / 1e6
+    print(f"  {label}: copy {t['copy']:.4f} ms ({gbps / 1e3:.2f} TB/s); floor fwd {floor_f:.4f}, bwd {floor_b:.4f} ms")
+    for name in versions:
+        f, bw = t[f"{name} fwd"], t[f"{name} bwd"]
+        print(f"  {label} {name}: fwd {f:.4f} ms = {f / floor_f:.3f}x floor, bwd {bw:.4f} ms = {bw / floor_b:.3f}x,"
+              f" fwd+bwd {(f + bw) / (floor_f + floor_b):.3f}x", flush=True)  # fmt: skip
+
+
+# ---- memory query ------------------------------------------------------------------------
+
+
+def memory_inputs(bsz, heads, steps, spec, dtype, device):
+    """q, the candidate keys/values ([B, K, S, Dh], every level full), beta, pos, rings, spans."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mem = kernels.Memory.empty(spec, bsz, dtype=torch.float32)
+    mem.keys = [torch.randn(t.shape, generator=g) for t in mem.keys]
+    mem.values = [torch.randn(t.shape, generator=g) for t in mem.values]
+    mem.pos = torch.full((bsz,), spec.span(len(spec.slots) - 1) * 64, dtype=torch.int64)
+    mem = mem.map(lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device))
+    kd = spec.heads * spec.dim
+    q = torch.randn(bsz, steps, heads * spec.dim, generator=g).to(device, dtype)
+    k, v = (torch.randn(bsz, steps, kd, generator=g).to(device, dtype) for _ in range(2))
+    cand = memory_ref.candidates(mem, k, v)
+    beta = (torch.randn(heads, len(spec.slots), generator=g) * 0.5).to(device, dtype)
+    levels = (list(spec.slots), [spec.span(lvl) for lvl in range(len(spec.slots))])
+    return q, cand.keys.contiguous(), cand.values.contiguous(), beta, mem.pos, *levels
+
+
+def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> None:
+    from kernels.memory import op
+
+    q, keys, values, beta, pos, rings, spans = args_in
+    bsz, steps, _ = q.shape
+    g = torch.Generator(device="cpu").manual_seed(1)
+    dout = torch.randn(q.shape, generator=g).to(q.device, dtype)
+    # The reference on the first batch row (fp64): [T, S] weights per head fit at full T.
+    row = [t[:1].double() if t.is_floating_point() else t[:1] for t in (q, keys, values)]
+    want_out, _ = op._fwd_reference(*row, beta.double(), pos[:1], rings, spans, heads)
+    want_g = op._bwd_reference(*row, beta.double(), pos[:1], rings, spans, dout[:1].double(), heads)
+    label = f"memory B{bsz} H{heads} T{steps} S{keys.shape[2]} {str(dtype).removeprefix('torch.')} bwd={bwd_mode}"
+    saved = kernels.knobs.memory_bwd
+    kernels.knobs.memory_bwd = bwd_mode
+    try:
+        outs, saved_fwd = {}, {}
+        for name, mod in versions.items():
+            out, lse = mod.attend_fwd(q, keys, values, beta, pos, rings, spans, heads)
+            grads = mod.attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads)
+            outs[name], saved_fwd[name] = [out, lse, *grads], (out, lse)
+            # dbeta sums every batch row: the reference's is for row 0 only, so it is not compared.
+            errs = [rel_err(x[:1], w) for x, w in zip([out, *grads[:3]], [want_out, *want_g[:3]], strict=True)]
+            print(f"  {label} {name}: rel err (row 0) out {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, "
+                  f"dv {errs[3]:.1e}", flush=True)  # fmt: skip
+        a, b = outs.values()
+        print(f"  {label}: A and B {agreement(a, b)}", flush=True)
+        if check:
+            return
+        import torch.nn.functional as F
+
+        n_keys = keys.shape[2]
+        qs = q.view(bsz, steps, heads, -1).transpose(1, 2).contiguous().requires_grad_()
+        ks = torch.randn(bsz, heads, n_keys, qs.shape[-1], device=q.device, dtype=dtype, requires_grad=True)
+        vs = torch.randn_like(ks, requires_grad=True)
+        do_s = dout.view(bsz, steps, heads, -1).transpose(1, 2)
+        out_s = F.scaled_dot_product_attention(qs, ks, vs)
+        fns = {
+            "sdpa fwd": lambda: F.scaled_dot_product_attention(qs, ks, vs),
+            "sdpa bwd": lambda: torch.autograd.grad(out_s, (qs, ks, vs), do_s, retain_graph=True),
+        }
+        for name, mod in versions.items():
+            out, lse = saved_fwd[name]
+            fns[f"{name} fwd"] = lambda mod=mod: mod.attend_fwd(q, keys, values, beta, pos, rings, spans, heads)
+            fns[f"{name} bwd"] = lambda mod=mod, out=out, lse=lse: mod.attend_bwd(
+                q, keys, values, beta, pos, rings, spans, out, lse, dout, heads
+            )
+        t = in_turns(fns, repeats)
+        sf, sb = t["sdpa fwd"], t["sdpa bwd"]
+        print(f"  {label}: SDPA over {n_keys} keys fwd {sf:.4f} ms, bwd {sb:.4f} ms")
+        for name in versions:
+            f, bw = t[f"{name} fwd"], t[f"{name} bwd"]
+            print(f"  {label} {name}: fwd {f:.4f} ms = {f / sf:.3f}x SDPA, bwd {bw:.4f} ms = {bw / sb:.3f}x,"
+                  f" fwd+bwd {(f + bw) / (sf + sb):.3f}x", flush=True)  # fmt: skip
+    finally:
+        kernels.knobs.memory_bwd = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rev", help="the git revision to compare with (A); B is the working tree")
+    parser.add_argument("op", choices=["scan", "memory"])
+    parser.add_argument("--shape", action="append", default=None, help="scan: B,T,C (repeatable)")
+    parser.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES))
+    parser.add_argument("--bwd", nargs="+", default=["auto"], help="memory: MMREC_MEMORY_BWD modes to time")
+    parser.add_argument("--repeats", type=int, default=3, help="timings of each version, in turns")
+    parser.add_argument("--check", action="store_true", help="small shapes, outputs only (CPU interpreter)")
+    args = parser.parse_args()
+    if args.check:
+        if not (kernels.knobs.interpret or torch.cuda.is_available()):
+            sys.exit("ab.py --check: set TRITON_INTERPRET=1 to run the kernels on CPU tensors")
+        device = "cuda" if torch.cuda.is_available() and not kernels.knobs.interpret else "cpu"
+        print(f"ab.py --check: {args.rev} (A) against the working tree (B), {device}")
+    else:
+        from benchmarks.common import run_info
+
+        run_info("benchmarks/ab.py")
+        device = "cuda"
+    versions = {"A " + args.rev: load_revision(args.rev, args.op), "B tree": current(args.op)}
+    dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp32"] if args.op == "scan" else ["bf16"]))]
+    if args.op == "scan":
+        default = [(1, 37, 20), (2, 70, 33)] if args.check else [(8, 4096, 2048), (4, 4096, 2048), (8, 4000, 1000)]
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else default
+        for shape, dtype in ((s, d) for d in dtypes for s in shapes):
+            scan_case(versions, shape, dtype, device, args.repeats, args.check)
+        return
+    if args.check:
+        # Rings wide enough that some tiles skip the mask under the interpreter's 16 x 16 tiles.
+        spec = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=(40, 24, 8))
+        bsz, heads, steps = 2, 4, 45
+    else:
+        spec = kernels.MemorySpec(heads=16, dim=64, block=64, ratio=4, slots=(240, 240, 460))
+        bsz, heads, steps = 8, 16, 4096
+    for dtype in dtypes:
+        inputs = memory_inputs(bsz, heads, steps, spec, dtype, device)
+        for mode in args.bwd:
+            memory_case(versions, inputs, heads, dtype, mode, args.repeats, args.check)
+
+
+if __name__ == "__main__":
+    main()
