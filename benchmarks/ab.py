@@ -4,7 +4,9 @@
     python benchmarks/ab.py REV memory [--dtype bf16] [--bwd auto split fused-tma] [--repeats 3]
     TRITON_INTERPRET=1 python benchmarks/ab.py REV scan --check     # no GPU: outputs only
 
-REV's `kernels/<op>/kernel.py` is loaded beside the working tree's, as a sibling module of the
+REV's `kernels/<op>/kernel.py` (or REV itself, if it names a .py file: where there is no git
+history, as on the GPU machine, which gets the files but not .git; `scripts/device_check.sh
+--prepare REV` writes them) is loaded beside the working tree's, as a sibling module of the
 same package, so its relative imports (`..config`, `..launch`, `..dot`) resolve to the working
 tree's helpers: the two must agree on those helpers' API (true between neighbouring commits; a
 revision that does not is reported in one line). For each case both versions run once, each is
@@ -45,15 +47,26 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_revision(rev: str, op: str) -> ModuleType:
-    """kernels/<op>/kernel.py as it was at `rev`, imported as kernels.<op>._ab_<hash>."""
+    """kernels/<op>/kernel.py as it was at `rev` (or the file `rev` names, if it ends in .py),
+    imported as kernels.<op>._ab_<hash>."""
     path = f"kernels/{op}/kernel.py"
-    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
-    if shown.returncode != 0:
-        sys.exit(f"ab.py: cannot read {path} at {rev!r}: {shown.stderr.strip().splitlines()[-1]}")
-    tag = hashlib.sha1(shown.stdout.encode()).hexdigest()[:10]
+    if rev.endswith(".py"):
+        if not Path(rev).is_file():
+            sys.exit(f"ab.py: no kernel file {rev!r}")
+        source = Path(rev).read_text()
+    else:
+        try:
+            shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        except FileNotFoundError:
+            sys.exit(f"ab.py: no git here to read {path} at {rev!r}: pass a kernel .py file instead")
+        if shown.returncode != 0:
+            why = (shown.stderr.strip().splitlines() or ["git failed"])[-1]
+            sys.exit(f"ab.py: cannot read {path} at {rev!r}: {why}")
+        source = shown.stdout
+    tag = hashlib.sha1(source.encode()).hexdigest()[:10]
     # A real file: Triton's @jit reads each kernel's source back through `inspect`.
     file = Path(tempfile.mkdtemp(prefix="mmrec-ab-")) / f"kernel_{tag}.py"
-    file.write_text(shown.stdout)
+    file.write_text(source)
     name = f"kernels.{op}._ab_{tag}"
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
@@ -222,7 +235,7 @@ def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("rev", help="the git revision to compare with (A); B is the working tree")
+    parser.add_argument("rev", help="A: a git revision, or a kernel .py file; B is the working tree")
     parser.add_argument("op", choices=["scan", "memory"])
     parser.add_argument("--shape", action="append", default=None, help="scan: B,T,C (repeatable)")
     parser.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES))

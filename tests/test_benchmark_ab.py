@@ -57,3 +57,8 @@ def test_memory_revision_loads_beside_the_tree_and_is_checked(capsys):
 def test_an_unknown_revision_is_one_line():
     with pytest.raises(SystemExit, match=r"cannot read kernels/scan/kernel.py at 'no-such-rev'"):
         ab.load_revision("no-such-rev", "scan")
+
+
+def test_a_missing_kernel_file_is_one_line():
+    with pytest.raises(SystemExit, match=r"no kernel file 'no/such/kernel.py'"):
+        ab.load_revision("no/such/kernel.py", "memory")
