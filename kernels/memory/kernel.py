@@ -30,12 +30,13 @@ it fails. So the output is the online softmax's in every case; only the time dif
 
 Backward (FlashAttention-2 style, probabilities recomputed from the saved log-sum-exp), split:
 - `_attend_bwd_dq`: per token tile, dq and the level-bias gradient (a part per program and
-  level, summed on the host), and for the next kernel delta = rowsum(dout * out) and the
-  base-2 LSE;
+  level, summed on the host), and for the next kernel delta = rowsum(dout * out) / sqrt(Dh)
+  and the base-2 LSE;
 - `_attend_bwd_dkv`: per slot tile (one level), the tokens that see it, every query head of its
   memory head's group, computed transposed ([slots, tokens]) so p^T and ds^T are the left
   operands of the dv and dk products straight from registers; dk and dv accumulate in
-  registers and are stored once, no atomics.
+  registers and are stored once, no atomics. Its ds comes out times 1 / sqrt(Dh) (the scaled
+  delta), as dk and dq need it.
 Or fused (`_bwd_mode`): `_attend_bwd_stats` writes delta and the LSE, and the dk/dv kernel also
 adds each slot tile's dq into an fp32 buffer, by TMA reductions or atomics (not the same bits
 from run to run; the split backward is, and runs under torch.use_deterministic_algorithms).
@@ -299,7 +300,7 @@ def _attend_bwd_dq(
     V_DESC,  # TMA: tensor descriptors of KEYS / VALUES as [B * K * S, Dh] (else unused)
     LSE,
     OUT,
-    STATS,  # [2, B, H, T] fp32, written here for the dk/dv kernel: rowsum(dout * out), base-2 lse
+    STATS,  # [2, B, H, T] fp32, written here for the dk/dv kernel: rowsum(dout * out) / sqrt(Dh), base-2 lse
     DOUT,
     DQ,
     DBETA,  # [token tiles, B, H, L] fp32: each program's share of the level-bias gradient
@@ -324,7 +325,7 @@ def _attend_bwd_dq(
     row_ok = t_ok[:, None] & col_ok[None, :]
     q = operand(tl.load(Q + q_offs, mask=row_ok, other=0.0), UPCAST)
     do = operand(tl.load(DOUT + q_offs, mask=row_ok, other=0.0), UPCAST)
-    delta, lse2 = _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, q_offs, row_ok, T, HEADS, HAS_RES)
+    delta, lse2 = _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, q_offs, row_ok, T, HEADS, scale, HAS_RES)
     # Padding tokens (t >= T) give p = 0 everywhere, so a large bias cannot make inf * 0 there.
     lse2 = tl.where(t_ok, lse2, float("inf"))
 
@@ -358,10 +359,11 @@ def _attend_bwd_dq(
 
 
 @triton.jit
-def _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HEADS, HAS_RES: tl.constexpr):
+def _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HEADS, scale, HAS_RES: tl.constexpr):
     """Per token of a tile, what the dk/dv kernel reads (stored to STATS [2, B, H, T]):
-    delta = rowsum(dout * out), with the forward's residual taken off out again (HAS_RES), and
-    the base-2 LSE, 0 where nothing is visible. -> (delta, that LSE)."""
+    delta = rowsum(dout * out), with the forward's residual taken off out again (HAS_RES),
+    stored times `scale` (1 / sqrt(Dh): the dk/dv kernel's ds comes out scaled, see there), and
+    the base-2 LSE, 0 where nothing is visible. -> (delta unscaled, that LSE)."""
     out = tl.load(OUT + offs, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_RES:
         out -= tl.load(RES + offs, mask=row_ok, other=0.0).to(tl.float32)
@@ -369,7 +371,7 @@ def _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HE
     stat_offs = (b * HEADS + head).to(tl.int64) * T + t
     lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
-    tl.store(STATS + stat_offs, delta, mask=t_ok)
+    tl.store(STATS + stat_offs, delta * scale, mask=t_ok)
     tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, lse2, mask=t_ok)
     return delta, lse2
 
@@ -379,9 +381,10 @@ def _attend_bwd_stats(
     LSE,
     OUT,
     DOUT,
-    STATS,  # [2, B, H, T] fp32: rowsum(dout * out), and the base-2 lse (0 where nothing is visible)
+    STATS,  # [2, B, H, T] fp32: rowsum(dout * out) / sqrt(Dh), and the base-2 lse (0 where nothing is visible)
     T,
     HEADS,
+    scale,  # 1 / sqrt(Dh)
     RES,  # with HAS_RES: the residual the forward added to OUT, taken off again for delta
     DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -393,7 +396,7 @@ def _attend_bwd_stats(
     b, head, t, _, t_ok, col_ok, offs, _, _ = _token_tile(T, 0, HEADS, 1, DH, BLOCK_T, BLOCK_D)
     row_ok = t_ok[:, None] & col_ok[None, :]
     do = tl.load(DOUT + offs, mask=row_ok, other=0.0)
-    _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HEADS, HAS_RES)
+    _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HEADS, scale, HAS_RES)
 
 
 @triton.jit
@@ -408,7 +411,7 @@ def _attend_bwd_dkv(
     SPAN,
     TILE_LEVEL,
     TILE_I0,  # per slot tile: its level and first level-local index
-    STATS,  # [2, B, H, T]: delta and the base-2 lse (0 where nothing is visible), from the dq or stats kernel
+    STATS,  # [2, B, H, T]: delta / sqrt(Dh), the base-2 lse (0 where nothing is visible), from the dq or stats kernel
     DOUT,
     DKEYS,
     DVALUES,  # [B, K, S, Dh], every element written
@@ -428,6 +431,7 @@ def _attend_bwd_dkv(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands (the interpreter's tl.dot mishandles bf16)
     DQ: tl.constexpr = 0,  # the fused backward: 0 dq elsewhere; 1 adds dq by atomics, 2 by TMA reductions
+    EVEN_T: tl.constexpr = False,  # T % BLOCK_T == 0: every token tile walked is whole, its loads unmasked
 ):
     tile = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -478,12 +482,21 @@ def _attend_bwd_dkv(
         dbeta = tl.zeros([BLOCK_S], dtype=tl.float32)
         for t0 in range(t_lo, t_hi, BLOCK_T):
             t = t0 + rows
+            # Token tiles start at multiples of BLOCK_T (t_lo) and end by T: with EVEN_T none
+            # crosses T, so rows need no mask (a predicate and a select per cp.async less: the
+            # loop's sm_90 code 695 -> 652 instructions with fused TMA reductions).
             t_ok = t < T
             row_ok = t_ok[:, None] & col_ok[None, :]
-            q = operand(tl.load(q_ptrs, mask=row_ok, other=0.0), UPCAST)
-            do = operand(tl.load(do_ptrs, mask=row_ok, other=0.0), UPCAST)
-            delta = tl.load(stat_ptrs, mask=t_ok, other=0.0)
-            lse2 = tl.load(stat_ptrs + n_stats, mask=t_ok, other=0.0)
+            if EVEN_T and BLOCK_D == DH:
+                q = operand(tl.load(q_ptrs), UPCAST)
+                do = operand(tl.load(do_ptrs), UPCAST)
+                delta = tl.load(stat_ptrs)
+                lse2 = tl.load(stat_ptrs + n_stats)
+            else:
+                q = operand(tl.load(q_ptrs, mask=row_ok, other=0.0), UPCAST)
+                do = operand(tl.load(do_ptrs, mask=row_ok, other=0.0), UPCAST)
+                delta = tl.load(stat_ptrs, mask=t_ok, other=0.0)
+                lse2 = tl.load(stat_ptrs + n_stats, mask=t_ok, other=0.0)
             # Transposed ([slots, tokens]) so p^T and ds^T feed the dk/dv products straight from
             # registers, as the left operand, with no layout change through shared memory.
             qk_t = tl.dot(kt, tl.trans(q), input_precision=PRECISION)
@@ -492,10 +505,12 @@ def _attend_bwd_dkv(
                 p_t = tl.where((t[None, :] >= seen_lo[:, None]) & (t[None, :] < seen_hi[:, None]), p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
+            # d logits times 1 / sqrt(Dh), which dk and dq both take: folded into the subtraction
+            # (an FFMA for an FADD; delta comes scaled) instead of a multiply of each dq tile.
+            ds_t = p_t * (dp_t * scale - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
             if DQ > 0:  # this slot tile's share of the tokens' dq, added in L2 (FlashAttention-2's dq)
-                dq = tl.dot(tl.trans(ds_t.to(kt.dtype)), kt, input_precision=PRECISION) * scale
+                dq = tl.dot(tl.trans(ds_t.to(kt.dtype)), kt, input_precision=PRECISION)
                 if DQ == 2:
                     DQ_ACC.atomic_add([b, t0, head * DH], tl.reshape(dq, [1, BLOCK_T, BLOCK_D]))
                 else:
@@ -506,8 +521,8 @@ def _attend_bwd_dkv(
             do_ptrs += BLOCK_T * HEADS * DH
             stat_ptrs += BLOCK_T
         if DQ > 0:
-            tl.atomic_add(DBETA + head * n_levels + lvl, tl.sum(dbeta, axis=0), sem="relaxed")
-    tl.store(DKEYS + slot_offs, (dk * scale).to(DKEYS.dtype.element_ty), mask=slot_ok)
+            tl.atomic_add(DBETA + head * n_levels + lvl, tl.sum(dbeta, axis=0) / scale, sem="relaxed")
+    tl.store(DKEYS + slot_offs, dk.to(DKEYS.dtype.element_ty), mask=slot_ok)
     tl.store(DVALUES + slot_offs, dv.to(DVALUES.dtype.element_ty), mask=slot_ok)
 
 
@@ -699,7 +714,7 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
         dbeta = torch.zeros(beta.shape, device=q.device, dtype=torch.float32)
         block_t = 16 if knobs.interpret else 64
         _launch_bwd_stats(
-            (triton.cdiv(steps, block_t), bsz * heads), lse, out, dout, stats, steps, heads, res,
+            (triton.cdiv(steps, block_t), bsz * heads), lse, out, dout, stats, steps, heads, 1 / math.sqrt(dim), res,
             DH=dim, BLOCK_T=block_t, BLOCK_D=meta["BLOCK_D"], HAS_RES=residual is not None,
         )  # fmt: skip
     else:
@@ -727,7 +742,7 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
     _launch_bwd_dkv(
         grid,
         q, keys, values, beta, pos, lv.start, lv.ring, lv.span, tile_level, tile_i0, stats, dout,
-        dkeys, dvalues, dq_arg, dbeta, *common, **tiles, **meta, DQ=fused,
+        dkeys, dvalues, dq_arg, dbeta, *common, **tiles, **meta, DQ=fused, EVEN_T=steps % tiles["BLOCK_T"] == 0,
     )  # fmt: skip
     if fused and q.dtype != torch.float32:
         dq = dq_acc.to(q.dtype)

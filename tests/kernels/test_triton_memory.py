@@ -81,15 +81,17 @@ WIDE = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=(47, 31, 20))
 
 
 @pytest.mark.parametrize(
-    ("dtype", "tma", "bwd"),
-    [(dt, tma, "auto") for dt in (torch.float32, torch.bfloat16) for tma in (True, False)]
-    + [(torch.float32, False, "split"), (torch.bfloat16, False, "fused")],
+    ("dtype", "tma", "bwd", "steps"),
+    [(dt, tma, "auto", 45) for dt in (torch.float32, torch.bfloat16) for tma in (True, False)]
+    + [(torch.float32, False, "split", 45), (torch.bfloat16, False, "fused", 45)]
+    # T a multiple of the token tile: the dk/dv kernel's loads go unmasked (EVEN_T).
+    + [(torch.float32, False, "auto", 48), (torch.float32, False, "split", 48), (torch.bfloat16, False, "fused", 48)],
 )
-def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tma, bwd, monkeypatch):
+def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tma, bwd, steps, monkeypatch):
     # Rings wider than the slot tiles (16 under the interpreter): a slot tile every token of the
     # token tile sees runs without the visibility mask, any other with it. Full rings of 47 and
     # 31 slots put a band edge one slot inside a tile; the rows start from empty, partly filled
-    # and full rings; T is not a multiple of the token tile. Slot tiles by TMA (Dh 16 makes
+    # and full rings; T (45) is not a multiple of the token tile, or is (48). Slot tiles by TMA (Dh 16 makes
     # 16-byte rows) and by pointer loads.
     # The backward: auto (here, fused for exact fp32, split for bf16) and the other one.
     monkeypatch.setattr(kernels.knobs, "memory_tma", tma)
@@ -100,7 +102,7 @@ def test_wide_rings_skip_the_mask_only_where_every_token_sees_the_tile(dtype, tm
     mem.sum_k, mem.sum_v = [torch.randn_like(t) for t in mem.sum_k], [torch.randn_like(t) for t in mem.sum_v]
     mem.pos = torch.tensor([0, 9, 61, 1000])
     kd, qd = WIDE.heads * WIDE.dim, HEADS * WIDE.dim
-    inputs = [torch.randn(4, 45, d) for d in (qd, kd, kd)] + [torch.randn(HEADS, 3)]
+    inputs = [torch.randn(4, steps, d) for d in (qd, kd, kd)] + [torch.randn(HEADS, 3)]
     # The carried rings take gradients too: the dk/dv kernel's tiles over them are checked.
     inputs += [*mem.keys, *mem.values]
     dev = [t.to(TRITON_DEVICE, dtype).requires_grad_() for t in inputs]
