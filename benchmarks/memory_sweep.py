@@ -83,7 +83,8 @@ def main() -> None:
         # q and beta stand in for the fused backward's dq buffer and dbeta (unused with DQ=0)
         args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, level, i0, stats, dout, dk, dv, q, beta)
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **({"maxnreg": reg} if reg else {}))
-        return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta)), dk, want[1]
+        even = {"EVEN_T": steps % bt == 0}  # as attend_bwd launches it
+        return (lambda: kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta, **even)), dk, want[1]
 
     def run_dkv_fused(bt, bs, w, st, tma=False, reg=None):
         """The fused backward's dk/dv kernel (MMREC_MEMORY_BWD=fused-tma on Hopper, else fused),
@@ -101,7 +102,7 @@ def main() -> None:
 
         def run():
             dq.zero_()  # part of the fused backward's cost
-            kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta, DQ=mode)
+            kernel._attend_bwd_dkv[grid](*args, *common, **tiles, **meta, DQ=mode, EVEN_T=steps % bt == 0)
 
         return run, dq, want[0]
 

@@ -358,12 +358,22 @@ def _attend_bwd_dq(
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok)
 
 
+@triton.constexpr_function
+def _fold_scale(dtype):
+    """Whether the dk/dv kernel's ds carries the scale 1 / sqrt(Dh) for inputs of `dtype` (folded
+    into its subtraction, delta stored scaled): not for fp16, whose ds^T operand would lose 3-4
+    more binades to underflow (a review's simulation: dk's error 8x larger at dout ~ 1e-3);
+    FlashAttention-2 keeps ds unscaled too. bf16 and fp32 have fp32's exponent range."""
+    return dtype != tl.float16
+
+
 @triton.jit
 def _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HEADS, scale, HAS_RES: tl.constexpr):
     """Per token of a tile, what the dk/dv kernel reads (stored to STATS [2, B, H, T]):
     delta = rowsum(dout * out), with the forward's residual taken off out again (HAS_RES),
-    stored times `scale` (1 / sqrt(Dh): the dk/dv kernel's ds comes out scaled, see there), and
-    the base-2 LSE, 0 where nothing is visible. -> (delta unscaled, that LSE)."""
+    stored times `scale` (1 / sqrt(Dh): the dk/dv kernel's ds comes out scaled, see there; not for
+    fp16, `_fold_scale`), and the base-2 LSE, 0 where nothing is visible. -> (delta unscaled, that
+    LSE)."""
     out = tl.load(OUT + offs, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_RES:
         out -= tl.load(RES + offs, mask=row_ok, other=0.0).to(tl.float32)
@@ -371,7 +381,10 @@ def _token_stats(LSE, OUT, RES, STATS, do, b, head, t, t_ok, offs, row_ok, T, HE
     stat_offs = (b * HEADS + head).to(tl.int64) * T + t
     lse = tl.load(LSE + stat_offs, mask=t_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_TL)
-    tl.store(STATS + stat_offs, delta * scale, mask=t_ok)
+    if _fold_scale(OUT.dtype.element_ty):
+        tl.store(STATS + stat_offs, delta * scale, mask=t_ok)
+    else:
+        tl.store(STATS + stat_offs, delta, mask=t_ok)
     tl.store(STATS + tl.num_programs(1).to(tl.int64) * T + stat_offs, lse2, mask=t_ok)
     return delta, lse2
 
@@ -507,10 +520,15 @@ def _attend_bwd_dkv(
             dp_t = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
             # d logits times 1 / sqrt(Dh), which dk and dq both take: folded into the subtraction
             # (an FFMA for an FADD; delta comes scaled) instead of a multiply of each dq tile.
-            ds_t = p_t * (dp_t * scale - delta[None, :])
+            if _fold_scale(Q.dtype.element_ty):
+                ds_t = p_t * (dp_t * scale - delta[None, :])
+            else:
+                ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
             if DQ > 0:  # this slot tile's share of the tokens' dq, added in L2 (FlashAttention-2's dq)
                 dq = tl.dot(tl.trans(ds_t.to(kt.dtype)), kt, input_precision=PRECISION)
+                if not _fold_scale(Q.dtype.element_ty):
+                    dq *= scale
                 if DQ == 2:
                     DQ_ACC.atomic_add([b, t0, head * DH], tl.reshape(dq, [1, BLOCK_T, BLOCK_D]))
                 else:
@@ -521,7 +539,12 @@ def _attend_bwd_dkv(
             do_ptrs += BLOCK_T * HEADS * DH
             stat_ptrs += BLOCK_T
         if DQ > 0:
-            tl.atomic_add(DBETA + head * n_levels + lvl, tl.sum(dbeta, axis=0) / scale, sem="relaxed")
+            part = tl.sum(dbeta, axis=0)
+            if _fold_scale(Q.dtype.element_ty):
+                part = part / scale
+            tl.atomic_add(DBETA + head * n_levels + lvl, part, sem="relaxed")
+    if not _fold_scale(Q.dtype.element_ty):
+        dk *= scale
     tl.store(DKEYS + slot_offs, dk.to(DKEYS.dtype.element_ty), mask=slot_ok)
     tl.store(DVALUES + slot_offs, dv.to(DVALUES.dtype.element_ty), mask=slot_ok)
 
