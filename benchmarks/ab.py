@@ -18,7 +18,8 @@ printed beside a yardstick measured in the same run: the copy-bandwidth floor fo
 query. This is how a kernel change is judged before it lands (BENCHMARKS.md).
 
 `--check` (what CI runs, on CPU tensors under TRITON_INTERPRET=1) does the checks on small shapes
-and times nothing.
+and times nothing. The fused memory backwards add dq in whatever order the slot tiles come, so
+there A and B can differ in dq's last bits even for the same code.
 """
 
 from __future__ import annotations
