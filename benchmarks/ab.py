@@ -122,6 +122,18 @@ def in_turns(fns: dict[str, object], repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) if v else math.nan for k, v in times.items()}
 
 
+def report_errors(label: str, name: str, errs: dict[str, float], what: str = "rel err") -> None:
+    print(f"  {label} {name}: {what} " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+
+
+def report_times(label: str, versions, t: dict[str, float], base_f: float, base_b: float, base: str) -> None:
+    """Each version's forward and backward time and its ratio to the yardstick of the same run."""
+    for name in versions:
+        f, bw = t[f"{name} fwd"], t[f"{name} bwd"]
+        print(f"  {label} {name}: fwd {f:.4f} ms = {f / base_f:.3f}x {base}, bwd {bw:.4f} ms = {bw / base_b:.3f}x,"
+              f" fwd+bwd {(f + bw) / (base_f + base_b):.3f}x", flush=True)  # fmt: skip
+
+
 # ---- linear scan -------------------------------------------------------------------------
 
 
@@ -141,9 +153,9 @@ def scan_case(versions: dict[str, ModuleType], shape, dtype, device, repeats: in
         h, h_last = mod.scan_fwd(log_a, b, h0)
         grads = mod.scan_bwd(log_a, h, h0, dh, dh_last)
         outs[name] = [h, h_last, *grads]
-        errs = [rel_err(x, w) for x, w in zip(outs[name], [want_h, want_last, *want_g], strict=True)]
-        print(f"  {label} {name}: rel err h {errs[0]:.1e}, h_last {errs[1]:.1e}, dlog_a {errs[2]:.1e}, "
-              f"db {errs[3]:.1e}, dh0 {errs[4]:.1e}", flush=True)  # fmt: skip
+        wants = [want_h, want_last, *want_g]
+        errs = [rel_err(x, w) for x, w in zip(outs[name], wants, strict=True)]
+        report_errors(label, name, dict(zip(["h", "h_last", "dlog_a", "db", "dh0"], errs, strict=True)))
     a, b_ = outs.values()
     print(f"  {label}: A and B {agreement(a, b_)}", flush=True)
     if check:
@@ -159,10 +171,7 @@ def scan_case(versions: dict[str, ModuleType], shape, dtype, device, repeats: in
     floor_f, floor_b = t["copy"] * 1.5, t["copy"] * 2.5
     gbps = 2 * src.numel() * src.element_size() / t["copy"] / 1e6
     print(f"  {label}: copy {t['copy']:.4f} ms ({gbps / 1e3:.2f} TB/s); floor fwd {floor_f:.4f}, bwd {floor_b:.4f} ms")
-    for name in versions:
-        f, bw = t[f"{name} fwd"], t[f"{name} bwd"]
-        print(f"  {label} {name}: fwd {f:.4f} ms = {f / floor_f:.3f}x floor, bwd {bw:.4f} ms = {bw / floor_b:.3f}x,"
-              f" fwd+bwd {(f + bw) / (floor_f + floor_b):.3f}x", flush=True)  # fmt: skip
+    report_times(label, versions, t, floor_f, floor_b, "floor")
 
 
 # ---- memory query ------------------------------------------------------------------------
@@ -207,8 +216,7 @@ def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> No
             outs[name], saved_fwd[name] = [out, lse, *grads], (out, lse)
             # dbeta sums every batch row: the reference's is for row 0 only, so it is not compared.
             errs = [rel_err(x[:1], w) for x, w in zip([out, *grads[:3]], [want_out, *want_g[:3]], strict=True)]
-            print(f"  {label} {name}: rel err (row 0) out {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, "
-                  f"dv {errs[3]:.1e}", flush=True)  # fmt: skip
+            report_errors(label, name, dict(zip(["out", "dq", "dk", "dv"], errs, strict=True)), "rel err (row 0)")
         a, b = outs.values()
         print(f"  {label}: A and B {agreement(a, b)}", flush=True)
         if check:
@@ -234,10 +242,7 @@ def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> No
         t = in_turns(fns, repeats)
         sf, sb = t["sdpa fwd"], t["sdpa bwd"]
         print(f"  {label}: SDPA over {n_keys} keys fwd {sf:.4f} ms, bwd {sb:.4f} ms")
-        for name in versions:
-            f, bw = t[f"{name} fwd"], t[f"{name} bwd"]
-            print(f"  {label} {name}: fwd {f:.4f} ms = {f / sf:.3f}x SDPA, bwd {bw:.4f} ms = {bw / sb:.3f}x,"
-                  f" fwd+bwd {(f + bw) / (sf + sb):.3f}x", flush=True)  # fmt: skip
+        report_times(label, versions, t, sf, sb, "SDPA")
     finally:
         kernels.knobs.memory_bwd = saved
 

@@ -446,6 +446,7 @@ def _attend_bwd_dkv(
     DQ: tl.constexpr = 0,  # the fused backward: 0 dq elsewhere; 1 adds dq by atomics, 2 by TMA reductions
     EVEN_T: tl.constexpr = False,  # T % BLOCK_T == 0: every token tile walked is whole, its loads unmasked
 ):
+    FOLD: tl.constexpr = _fold_scale(Q.dtype.element_ty)  # ds comes out times 1 / sqrt(Dh)
     tile = tl.program_id(0)
     pid_bk = tl.program_id(1)
     kv_heads = HEADS // GROUP
@@ -520,14 +521,14 @@ def _attend_bwd_dkv(
             dp_t = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
             # d logits times 1 / sqrt(Dh), which dk and dq both take: folded into the subtraction
             # (an FFMA for an FADD; delta comes scaled) instead of a multiply of each dq tile.
-            if _fold_scale(Q.dtype.element_ty):
+            if FOLD:  # noqa: SIM108 (constexpr branches)
                 ds_t = p_t * (dp_t * scale - delta[None, :])
             else:
                 ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
             if DQ > 0:  # this slot tile's share of the tokens' dq, added in L2 (FlashAttention-2's dq)
                 dq = tl.dot(tl.trans(ds_t.to(kt.dtype)), kt, input_precision=PRECISION)
-                if not _fold_scale(Q.dtype.element_ty):
+                if not FOLD:
                     dq *= scale
                 if DQ == 2:
                     DQ_ACC.atomic_add([b, t0, head * DH], tl.reshape(dq, [1, BLOCK_T, BLOCK_D]))
@@ -540,10 +541,10 @@ def _attend_bwd_dkv(
             stat_ptrs += BLOCK_T
         if DQ > 0:
             part = tl.sum(dbeta, axis=0)
-            if _fold_scale(Q.dtype.element_ty):
+            if FOLD:
                 part = part / scale
             tl.atomic_add(DBETA + head * n_levels + lvl, part, sem="relaxed")
-    if not _fold_scale(Q.dtype.element_ty):
+    if not FOLD:
         dk *= scale
     tl.store(DKEYS + slot_offs, dk.to(DKEYS.dtype.element_ty), mask=slot_ok)
     tl.store(DVALUES + slot_offs, dv.to(DVALUES.dtype.element_ty), mask=slot_ok)
