@@ -120,9 +120,12 @@ def test_direct_launches_keep_each_specialization_apart(hand_off, monkeypatch):
             limit = 1e-5 if b.dtype == torch.float32 else 1e-2
             assert rel(h, want_h) < limit and rel(h_last, want_last) < limit, (b.dtype, b.shape)
             assert rel(grads[0], want[0]) < 2 * limit and rel(grads[1], want[1]) < 2 * limit, (b.dtype, b.shape)
-    # The direct path was taken, with one compiled kernel per case.
+    # The direct path was taken, with one compiled kernel per case; but the look-back hand-off
+    # runs every case on the channel-pair kernel, to which the 2- and 4-byte offsets are both
+    # "not 16-byte aligned": one kernel serves those two (the H200 run of session 20).
     assert sum(launcher.direct_calls for launcher in launchers) - before == 3 * len(cases)
-    assert len(kernel._launch_fwd_chained.compiled) + len(kernel._launch_fwd_words.compiled) == len(cases)
+    kernels_compiled = len(kernel._launch_fwd_chained.compiled) + len(kernel._launch_fwd_words.compiled)
+    assert kernels_compiled == (len(cases) if hand_off == "serial" else len(cases) - 1)
     assert len(kernel._launch_fwd_words.compiled) == (3 if hand_off == "serial" else 0)
 
 
@@ -258,15 +261,23 @@ def test_memory_query_at_gpu_tile_sizes(dtype, tma, bwd, steps, monkeypatch):
         # dbeta sums terms that cancel (see the interpreter test): in fp16 held to bf16's bound.
         assert rel(g, w) < (4e-2 if name == "beta" and dtype == torch.float16 else 2 * tol), name
 
-    with torch.no_grad():
-        clean = mem.map(lambda t: t.detach().clone())
-        bad = mem.map(lambda t: t.detach().clone())
-        for lvl in range(3):
-            bad.keys[lvl][1], bad.values[lvl][1] = float("inf"), float("nan")
-        before, after = (kernels.hds_query(q, k, v, beta, m, 8)[[0, 2]] for m in (clean, bad))
-    # Close, not equal: the fp32 slot sums use index_add, whose CUDA atomics vary in the last bit.
+    # Rows 0 and 2 bit for bit: in deterministic mode index_add (the level cascade's fp32 slot
+    # sums) adds in a fixed order; otherwise its CUDA atomics can move a 16-bit candidate key by
+    # one unit between two calls. (The H200 run of session 20 saw fp16 at T 768 fail this test in
+    # 3 of its 6 modes, with 1e-5 as the tolerance and the message lost: the suspected cause.)
+    before_mode = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.no_grad():
+            clean = mem.map(lambda t: t.detach().clone())
+            bad = mem.map(lambda t: t.detach().clone())
+            for lvl in range(3):
+                bad.keys[lvl][1], bad.values[lvl][1] = float("inf"), float("nan")
+            before, after = (kernels.hds_query(q, k, v, beta, m, 8)[[0, 2]] for m in (clean, bad))
+    finally:
+        torch.use_deterministic_algorithms(before_mode[0], warn_only=before_mode[1])
     assert torch.isfinite(after).all()
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after, before)
 
 
 def _opt_in(extra: list[str], decay: bool = False) -> list[str]:
