@@ -183,11 +183,15 @@ def memory_inputs(bsz, heads, steps, spec, dtype, device):
     mem = kernels.Memory.empty(spec, bsz, dtype=torch.float32)
     mem.keys = [torch.randn(t.shape, generator=g) for t in mem.keys]
     mem.values = [torch.randn(t.shape, generator=g) for t in mem.values]
-    mem.pos = torch.full((bsz,), spec.span(len(spec.slots) - 1) * 64, dtype=torch.int64)
+    # As benchmarks/memory.py: far enough into the stream that every ring is full (at 64 spans of
+    # the last level, as before session 20, its 460-slot ring held 64: ~630 of the 1024 keys).
+    mem.pos = torch.full((bsz,), spec.span(len(spec.slots) - 1) * 4096, dtype=torch.int64)
     mem = mem.map(lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device))
     kd = spec.heads * spec.dim
     q = torch.randn(bsz, steps, heads * spec.dim, generator=g).to(device, dtype)
     k, v = (torch.randn(bsz, steps, kd, generator=g).to(device, dtype) for _ in range(2))
+    full = [int(mem.pos[0]) // spec.span(lvl) >= m for lvl, m in enumerate(spec.slots)]
+    assert all(full), f"ab.py: not every ring is full ({full})"
     cand = memory_ref.candidates(mem, k, v)
     beta = (torch.randn(heads, len(spec.slots), generator=g) * 0.5).to(device, dtype)
     levels = (list(spec.slots), [spec.span(lvl) for lvl in range(len(spec.slots))])
@@ -239,6 +243,10 @@ def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> No
             fns[f"{name} bwd"] = lambda mod=mod, out=out, lse=lse: mod.attend_bwd(
                 q, keys, values, beta, pos, rings, spans, out, lse, dout, heads
             )
+        # Once outside any capture first: the first case's SDPA backward could not be captured
+        # otherwise (H200, session 20: "operation failed due to a previous error during capture").
+        fns["sdpa bwd"]()
+        torch.cuda.synchronize()
         t = in_turns(fns, repeats)
         sf, sb = t["sdpa fwd"], t["sdpa bwd"]
         print(f"  {label}: SDPA over {n_keys} keys fwd {sf:.4f} ms, bwd {sb:.4f} ms")

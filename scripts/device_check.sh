@@ -2,8 +2,11 @@
 # One call on the GPU machine: the GPU tests, A/Bs against an earlier revision, the benchmarks.
 #
 #   bash scripts/device_check.sh [steps...]      (default: tests scan memory)
-#     tests        pytest -m "gpu or triton" over tests/ (every Triton kernel at real sizes)
-#     ab:REV       benchmarks/ab.py REV scan, then REV memory (auto and split backward)
+#     tests        pytest -n 4 -m gpu: tests/kernels/test_gpu.py, every kernel at real sizes (minutes on
+#                  a fresh machine, most of it compiling: session 20 ran out of its call there)
+#     triton       pytest -n 8 -m "triton and not gpu": the interpreter tests' small shapes, compiled
+#                  for the GPU (over 8 min on a fresh machine, serially: hundreds of small compiles)
+#     ab:REV       benchmarks/ab.py REV scan, then REV memory (the auto and fused-tma backwards)
 #     scan         benchmarks/recurrence.py --only scan   (peers from .whl/, if carried)
 #     gated        benchmarks/recurrence.py --only gated
 #     memory       benchmarks/memory.py --no-decode
@@ -30,8 +33,8 @@ fi
 [ $# -gt 0 ] || set -- tests scan memory
 for s in "$@"; do
   case "$s" in
-    tests | ab:?* | scan | gated | memory) ;;
-    *) echo "device_check.sh: unknown step '$s' (tests, ab:REV, scan, gated, memory)" >&2; exit 2 ;;
+    tests | triton | ab:?* | scan | gated | memory) ;;
+    *) echo "device_check.sh: unknown step '$s' (tests, triton, ab:REV, scan, gated, memory)" >&2; exit 2 ;;
   esac
 done
 out="${OUT:-device-out}"
@@ -54,13 +57,14 @@ step() {  # step NAME CMD...: runs CMD, logs it, prints its tail and time
 }
 for s in "$@"; do
   case "$s" in
-    tests) step tests python -m pytest -q -m "gpu or triton" tests -p no:cacheprovider ;;
+    tests) step tests python -m pytest -q -n 4 -m gpu tests -p no:cacheprovider -rfE --durations=10 ;;
+    triton) step triton python -m pytest -q -n 8 -m "triton and not gpu" tests -p no:cacheprovider -rfE --durations=10 ;;
     ab:*)
       rev=${s#ab:}
       a_scan=$rev a_memory=$rev
       if [ -d ".ab/$rev" ]; then a_scan=.ab/$rev/scan.py a_memory=.ab/$rev/memory.py; fi
       step "ab-scan" python benchmarks/ab.py "$a_scan" scan
-      step "ab-memory" python benchmarks/ab.py "$a_memory" memory --bwd auto split
+      step "ab-memory" python benchmarks/ab.py "$a_memory" memory --bwd auto fused-tma
       ;;
     scan) step scan python benchmarks/recurrence.py --only scan ;;
     gated) step gated python benchmarks/recurrence.py --only gated ;;
