@@ -192,6 +192,25 @@ def main() -> None:
         attend().backward(grad)
 
     attend_fb = bench(attend_step)
+    # The backward modes side by side (MMREC_MEMORY_BWD; attend_bwd alone, CUDA-graph replays):
+    # what auto's choice rests on (kernels/memory/kernel.py, _bwd_mode).
+    with torch.no_grad():
+        out, lse = kernels.memory.kernel.attend_fwd(q, keys, values, beta, mem.pos, *levels, heads)
+    modes, saved = {}, kernels.knobs.memory_bwd
+    for mode in ("split", "fused-tma", "fused", "auto"):
+        kernels.knobs.memory_bwd = mode
+        try:
+            with torch.no_grad():
+                modes[mode] = _graph_time(
+                    lambda: kernels.memory.kernel.attend_bwd(
+                        q, keys, values, beta, mem.pos, *levels, out, lse, grad, heads
+                    )
+                )
+        except Exception as e:  # a mode this GPU cannot run: say so, time the others
+            print(f"  backward {mode}: not timed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        finally:
+            kernels.knobs.memory_bwd = saved
+    print("  attention backward alone, CUDA-graph replays: " + ", ".join(f"{m} {t:.3f} ms" for m, t in modes.items()))
     rows = [
         ("mmrec hds_query (Triton + candidates)", ours_f, ours_fb),
         ("mmrec hds_query under torch.compile", comp_f, comp_fb),
