@@ -697,13 +697,14 @@ def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int, residual=No
 def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
     """The dk/dv kernel's DQ: 0 the split backward, 1 fused with atomics, 2 fused with TMA
     reductions (Hopper, Dh a power of two; the interpreter has none and runs the atomics).
-    auto (the default) takes what measured fastest on the H200 (BENCHMARKS.md, session 20): the
-    split backward for bf16/fp16 (B8 H16 T4096 over 1024 slots: 1.20-1.23 ms against 1.33 fused
-    by TMA reductions and 1.45 by atomics; with part-filled rings 1.01 against 1.17 for the fused
-    kernel at its best), atomics for exact fp32 on any GPU (26 against 85 ms, session 17: the
-    split kernels recompute the probabilities on the CUDA cores twice), and the split backward
-    for TF32 (not measured fused) and fp64. Added in L2 in whatever order the slot tiles come,
-    the fused dq can differ in its last bits from run to run: under
+    auto (the default) takes what measured fastest on the H200 with every ring full
+    (BENCHMARKS.md, sessions 17 and 20): TMA reductions for bf16/fp16 on Hopper where Dh allows
+    them (1.21 against 1.25 ms at B8 H16 T4096 over 1024 slots in session 17; by atomics 1.45,
+    so other Dh and older GPUs take the split backward; with part-filled rings split led, 1.01
+    against 1.17 ms, session 20), atomics for exact fp32 on any GPU (26 against 85 ms on the
+    H200: the split kernels recompute the probabilities on the CUDA cores twice), and the split
+    backward for TF32 (not measured fused) and fp64. Added in L2 in whatever order the slot
+    tiles come, the fused dq can differ in its last bits from run to run: under
     torch.use_deterministic_algorithms auto takes the split backward, and a forced fused one
     raises (or warns, with warn_only) as torch's own nondeterministic ops do."""
     mode = knobs.memory_bwd
@@ -711,10 +712,13 @@ def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
         raise ValueError(f"MMREC_MEMORY_BWD={mode!r}: expected auto, split, fused or fused-tma")
     if mode == "split" or q.dtype == torch.float64:
         return 0
+    tma = block_d == dim and not knobs.interpret and torch.cuda.get_device_capability(q.device)[0] >= 9
     if mode == "auto":
         if torch.are_deterministic_algorithms_enabled():
             return 0
-        return 1 if q.dtype == torch.float32 and fp32_dot_precision(q.dtype) == "ieee" else 0
+        if q.dtype == torch.float32:
+            return 1 if fp32_dot_precision(q.dtype) == "ieee" else 0
+        return 2 if tma else 0
     if torch.are_deterministic_algorithms_enabled():
         msg = (
             f"hds_query backward: MMREC_MEMORY_BWD={mode} adds dq by atomics, not deterministic, but "
@@ -723,7 +727,6 @@ def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
         if not torch.is_deterministic_algorithms_warn_only_enabled():
             raise RuntimeError(msg)
         warnings.warn(msg, stacklevel=2)
-    tma = block_d == dim and not knobs.interpret and torch.cuda.get_device_capability(q.device)[0] >= 9
     return 2 if mode == "fused-tma" and tma else 1
 
 

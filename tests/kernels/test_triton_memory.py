@@ -172,7 +172,8 @@ def test_backward_mode_rules(monkeypatch):
     monkeypatch.setattr(kernels.knobs, "memory_bwd", "auto")
     monkeypatch.setattr(kernels.knobs, "interpret", False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Hopper
-    assert kernel._bwd_mode(q16, 64, 64) == 0  # bf16: split (faster than either fused on the H200)
+    assert kernel._bwd_mode(q16, 64, 64) == 2  # bf16: fused by TMA reductions
+    assert kernel._bwd_mode(q16, 48, 64) == 0  # Dh not a power of two: no TMA tile, so split
     assert kernel._bwd_mode(q32, 64, 64) == 1  # exact fp32: fused by atomics
     assert kernel._bwd_mode(q32.double(), 64, 64) == 0
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # Ampere
