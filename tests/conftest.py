@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -14,6 +16,17 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what="tensor"):
     assert not torch.isnan(actual).any(), f"{what}: NaN in result at {torch.isnan(actual).nonzero()[:5].tolist()}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@contextlib.contextmanager
+def deterministic(warn_only: bool = False):
+    """torch.use_deterministic_algorithms(True) inside the block, the previous setting after."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"

@@ -30,7 +30,7 @@ Backward, chained (the default): the same chain from the last chunk to the first
 outputs then come SUB rows at a time, re-reading log_a and dh (from cache, a microsecond after
 the first read), so that only SUB rows of scan state live in registers: 32 where no chunk is
 masked and the hand-off is serial (then the masked path is not compiled: EVEN, `_even`), else
-16 (`_chain_tile`).
+16 (`_bwd_sub`).
 
 Backward, walk (MMREC_SCAN=walk): the reverse walk one row at a time, 4 bytes of a row per
 thread, so the recurrence is one FMA per element in registers (`_scan_bwd` says why).
@@ -973,18 +973,23 @@ def _look_meta(bsz: int, width: int, block_c: int, n_chunks: int, device) -> dic
             "SPARSE": knobs.interpret}  # fmt: skip
 
 
-def _chain_tile(itemsize: int = 4, even: bool = False) -> tuple[int, int, int]:
-    """(channels, rows per chunk, rows per backward output pass) of a chained program. Small
-    under the interpreter, so the tests cross chunk, channel-block and sub-tile edges. On the
-    GPU the backward's output pass takes 32 rows at once where no chunk is masked (`even`: only
-    the unmasked path is compiled, 128 registers in bf16; fp32 spills 32 bytes) and 16 rows
+def _chain_tile() -> tuple[int, int]:
+    """(channels, rows per chunk) of a chained program. Small under the interpreter, so the
+    tests cross chunk and channel-block edges."""
+    return (16, 8) if knobs.interpret else (64 * CHAIN_WARPS, CHAIN_R)
+
+
+def _bwd_sub(itemsize: int, even: bool) -> int:
+    """Rows per output pass of a chained backward (small under the interpreter, so the tests
+    cross sub-tile edges). On the GPU 32 rows at once where no chunk is masked (`even`: only the
+    unmasked path is compiled, 128 registers in bf16; fp32 spills 32 bytes) and 16 rows
     elsewhere. H200, B8 T4096 C2048, against session 17's 16 rows with both paths compiled in
     the same run: bf16 1.16x its floor against 1.31x, fp32 1.10x against 1.12x; unmasked-only
     at 16 rows was slower than both paths (bf16 1.38x at 72 registers against 1.22x at 114;
     why is not measured), as was the look-back unmasked-only, which keeps both (BENCHMARKS.md)."""
     if knobs.interpret:
-        return 16, 8, 8 if even else 4
-    return 64 * CHAIN_WARPS, CHAIN_R, BWD_SUB.get(itemsize, 16) if even else 16
+        return 8 if even else 4
+    return BWD_SUB.get(itemsize, 16) if even else 16
 
 
 BWD_SUB = {2: 32, 4: 32}  # the backward's output rows a pass where no chunk is masked, by element size
@@ -1046,7 +1051,7 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
     if _use_chained():
         if steps == 0:  # no chunk to launch: h_last is the initial state
             return h, h_last.copy_(h0) if h0 is not None else h_last.zero_()
-        block_c, rows, _ = _chain_tile()
+        block_c, rows = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
         if _words(log_a, b, block_c, n_chunks):
             rows = WORDS_R if not knobs.interpret else rows
@@ -1099,10 +1104,10 @@ def scan_bwd(
             if dh0 is not None:
                 dh0.copy_(dh_last) if dh_last is not None else dh0.zero_()
             return dlog_a, db, dh0
-        block_c, rows, _ = _chain_tile()
+        block_c, rows = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
         even = _even(bsz, steps, width, rows, block_c, n_chunks)
-        _, _, sub = _chain_tile(h.element_size(), even)
+        sub = _bwd_sub(h.element_size(), even)
         _launch_bwd_chained(
             (n_chunks * bsz * triton.cdiv(width, block_c),),
             log_a, h, h0 if h0 is not None else h, dh, dh_last if dh_last is not None else dh, dlog_a, db,

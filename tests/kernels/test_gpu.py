@@ -11,6 +11,7 @@ import runtime
 from kernels.linear import kernel as linear_kernel
 from kernels.recurrence import reference as gated_ref
 from kernels.scan import reference as scan_ref
+from tests.conftest import deterministic
 
 pytestmark = pytest.mark.gpu
 
@@ -265,17 +266,12 @@ def test_memory_query_at_gpu_tile_sizes(dtype, tma, bwd, steps, monkeypatch):
     # sums) adds in a fixed order; otherwise its CUDA atomics can move a 16-bit candidate key by
     # one unit between two calls. (The H200 run of session 20 saw fp16 at T 768 fail this test in
     # 3 of its 6 modes, with 1e-5 as the tolerance and the message lost: the suspected cause.)
-    before_mode = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with torch.no_grad():
-            clean = mem.map(lambda t: t.detach().clone())
-            bad = mem.map(lambda t: t.detach().clone())
-            for lvl in range(3):
-                bad.keys[lvl][1], bad.values[lvl][1] = float("inf"), float("nan")
-            before, after = (kernels.hds_query(q, k, v, beta, m, 8)[[0, 2]] for m in (clean, bad))
-    finally:
-        torch.use_deterministic_algorithms(before_mode[0], warn_only=before_mode[1])
+    with deterministic(warn_only=True), torch.no_grad():
+        clean = mem.map(lambda t: t.detach().clone())
+        bad = mem.map(lambda t: t.detach().clone())
+        for lvl in range(3):
+            bad.keys[lvl][1], bad.values[lvl][1] = float("inf"), float("nan")
+        before, after = (kernels.hds_query(q, k, v, beta, m, 8)[[0, 2]] for m in (clean, bad))
     assert torch.isfinite(after).all()
     assert torch.equal(after, before)
 

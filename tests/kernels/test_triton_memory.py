@@ -9,7 +9,7 @@ import torch
 import kernels
 from kernels.memory import decode, kernel, op
 from kernels.memory import reference as ref
-from tests.conftest import TRITON_DEVICE, assert_close
+from tests.conftest import TRITON_DEVICE, assert_close, deterministic
 from tests.kernels.test_hds import HEADS, SPEC, build_history, naive_query
 
 pytestmark = pytest.mark.triton
@@ -196,9 +196,7 @@ def test_backward_mode_rules(monkeypatch):
 def test_deterministic_mode_takes_the_split_backward_and_alerts_on_a_forced_fused_one(warn_only, monkeypatch):
     q32 = torch.zeros(1, 1, 16)
     monkeypatch.setattr(kernels.knobs, "interpret", True)
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=warn_only)
-    try:
+    with deterministic(warn_only):
         monkeypatch.setattr(kernels.knobs, "memory_bwd", "auto")
         assert kernel._bwd_mode(q32, 16, 16) == 0
         monkeypatch.setattr(kernels.knobs, "memory_bwd", "fused")
@@ -208,8 +206,6 @@ def test_deterministic_mode_takes_the_split_backward_and_alerts_on_a_forced_fuse
         else:
             with pytest.raises(RuntimeError, match="MMREC_MEMORY_BWD=fused"):
                 kernel._bwd_mode(q32, 16, 16)
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on row 1's NaN

@@ -163,7 +163,7 @@ def test_word_chunks_and_the_unmasked_backward_match_the_reference(monkeypatch, 
 
     for name in ("_launch_fwd_words", "_launch_fwd_chained", "_launch_bwd_chained"):
         monkeypatch.setattr(kernel, name, spy(name))
-    block_c, rows, _ = kernel._chain_tile()  # 16 channels and 8 rows under the interpreter
+    block_c, rows = kernel._chain_tile()  # 16 channels and 8 rows under the interpreter
     for bsz, steps, width, offset in ((2, 16, 32, 0), (1, 21, 10, 0), (1, 16, 32, 1)):
         log_a, b, h0 = make(bsz, steps, width, dtype)  # a log_a clamped below and one above
         if offset:  # a 2-byte offset base
