@@ -155,72 +155,107 @@ def _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST: 
 
 
 @triton.jit
-def _reference_max(
-    q, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
-    col_ok, qk_scale, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, TMA: tl.constexpr,
+def _tile_logits(
+    q, kt, vt, i, i0, lo, hi, lo_all, hi_all, hi_last, WIDTH: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr
+):
+    """Raw logits q k^T [BLOCK_T, WIDTH] of the slot tile at local index i0 (slots i), -inf where
+    a token does not see the slot (only on the band's edge tiles), and its value rows."""
+    qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+    if _edge(i0, lo_all, hi_all, WIDTH):
+        qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
+        if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
+            vt = tl.where((i < hi_last)[:, None], vt, 0.0)
+    return qk, vt
+
+
+@triton.jit
+def _accumulate(
+    qk, vt, m, l, acc, bias2, qk_scale, P_DTYPE: tl.constexpr, ONLINE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """A base-2 logit per token to shift the softmax by, fixed for the whole walk: the largest
-    visible logit of level 0's first slot tile (-inf where that tile shows the token nothing).
-    Any value works as long as 2^(logit - shift) neither overflows nor underflows over the walk;
-    the caller checks that and falls back to the online softmax where it does not hold."""
-    lo, hi, lo_first, hi_last, _, _, start, bias2 = _level_walk(
-        POS, RING, SPAN, START, BETA, b, head, 0, n_levels, t, t_last, BLOCK_T
-    )
-    k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
-    i = lo_first + tl.arange(0, BLOCK_S)
-    kt, _ = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
-    qk = tl.where(_band_mask(lo, hi, i), tl.dot(q, tl.trans(kt), input_precision=PRECISION), float("-inf"))
-    return tl.max(qk, axis=1) * qk_scale + bias2
+    """One slot tile's share of the softmax: ONLINE, the running max's (rescaling l and acc when
+    it grows); else every probability is 2^(logit - m) for the fixed shift m, no max and no
+    rescaling. Probabilities are rounded to P_DTYPE (the values' dtype) for the product, as on
+    the GPU also when the operands are upcast."""
+    if ONLINE:
+        # Base-2 logits are qk * qk_scale + bias2 (a positive scale: the max commutes with it).
+        m_new = tl.maximum(m, tl.max(qk, axis=1) * qk_scale + bias2)
+        # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale + (bias2 - shift)[:, None])
+        alpha = tl.math.exp2(m - shift)
+        l = l * alpha + tl.sum(p, axis=1)
+        pv = operand(p.to(P_DTYPE), UPCAST)
+        acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=PRECISION)
+        m = m_new
+    else:
+        p = tl.math.exp2(qk * qk_scale + (bias2 - m)[:, None])
+        l += tl.sum(p, axis=1)
+        acc = tl.dot(operand(p.to(P_DTYPE), UPCAST), vt, acc, input_precision=PRECISION)
+    return m, l, acc
+
+
+@triton.jit
+def _tail(first, hi_last, BLOCK_S: tl.constexpr, HALF: tl.constexpr):
+    """Where a walk of slot tiles from `first` leaves off when its loop takes only the tiles with
+    more than HALF slots left before hi_last: what remains, [that, hi_last), fits a half tile."""
+    return first + tl.maximum(hi_last - HALF - first + BLOCK_S - 1, 0) // BLOCK_S * BLOCK_S
+
+
+@triton.jit
+def _half_tile(
+    q, m, l, acc, KEYS, VALUES, kv_row, start, i0, lo, hi, lo_all, hi_all, hi_last, bias2, cols, col_ok, qk_scale,
+    ONLINE: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """A level's last slots, HALF of them or fewer, from i0 as one half-width tile, by pointer
+    loads (`_attend_walk`)."""
+    k_ptrs, v_ptrs, _ = _slot_ptrs(KEYS, VALUES, kv_row, start, i0, cols, DH, HALF)
+    i = i0 + tl.arange(0, HALF)
+    kt, vt = _slot_tile(k_ptrs, v_ptrs, k_ptrs, v_ptrs, 0, i, hi_last, col_ok, UPCAST, False)
+    qk, vt = _tile_logits(q, kt, vt, i, i0, lo, hi, lo_all, hi_all, hi_last, HALF, PRECISION, False)
+    return _accumulate(qk, vt, m, l, acc, bias2, qk_scale, VALUES.dtype.element_ty, ONLINE, PRECISION, UPCAST)
 
 
 @triton.jit
 def _attend_walk(
-    q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
-    col_ok, qk_scale, ONLINE: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row,
+    cols, col_ok, qk_scale, ONLINE: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """The softmax walk over every level's visible slots: (shift m, sum l, accumulator acc,
-    whether the token sees any slot). ONLINE: the running-max softmax, which rescales l and acc
-    whenever the max grows. Otherwise every probability is 2^(logit - m) for the given m: no max,
-    no rescaling, and acc is a plain accumulating product."""
-    if ONLINE:
-        m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    """The softmax walk over every level's visible slots from (m, l, acc): -> (m, l, acc, whether
+    the token sees any slot). ONLINE walks everything with the running max; the fixed-shift walk
+    starts after level 0's first tile, which set its shift (`_attend_fwd`). A level's last
+    BLOCK_S / 2 slots or fewer go as a half-width tile (pointer loads only: a TMA box is one
+    width), so a ring of 240 slots costs 240 columns, not 256."""
+    # A GPU dot's sides are at least 16; the interpreter (UPCAST) takes its 16-slot tiles' halves.
+    HALF: tl.constexpr = BLOCK_S // 2 if not TMA and (BLOCK_S >= 32 or UPCAST) else 0
     seen = t < 0
     for lvl in range(n_levels):
         lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
             POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
         )
         seen = seen | (hi > lo)
-        k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
-        for i0 in range(lo_first, hi_last, BLOCK_S):
+        first = lo_first
+        if not ONLINE:
+            first += tl.where(lvl == 0, BLOCK_S, 0)
+        k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, first, cols, DH, BLOCK_S)
+        for i0 in range(first, hi_last - HALF, BLOCK_S):
             i = i0 + tl.arange(0, BLOCK_S)
             kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
-            qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
-            if _edge(i0, lo_all, hi_all, BLOCK_S):
-                qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
-                if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
-                    vt = tl.where((i < hi_last)[:, None], vt, 0.0)
-            if ONLINE:
-                # Base-2 logits are qk * qk_scale + bias2 (a positive scale: the max commutes with it).
-                m_new = tl.maximum(m, tl.max(qk, axis=1) * qk_scale + bias2)
-                # While nothing is visible m stays -inf; shift by 0 so no inf - inf appears.
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk * qk_scale + (bias2 - shift)[:, None])
-                alpha = tl.math.exp2(m - shift)
-                l = l * alpha + tl.sum(p, axis=1)
-                pv = operand(p.to(VALUES.dtype.element_ty), UPCAST)  # rounded as on the GPU, also when upcast
-                acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=PRECISION)
-                m = m_new
-            else:
-                p = tl.math.exp2(qk * qk_scale + (bias2 - m)[:, None])
-                l += tl.sum(p, axis=1)
-                acc = tl.dot(operand(p.to(VALUES.dtype.element_ty), UPCAST), vt, acc, input_precision=PRECISION)
+            qk, vt = _tile_logits(q, kt, vt, i, i0, lo, hi, lo_all, hi_all, hi_last, BLOCK_S, PRECISION, TMA)
+            m, l, acc = _accumulate(
+                qk, vt, m, l, acc, bias2, qk_scale, VALUES.dtype.element_ty, ONLINE, PRECISION, UPCAST
+            )
             k_ptrs += BLOCK_S * DH
             v_ptrs += BLOCK_S * DH
             row += BLOCK_S
+        if HALF > 0:
+            i0 = _tail(first, hi_last, BLOCK_S, HALF)
+            if i0 < hi_last:
+                m, l, acc = _half_tile(
+                    q, m, l, acc, KEYS, VALUES, kv_row, start, i0, lo, hi, lo_all, hi_all, hi_last, bias2, cols,
+                    col_ok, qk_scale, ONLINE, DH, HALF, PRECISION, UPCAST,
+                )  # fmt: skip
     return m, l, acc, seen
 
 
@@ -256,14 +291,26 @@ def _attend_fwd(
 ):
     b, head, t, cols, t_ok, col_ok, q_offs, kv_row, t_last = _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D)
     q = operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
-    m = _reference_max(
-        q, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols,
-        col_ok, qk_scale, DH, BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
-    )  # fmt: skip
+    # The softmax's fixed shift: per token, the largest visible logit of level 0's first slot
+    # tile (-inf where it shows the token nothing), the first tile of the walk.
+    lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
+        POS, RING, SPAN, START, BETA, b, head, 0, n_levels, t, t_last, BLOCK_T
+    )
+    k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
+    i = lo_first + tl.arange(0, BLOCK_S)
+    kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
+    qk, vt = _tile_logits(q, kt, vt, i, lo_first, lo, hi, lo_all, hi_all, hi_last, BLOCK_S, PRECISION, TMA)
+    m = tl.max(qk, axis=1) * qk_scale + bias2
     known = m > float("-inf")
+    m = tl.where(known, m, 0.0)
+    zero_l = tl.zeros([BLOCK_T], dtype=tl.float32)
+    zero_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    m, l, acc = _accumulate(
+        qk, vt, m, zero_l, zero_acc, bias2, qk_scale, VALUES.dtype.element_ty, False, PRECISION, UPCAST
+    )
     m, l, acc, seen = _attend_walk(
-        q, tl.where(known, m, 0.0), KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels,
-        t, t_last, kv_row, cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
+        q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last,
+        kv_row, cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
     )  # fmt: skip
     # With m one of the token's visible logits its largest probability is 1, so l >= 1 and the
     # bf16/fp16 probabilities of the value product keep their precision; the shift fails where
@@ -274,8 +321,9 @@ def _attend_fwd(
     fine = known & (l >= 0.5) & (l <= 2.0**100) & (tl.max(tl.abs(acc), axis=1) <= 2.0**120)
     if tl.max((seen & t_ok & ~fine).to(tl.int32), axis=0) > 0:
         m, l, acc, seen = _attend_walk(
-            q, m, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row,
-            cols, col_ok, qk_scale, True, DH, BLOCK_T, BLOCK_S, BLOCK_D, PRECISION, UPCAST, TMA,
+            q, tl.full([BLOCK_T], float("-inf"), dtype=tl.float32), zero_l, zero_acc, KEYS, VALUES, K_DESC, V_DESC,
+            POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols, col_ok, qk_scale, True, DH,
+            BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
         )  # fmt: skip
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if HAS_RES:  # the residual add of the block (h + m) in the epilogue: m is never written alone
@@ -698,10 +746,10 @@ def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
     """The dk/dv kernel's DQ: 0 the split backward, 1 fused with atomics, 2 fused with TMA
     reductions (Hopper, Dh a power of two; the interpreter has none and runs the atomics).
     auto (the default) takes what measured fastest on the H200 with every ring full
-    (BENCHMARKS.md, sessions 17 and 20): TMA reductions for bf16/fp16 on Hopper where Dh allows
-    them (1.21 against 1.25 ms at B8 H16 T4096 over 1024 slots in session 17; by atomics 1.45,
-    so other Dh and older GPUs take the split backward; with part-filled rings split led, 1.01
-    against 1.17 ms, session 20), atomics for exact fp32 on any GPU (26 against 85 ms on the
+    (BENCHMARKS.md, sessions 17, 20 and 21): TMA reductions for bf16/fp16 on Hopper where Dh
+    allows them (1.21 against 1.25 ms at B8 H16 T4096 over 1024 slots in session 17, 1.18
+    against 1.20 in session 21; by atomics 1.44, so other Dh and older GPUs take the split
+    backward; with part-filled rings split led, 1.01 against 1.17 ms, session 20), atomics for exact fp32 on any GPU (26 against 85 ms on the
     H200: the split kernels recompute the probabilities on the CUDA cores twice), and the split
     backward for TF32 (not measured fused) and fp64. Added in L2 in whatever order the slot
     tiles come, the fused dq can differ in its last bits from run to run: under
