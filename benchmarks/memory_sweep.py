@@ -2,7 +2,7 @@
 and the dk/dv kernel timed apart for every tile config, each checked against the default
 config's result before it is timed. This is how kernels/memory/kernel.py's tiles are chosen.
 
-    python benchmarks/memory_sweep.py [--only fwd,dq,dkv,dkv_fused,sums] [--dtype bf16|fp32]
+    python benchmarks/memory_sweep.py [--only fwd,dq,dkv,dkv_fused,sums] [--dtype bf16|fp32] [--no-tma]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="fwd,dq,dkv,sums", help="comma-separated: fwd, dq, dkv, dkv_fused, sums")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32: TF32 products")
+    parser.add_argument("--no-tma", action="store_true", help="pointer slot loads only (TMA is opt-in)")
     args = parser.parse_args()
     only = args.only.split(",")
     run_info("benchmarks/memory_sweep.py")
@@ -109,9 +110,10 @@ def main() -> None:
     sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
     # (BLOCK_T, BLOCK_S, warps, stages, TMA, maxnreg); caps of 128 registers let four 4-warp programs share an SM.
     tiling = [(w, st, reg) for w in (4, 8) for st in (2, 3) for reg in (None, 128)]
+    tmas = (0,) if args.no_tma else (0, 1)
     configs = {
-        "fwd": [(*c, *t[:2], tma, t[2]) for c in sizes if c[0] >= 64 for t in tiling for tma in (0, 1)],
-        "dq": [(*c, *t[:2], tma, t[2]) for c in sizes if c[1] <= 64 for t in tiling for tma in (0, 1)],
+        "fwd": [(*c, *t[:2], tma, t[2]) for c in sizes if c[0] >= 64 for t in tiling for tma in tmas],
+        "dq": [(*c, *t[:2], tma, t[2]) for c in sizes if c[1] <= 64 for t in tiling for tma in tmas],
         "dkv": [(*c, *t[:2], 0, t[2]) for c in sizes for t in tiling],
         "dkv_fused": [(*c, *t[:2], 0, t[2]) for c in sizes for t in tiling],
     }
