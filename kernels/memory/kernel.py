@@ -749,9 +749,10 @@ def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
     (BENCHMARKS.md, sessions 17, 20 and 21): TMA reductions for bf16/fp16 on Hopper where Dh
     allows them (1.21 against 1.25 ms at B8 H16 T4096 over 1024 slots in session 17, 1.18
     against 1.20 in session 21; by atomics 1.44, so other Dh and older GPUs take the split
-    backward; with part-filled rings split led, 1.01 against 1.17 ms, session 20), atomics for exact fp32 on any GPU (26 against 85 ms on the
-    H200: the split kernels recompute the probabilities on the CUDA cores twice), and the split
-    backward for TF32 (not measured fused) and fp64. Added in L2 in whatever order the slot
+    backward; with part-filled rings split led, 1.01 against 1.17 ms, session 20), atomics for
+    exact fp32 on any GPU (26 against 85 ms on the H200: the split kernels recompute the
+    probabilities on the CUDA cores twice), and the split backward for TF32 (not measured
+    fused) and fp64. Added in L2 in whatever order the slot
     tiles come, the fused dq can differ in its last bits from run to run: under
     torch.use_deterministic_algorithms auto takes the split backward, and a forced fused one
     raises (or warns, with warn_only) as torch's own nondeterministic ops do."""
