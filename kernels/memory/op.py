@@ -282,6 +282,8 @@ def hds_query(
     """SPEC §4 query. q [B, T, H*Dh], k/v [B, T, K*Dh], beta [H, L] -> m [B, T, H*Dh]; with
     `residual` (like q) -> residual + m, the add done in the kernel's epilogue on CUDA."""
     spec = mem.spec
+    if not spec.slots:  # the kernels read level 0's tables unconditionally (its first tile sets the shift)
+        raise KernelInputError("hds_query: the memory has no levels (MemorySpec.slots is empty)")
     if heads % spec.heads or q.shape[-1] != heads * spec.dim or tuple(beta.shape) != (heads, len(spec.slots)):
         raise KernelInputError(
             f"hds_query: expected q [B, T, {heads * spec.dim}] and beta [{heads}, {len(spec.slots)}] for "

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kernels import Memory, MemorySpec, hds_query, memory_write, memory_write_, reset_rows
+from kernels import KernelInputError, Memory, MemorySpec, hds_query, memory_write, memory_write_, reset_rows
 from tests.conftest import assert_close
 
 SPEC = MemorySpec(heads=2, dim=3, block=4, ratio=2, slots=(3, 2, 2))  # spans 4, 8, 16 tokens
@@ -160,3 +160,10 @@ def test_in_place_write_rejects_a_segment_and_autograd():
     k = torch.zeros(2, 1, width, requires_grad=True)
     with pytest.raises(ValueError, match="under autograd"):
         memory_write_(mem, k, k)
+
+
+def test_a_memory_without_levels_is_refused():
+    spec = MemorySpec(heads=2, dim=3, block=4, ratio=2, slots=())
+    q, k, v = torch.randn(1, 5, HEADS * 3), torch.randn(1, 5, 6), torch.randn(1, 5, 6)
+    with pytest.raises(KernelInputError, match=r"hds_query: the memory has no levels"):
+        hds_query(q, k, v, torch.zeros(HEADS, 0), Memory.empty(spec, 1), HEADS)
