@@ -721,6 +721,8 @@ def _descriptors(keys: Tensor, values: Tensor, block_s: int, block_d: int) -> tu
 
 def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int, residual=None) -> tuple[Tensor, Tensor]:
     """-> (out, lse); with `residual` ([B, T, H*Dh], like q) out is residual + the query's result."""
+    if not rings:  # the walk's first tile is level 0's (hds_query refuses this with its own message)
+        raise ValueError("attend_fwd: no memory levels")
     bsz, steps, _ = q.shape
     kv_heads, n_slots, dim = keys.shape[1], keys.shape[2], keys.shape[3]
     lv = Levels.get(rings, spans, steps, q.device)
