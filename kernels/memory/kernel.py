@@ -140,7 +140,10 @@ def _slot_ptrs(KEYS, VALUES, kv_row, start, i0, cols, DH: tl.constexpr, BLOCK_S:
 
 
 @triton.jit
-def _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST: tl.constexpr, TMA: tl.constexpr):
+def _slot_tile(
+    K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    MASKED: tl.constexpr = True,
+):  # fmt: skip
     """Keys and values [BLOCK_S, BLOCK_D] of level-local slots i: by TMA from descriptor row `row`
     (rows at or past hi_last come as they are, other levels', heads' or batch rows' slots, and
     the caller zeroes them on its edge tiles), or by pointer loads that read those rows as 0."""
@@ -148,7 +151,8 @@ def _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST: 
         kt = K_DESC.load([row, 0])
         vt = V_DESC.load([row, 0])
     else:
-        ok = (i < hi_last)[:, None] & col_ok[None, :]
+        # A whole tile before hi_last (not MASKED) loads every row: no per-row predicates.
+        ok = (i < hi_last)[:, None] & col_ok[None, :] if MASKED else col_ok[None, :]
         kt = tl.load(k_ptrs, mask=ok, other=0.0)
         vt = tl.load(v_ptrs, mask=ok, other=0.0)
     return operand(kt, UPCAST), operand(vt, UPCAST)
@@ -169,6 +173,20 @@ def _tile_logits(
 
 
 @triton.jit
+def _row_parts(p, PARTS: tl.constexpr):
+    """The row sums of p [BLOCK_T, WIDTH] as PARTS parts a row, [BLOCK_T, PARTS], added up after
+    the walk. 4 on tensor cores: in their accumulator layouts (mma v2 and v3) a thread holds the
+    columns 8 j + 2 c + e of its rows, c its lane in a quad, so summing over j and e stays inside
+    the thread and the walk adds no shuffles per tile. 1 for products on the CUDA cores, whose
+    layout has no such split (the reshape measured slower there)."""
+    if PARTS == 4:
+        parts = tl.reshape(p, [p.shape[0], p.shape[1] // 8, 4, 2])
+        return tl.sum(tl.sum(parts, axis=3), axis=1)
+    else:
+        return tl.sum(p, axis=1, keep_dims=True)
+
+
+@triton.jit
 def _accumulate(
     qk, vt, m, l, acc, bias2, qk_scale, P_DTYPE: tl.constexpr, ONLINE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -184,22 +202,28 @@ def _accumulate(
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * qk_scale + (bias2 - shift)[:, None])
         alpha = tl.math.exp2(m - shift)
-        l = l * alpha + tl.sum(p, axis=1)
+        l = l * alpha[:, None] + _row_parts(p, l.shape[1])
         pv = operand(p.to(P_DTYPE), UPCAST)
         acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=PRECISION)
         m = m_new
     else:
         p = tl.math.exp2(qk * qk_scale + (bias2 - m)[:, None])
-        l += tl.sum(p, axis=1)
+        l += _row_parts(p, l.shape[1])
         acc = tl.dot(operand(p.to(P_DTYPE), UPCAST), vt, acc, input_precision=PRECISION)
     return m, l, acc
 
 
 @triton.jit
-def _tail(first, hi_last, BLOCK_S: tl.constexpr, HALF: tl.constexpr):
-    """Where a walk of slot tiles from `first` leaves off when its loop takes only the tiles with
-    more than HALF slots left before hi_last: what remains, [that, hi_last), fits a half tile."""
-    return first + tl.maximum(hi_last - HALF - first + BLOCK_S - 1, 0) // BLOCK_S * BLOCK_S
+def _slot_step(
+    q, m, l, acc, K_DESC, V_DESC, k_ptrs, v_ptrs, row, i0, lo, hi, lo_all, hi_all, hi_last, bias2, col_ok, qk_scale,
+    P_DTYPE: tl.constexpr, WIDTH: tl.constexpr, MASKED: tl.constexpr, ONLINE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """One slot tile of the walk, WIDTH slots from local index i0: load, logits, accumulate."""
+    i = i0 + tl.arange(0, WIDTH)
+    kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA, MASKED)
+    qk, vt = _tile_logits(q, kt, vt, i, i0, lo, hi, lo_all, hi_all, hi_last, WIDTH, PRECISION, TMA)
+    return _accumulate(qk, vt, m, l, acc, bias2, qk_scale, P_DTYPE, ONLINE, PRECISION, UPCAST)
 
 
 @triton.jit
@@ -207,13 +231,12 @@ def _half_tile(
     q, m, l, acc, KEYS, VALUES, kv_row, start, i0, lo, hi, lo_all, hi_all, hi_last, bias2, cols, col_ok, qk_scale,
     ONLINE: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """A level's last slots, HALF of them or fewer, from i0 as one half-width tile, by pointer
-    loads (`_attend_walk`)."""
+    """HALF slots from i0, a half-width tile masked at hi_last, by pointer loads (`_attend_walk`)."""
     k_ptrs, v_ptrs, _ = _slot_ptrs(KEYS, VALUES, kv_row, start, i0, cols, DH, HALF)
-    i = i0 + tl.arange(0, HALF)
-    kt, vt = _slot_tile(k_ptrs, v_ptrs, k_ptrs, v_ptrs, 0, i, hi_last, col_ok, UPCAST, False)
-    qk, vt = _tile_logits(q, kt, vt, i, i0, lo, hi, lo_all, hi_all, hi_last, HALF, PRECISION, False)
-    return _accumulate(qk, vt, m, l, acc, bias2, qk_scale, VALUES.dtype.element_ty, ONLINE, PRECISION, UPCAST)
+    return _slot_step(
+        q, m, l, acc, k_ptrs, v_ptrs, k_ptrs, v_ptrs, 0, i0, lo, hi, lo_all, hi_all, hi_last, bias2, col_ok, qk_scale,
+        VALUES.dtype.element_ty, HALF, True, ONLINE, PRECISION, UPCAST, False,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -224,11 +247,14 @@ def _attend_walk(
 ):  # fmt: skip
     """The softmax walk over every level's visible slots from (m, l, acc): -> (m, l, acc, whether
     the token sees any slot). ONLINE walks everything with the running max; the fixed-shift walk
-    starts after level 0's first tile, which set its shift (`_attend_fwd`). A level's last
-    BLOCK_S / 2 slots or fewer go as a half-width tile (pointer loads only: a TMA box is one
-    width), so a ring of 240 slots costs 240 columns, not 256."""
+    starts after level 0's first tile, which set its shift (`_attend_fwd`). With half tiles
+    (pointer loads: a TMA box has one width) a level's whole tiles load without row masks and its
+    last slots, fewer than a tile, go as one or two masked half-width tiles, so a ring of 240
+    slots costs 240 columns, not 256."""
     # A GPU dot's sides are at least 16; the interpreter (UPCAST) takes its 16-slot tiles' halves.
-    HALF: tl.constexpr = BLOCK_S // 2 if not TMA and (BLOCK_S >= 32 or UPCAST) else 0
+    # Products on the CUDA cores (exact fp32) keep one masked loop (H200, the benchmark's shape:
+    # 7.35 ms against 7.99 with whole tiles and half tiles, 7.60 before either).
+    HALF: tl.constexpr = BLOCK_S // 2 if not TMA and (BLOCK_S >= 32 or UPCAST) and l.shape[1] == 4 else 0
     seen = t < 0
     for lvl in range(n_levels):
         lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
@@ -239,19 +265,19 @@ def _attend_walk(
         if not ONLINE:
             first += tl.where(lvl == 0, BLOCK_S, 0)
         k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, first, cols, DH, BLOCK_S)
-        for i0 in range(first, hi_last - HALF, BLOCK_S):
-            i = i0 + tl.arange(0, BLOCK_S)
-            kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
-            qk, vt = _tile_logits(q, kt, vt, i, i0, lo, hi, lo_all, hi_all, hi_last, BLOCK_S, PRECISION, TMA)
-            m, l, acc = _accumulate(
-                qk, vt, m, l, acc, bias2, qk_scale, VALUES.dtype.element_ty, ONLINE, PRECISION, UPCAST
-            )
+        # With half tiles the loop takes whole tiles only, loaded without row masks; the level's
+        # last slots, fewer than a tile, follow as one or two masked half tiles.
+        end = first + tl.maximum(hi_last - first, 0) // BLOCK_S * BLOCK_S if HALF > 0 else hi_last
+        for i0 in range(first, end, BLOCK_S):
+            m, l, acc = _slot_step(
+                q, m, l, acc, K_DESC, V_DESC, k_ptrs, v_ptrs, row, i0, lo, hi, lo_all, hi_all, hi_last, bias2,
+                col_ok, qk_scale, VALUES.dtype.element_ty, BLOCK_S, HALF == 0, ONLINE, PRECISION, UPCAST, TMA,
+            )  # fmt: skip
             k_ptrs += BLOCK_S * DH
             v_ptrs += BLOCK_S * DH
             row += BLOCK_S
         if HALF > 0:
-            i0 = _tail(first, hi_last, BLOCK_S, HALF)
-            if i0 < hi_last:
+            for i0 in range(end, hi_last, HALF):
                 m, l, acc = _half_tile(
                     q, m, l, acc, KEYS, VALUES, kv_row, start, i0, lo, hi, lo_all, hi_all, hi_last, bias2, cols,
                     col_ok, qk_scale, ONLINE, DH, HALF, PRECISION, UPCAST,
@@ -303,7 +329,11 @@ def _attend_fwd(
     m = tl.max(qk, axis=1) * qk_scale + bias2
     known = m > float("-inf")
     m = tl.where(known, m, 0.0)
-    zero_l = tl.zeros([BLOCK_T], dtype=tl.float32)
+    # Row sums in parts (`_row_parts`): 4 where the products run on tensor cores (16-bit inputs,
+    # or TF32), and under the interpreter, which tests that path; else 1.
+    dtype = Q.dtype.element_ty
+    tensor_cores: tl.constexpr = dtype.is_fp16() or dtype.is_bf16() or PRECISION != "ieee" or UPCAST
+    zero_l = tl.zeros([BLOCK_T, 4 if tensor_cores else 1], dtype=tl.float32)
     zero_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     m, l, acc = _accumulate(
         qk, vt, m, zero_l, zero_acc, bias2, qk_scale, VALUES.dtype.element_ty, False, PRECISION, UPCAST
@@ -312,6 +342,7 @@ def _attend_fwd(
         q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last,
         kv_row, cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
     )  # fmt: skip
+    l = tl.sum(l, axis=1)
     # With m one of the token's visible logits its largest probability is 1, so l >= 1 and the
     # bf16/fp16 probabilities of the value product keep their precision; the shift fails where
     # some visible logit lies over 100 octaves above m (l or acc out of range, inf or NaN), or
@@ -325,6 +356,7 @@ def _attend_fwd(
             POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols, col_ok, qk_scale, True, DH,
             BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
         )  # fmt: skip
+        l = tl.sum(l, axis=1)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if HAS_RES:  # the residual add of the block (h + m) in the epilogue: m is never written alone
         out += tl.load(RES + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
