@@ -177,15 +177,17 @@ def scan_case(versions: dict[str, ModuleType], shape, dtype, device, repeats: in
 # ---- memory query ------------------------------------------------------------------------
 
 
-def memory_inputs(bsz, heads, steps, spec, dtype, device):
-    """q, the candidate keys/values ([B, K, S, Dh], every level full), beta, pos, rings, spans."""
+def memory_inputs(bsz, heads, steps, spec, dtype, device, offset=0):
+    """q, the candidate keys/values ([B, K, S, Dh], every level full), beta, pos, rings, spans.
+    `offset` tokens past a block boundary (0: every band moves at token tile boundaries only, so
+    the forward masks only a level's last tile; else the bands move inside token tiles)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     mem = kernels.Memory.empty(spec, bsz, dtype=torch.float32)
     mem.keys = [torch.randn(t.shape, generator=g) for t in mem.keys]
     mem.values = [torch.randn(t.shape, generator=g) for t in mem.values]
     # As benchmarks/memory.py: far enough into the stream that every ring is full (at 64 spans of
     # the last level, as before session 20, its 460-slot ring held 64: ~630 of the 1024 keys).
-    mem.pos = torch.full((bsz,), spec.span(len(spec.slots) - 1) * 4096, dtype=torch.int64)
+    mem.pos = torch.full((bsz,), spec.span(len(spec.slots) - 1) * 4096 + offset, dtype=torch.int64)
     mem = mem.map(lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device))
     kd = spec.heads * spec.dim
     q = torch.randn(bsz, steps, heads * spec.dim, generator=g).to(device, dtype)
@@ -209,7 +211,7 @@ def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> No
     row = [t[:1].double() if t.is_floating_point() else t[:1] for t in (q, keys, values)]
     want_out, _ = op._fwd_reference(*row, beta.double(), pos[:1], rings, spans, heads)
     want_g = op._bwd_reference(*row, beta.double(), pos[:1], rings, spans, dout[:1].double(), heads)
-    label = f"memory B{bsz} H{heads} T{steps} S{keys.shape[2]} {str(dtype).removeprefix('torch.')} bwd={bwd_mode}"
+    label = f"memory B{bsz} H{heads} T{steps} S{keys.shape[2]} {str(dtype).removeprefix('torch.')} pos {int(pos[0])} bwd={bwd_mode}"
     saved = kernels.knobs.memory_bwd
     kernels.knobs.memory_bwd = bwd_mode
     try:
@@ -263,6 +265,7 @@ def main() -> None:
     parser.add_argument("--bwd", nargs="+", default=["auto"], help="memory: MMREC_MEMORY_BWD modes to time")
     parser.add_argument("--repeats", type=int, default=3, help="timings of each version, in turns")
     parser.add_argument("--check", action="store_true", help="small shapes, outputs only (CPU interpreter)")
+    parser.add_argument("--offset", type=int, default=0, help="memory: the stream position past a block boundary")
     args = parser.parse_args()
     if args.check:
         if not (kernels.knobs.interpret or torch.cuda.is_available()):
@@ -290,7 +293,7 @@ def main() -> None:
         spec = kernels.MemorySpec(heads=16, dim=64, block=64, ratio=4, slots=(240, 240, 460))
         bsz, heads, steps = 8, 16, 4096
     for dtype in dtypes:
-        inputs = memory_inputs(bsz, heads, steps, spec, dtype, device)
+        inputs = memory_inputs(bsz, heads, steps, spec, dtype, device, args.offset)
         for mode in args.bwd:
             memory_case(versions, inputs, heads, dtype, mode, args.repeats, args.check)
 
