@@ -211,7 +211,8 @@ def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> No
     row = [t[:1].double() if t.is_floating_point() else t[:1] for t in (q, keys, values)]
     want_out, _ = op._fwd_reference(*row, beta.double(), pos[:1], rings, spans, heads)
     want_g = op._bwd_reference(*row, beta.double(), pos[:1], rings, spans, dout[:1].double(), heads)
-    label = f"memory B{bsz} H{heads} T{steps} S{keys.shape[2]} {str(dtype).removeprefix('torch.')} pos {int(pos[0])} bwd={bwd_mode}"
+    label = f"memory B{bsz} H{heads} T{steps} S{keys.shape[2]} {str(dtype).removeprefix('torch.')}"
+    label += f" pos {int(pos[0])} bwd={bwd_mode}"
     saved = kernels.knobs.memory_bwd
     kernels.knobs.memory_bwd = bwd_mode
     try:
