@@ -153,7 +153,8 @@ def _slot_tile(
 ):  # fmt: skip
     """Keys and values [BLOCK_S, BLOCK_D] of level-local slots i: by TMA from descriptor row `row`
     (rows at or past hi_last come as they are, other levels', heads' or batch rows' slots, and
-    the caller zeroes them on its edge tiles), or by pointer loads that read those rows as 0."""
+    the caller zeroes them on its edge tiles), or by pointer loads that read those rows as 0;
+    MASKED=False: every row is below hi_last (a whole tile), loaded without row predicates."""
     if TMA:
         kt = K_DESC.load([row, 0])
         vt = V_DESC.load([row, 0])
@@ -179,13 +180,23 @@ def _tile_logits(
     return qk, vt
 
 
+@triton.constexpr_function
+def _on_tensor_cores(dtype, precision):
+    """Whether the forward's products run on tensor cores: 16-bit inputs, or fp32 as TF32 (as
+    `dot.tensor_cores`, from the kernel's side). There the walk keeps its row sums in four parts
+    (`_row_parts`) and ends each level with half tiles; products on the CUDA cores (exact fp32,
+    fp64) take one masked loop and plain row sums (H200: 7.35 ms against 7.99 with both). Under
+    the interpreter this follows the inputs too, so its fp32 and bf16 tests cover both walks."""
+    return dtype in (tl.float16, tl.bfloat16) or precision != "ieee"
+
+
 @triton.jit
 def _row_parts(p, PARTS: tl.constexpr):
     """The row sums of p [BLOCK_T, WIDTH] as PARTS parts a row, [BLOCK_T, PARTS], added up after
     the walk. 4 on tensor cores: in their accumulator layouts (mma v2 and v3) a thread holds the
     columns 8 j + 2 c + e of its rows, c its lane in a quad, so summing over j and e stays inside
     the thread and the walk adds no shuffles per tile. 1 for products on the CUDA cores, whose
-    layout has no such split (the reshape measured slower there)."""
+    layout has no such split (the reshape added shuffles there)."""
     if PARTS == 4:
         parts = tl.reshape(p, [p.shape[0], p.shape[1] // 8, 4, 2])
         return tl.sum(tl.sum(parts, axis=3), axis=1)
@@ -255,13 +266,13 @@ def _attend_walk(
     """The softmax walk over every level's visible slots from (m, l, acc): -> (m, l, acc, whether
     the token sees any slot). ONLINE walks everything with the running max; the fixed-shift walk
     starts after level 0's first tile, which set its shift (`_attend_fwd`). With half tiles
-    (pointer loads: a TMA box has one width) a level's whole tiles load without row masks and its
-    last slots, fewer than a tile, go as one or two masked half-width tiles, so a ring of 240
-    slots costs 240 columns, not 256."""
+    (pointer loads, as a TMA box has one width; products on tensor cores: `_on_tensor_cores`)
+    a level's whole tiles load without row masks and its last slots, fewer than a tile, go as
+    one or two masked half-width tiles, so a ring of 240 slots costs 240 columns, not 256."""
     # A GPU dot's sides are at least 16; the interpreter (UPCAST) takes its 16-slot tiles' halves.
-    # Products on the CUDA cores (exact fp32) keep one masked loop (H200, the benchmark's shape:
-    # 7.35 ms against 7.99 with whole tiles and half tiles, 7.60 before either).
-    HALF: tl.constexpr = BLOCK_S // 2 if not TMA and (BLOCK_S >= 32 or UPCAST) and l.shape[1] == 4 else 0
+    # Products on the CUDA cores keep one masked loop (`_on_tensor_cores`).
+    TENSOR_CORES: tl.constexpr = _on_tensor_cores(KEYS.dtype.element_ty, PRECISION)
+    HALF: tl.constexpr = BLOCK_S // 2 if not TMA and (BLOCK_S >= 32 or UPCAST) and TENSOR_CORES else 0
     seen = t < 0
     for lvl in range(n_levels):
         lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
@@ -336,11 +347,8 @@ def _attend_fwd(
     m = tl.max(qk, axis=1) * qk_scale + bias2
     known = m > float("-inf")
     m = tl.where(known, m, 0.0)
-    # Row sums in parts (`_row_parts`): 4 where the products run on tensor cores (16-bit inputs,
-    # or TF32), and under the interpreter, which tests that path; else 1.
-    dtype = Q.dtype.element_ty
-    tensor_cores: tl.constexpr = dtype.is_fp16() or dtype.is_bf16() or PRECISION != "ieee" or UPCAST
-    zero_l = tl.zeros([BLOCK_T, 4 if tensor_cores else 1], dtype=tl.float32)
+    # Row sums in parts (`_row_parts`): 4 where the products run on tensor cores, else 1.
+    zero_l = tl.zeros([BLOCK_T, 4 if _on_tensor_cores(KEYS.dtype.element_ty, PRECISION) else 1], dtype=tl.float32)
     zero_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     m, l, acc = _accumulate(
         qk, vt, m, zero_l, zero_acc, bias2, qk_scale, VALUES.dtype.element_ty, False, PRECISION, UPCAST
