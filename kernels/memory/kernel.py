@@ -159,7 +159,6 @@ def _slot_tile(
         kt = K_DESC.load([row, 0])
         vt = V_DESC.load([row, 0])
     else:
-        # A whole tile before hi_last (not MASKED) loads every row: no per-row predicates.
         ok = (i < hi_last)[:, None] & col_ok[None, :] if MASKED else col_ok[None, :]
         kt = tl.load(k_ptrs, mask=ok, other=0.0)
         vt = tl.load(v_ptrs, mask=ok, other=0.0)
