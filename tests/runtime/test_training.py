@@ -52,7 +52,9 @@ def test_loss_drops_clearly_on_the_bundled_corpus(tmp_path):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 1.0, f"loss went {first:.2f} -> {last:.2f}"
     assert result.eval_loss is not None and result.eval_loss < first - 0.8
-    assert time.perf_counter() - started < 60
+    # A guard against a pathological slowdown, not a benchmark: 12 s alone on CI's 2 cores, and
+    # 80 s once with other tests running beside it on the same cores (a bound of 60 failed there).
+    assert time.perf_counter() - started < 180
 
 
 def test_checkpoint_then_resume_continues_the_run_exactly(tmp_path, text_file):
