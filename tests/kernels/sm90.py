@@ -5,6 +5,7 @@ and does not spill registers (with this machine's Triton; the GPU machine's may 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 
@@ -13,23 +14,49 @@ import triton
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on the H100/H200
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, attrs: dict | None = None):
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, attrs: dict | None = None, **options):
+    """`options`: more of triton.compile's (num_stages, maxnreg)."""
     from triton.backends.compiler import GPUTarget
 
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps, **options})
+
+
+def _cuobjdump(compiled, flag: str) -> str | None:
+    """cuobjdump's output (`flag`: -sass, --dump-resource-usage) for the kernel's cubin, or None
+    where the Triton wheel ships no cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def sass_loops(compiled) -> list[list[str]] | None:
+    """The kernel's loops in its SASS: for each backward branch, the opcodes from its target to
+    it (inner loops also appear inside their outer ones). None where there is no cuobjdump."""
+    if (sass := _cuobjdump(compiled, "-sass")) is None:
+        return None
+    code = []  # (address, opcode without its predicate, operands)
+    for line in sass.splitlines():
+        if m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)(.*?);", line):
+            code.append((int(m[1], 16), m[2], m[3]))
+    index = {addr: k for k, (addr, _, _) in enumerate(code)}
+    loops = []
+    for k, (addr, op, rest) in enumerate(code):
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target[1], 16) < addr and int(target[1], 16) in index:
+            loops.append([o for _, o, _ in code[index[int(target[1], 16)] : k + 1]])
+    return loops
 
 
 def resource_usage(compiled) -> str | None:
     """cuobjdump's resource line for the kernel (registers, stack, local memory), or None where
     the Triton wheel ships no cuobjdump."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
+    if (usage := _cuobjdump(compiled, "--dump-resource-usage")) is None:
         return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     return [row for row in usage.splitlines() if "REG:" in row][-1].strip()
 
 
