@@ -254,7 +254,6 @@ def main() -> None:
     print(f"  compiled / SDPA: fwd {comp_f / sdpa_f:.2f}x, fwd+bwd {comp_fb / sdpa_fb:.2f}x")
     if graph_f is not None:
         print(f"  compiled, CUDA graphs / SDPA: fwd {graph_f / sdpa_f:.2f}x, fwd+bwd {graph_fb / sdpa_fb:.2f}x")
-    print(f"  attention kernels / SDPA: fwd {attend_f / sdpa_f:.2f}x, fwd+bwd {attend_fb / sdpa_fb:.2f}x")
     for name, (f, fb) in sdpa.items():
         print(f"  attention kernels / SDPA {name}: fwd {attend_f / f:.2f}x, fwd+bwd {attend_fb / fb:.2f}x")
     decode = None if args.no_decode else decode_section(spec, heads, dtype)
