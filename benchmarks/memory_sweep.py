@@ -52,6 +52,7 @@ def main() -> None:
     meta = kernel._meta(dim, dtype)
     n_slots = keys.shape[2]
     common = (steps, n_slots, 3, heads, 1, kernel.LOG2E / math.sqrt(dim), 1 / math.sqrt(dim))
+    levels = {"RINGS": tuple(rings), "SPANS": tuple(spans)}  # the forward's constexprs
     print(f"B{bsz} H{heads} T{steps} Dh{dim} {n_slots} slots {args.dtype}")
     tma = kernel._tma_ok(keys, values)
     print(f"defaults (TMA {tma}):", {kind: kernel._tiles(kind, dtype, tma) for kind in ("fwd", "dq", "dkv")})
@@ -65,9 +66,9 @@ def main() -> None:
         o, ls = torch.empty_like(out), torch.empty_like(lse)
         grid = (triton.cdiv(steps, bt), bsz * heads)
         descs, flag = slot_args(bs, tma)
-        args = (q, keys, values, beta, mem.pos, lv.start, lv.ring, lv.span, *descs, o, ls, *common[:-1], q)
+        args = (q, keys, values, beta, mem.pos, *descs, o, ls, steps, n_slots, heads, 1, common[5], q)
         tiles = dict(BLOCK_T=bt, BLOCK_S=bs, num_warps=w, num_stages=st, **flag, **({"maxnreg": reg} if reg else {}))
-        return (lambda: kernel._attend_fwd[grid](*args, **tiles, **meta)), o, out
+        return (lambda: kernel._attend_fwd[grid](*args, **levels, **tiles, **meta)), o, out
 
     def run_dq(bt, bs, w, st, tma=False, reg=None):
         grid = (triton.cdiv(steps, bt), bsz * heads)

@@ -147,19 +147,15 @@ def _slot_ptrs(KEYS, VALUES, kv_row, start, i0, cols, DH: tl.constexpr, BLOCK_S:
 
 
 @triton.jit
-def _slot_tile(
-    K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST: tl.constexpr, TMA: tl.constexpr,
-    MASKED: tl.constexpr = True,
-):  # fmt: skip
+def _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Keys and values [BLOCK_S, BLOCK_D] of level-local slots i: by TMA from descriptor row `row`
     (rows at or past hi_last come as they are, other levels', heads' or batch rows' slots, and
-    the caller zeroes them on its edge tiles), or by pointer loads that read those rows as 0;
-    MASKED=False: every row is below hi_last (a whole tile), loaded without row predicates."""
+    the caller zeroes them on its edge tiles), or by pointer loads that read those rows as 0."""
     if TMA:
         kt = K_DESC.load([row, 0])
         vt = V_DESC.load([row, 0])
     else:
-        ok = (i < hi_last)[:, None] & col_ok[None, :] if MASKED else col_ok[None, :]
+        ok = (i < hi_last)[:, None] & col_ok[None, :]
         kt = tl.load(k_ptrs, mask=ok, other=0.0)
         vt = tl.load(v_ptrs, mask=ok, other=0.0)
     return operand(kt, UPCAST), operand(vt, UPCAST)
@@ -231,74 +227,163 @@ def _accumulate(
 
 
 @triton.jit
-def _slot_step(
-    q, m, l, acc, K_DESC, V_DESC, k_ptrs, v_ptrs, row, i0, lo, hi, lo_all, hi_all, hi_last, bias2, col_ok, qk_scale,
-    P_DTYPE: tl.constexpr, WIDTH: tl.constexpr, MASKED: tl.constexpr, ONLINE: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, TMA: tl.constexpr,
-):  # fmt: skip
-    """One slot tile of the walk, WIDTH slots from local index i0: load, logits, accumulate."""
-    i = i0 + tl.arange(0, WIDTH)
-    kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA, MASKED)
-    qk, vt = _tile_logits(q, kt, vt, i, i0, lo, hi, lo_all, hi_all, hi_last, WIDTH, PRECISION, TMA)
-    return _accumulate(qk, vt, m, l, acc, bias2, qk_scale, P_DTYPE, ONLINE, PRECISION, UPCAST)
+def _origin(pos, RING: tl.constexpr, SPAN: tl.constexpr):
+    """A level's band origin for a row at stream position `pos` (RING and SPAN constexpr, so
+    the divisions are by constants): the row's offset into its current block and the lowest
+    visible local index (slots before the stream's start are never seen)."""
+    n_before = pos // SPAN
+    return (pos - n_before * SPAN).to(tl.int32), RING - tl.minimum(n_before, RING).to(tl.int32)
 
 
 @triton.jit
-def _half_tile(
-    q, m, l, acc, KEYS, VALUES, kv_row, start, i0, lo, hi, lo_all, hi_all, hi_last, bias2, cols, col_ok, qk_scale,
-    ONLINE: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _pick(k, bounds, values):
+    """values[j] for the level j whose tiles hold walk tile k (bounds[j]: its first tile)."""
+    v = values[0]
+    for j in tl.static_range(1, len(values)):
+        v = tl.where(k >= bounds[j], values[j], v)
+    return v
+
+
+@triton.jit
+def _walk_plan(
+    pos, BETA, head, T, t, t_first, t_last, SKIP_FIRST: tl.constexpr, PART: tl.constexpr, RINGS: tl.constexpr,
+    SPANS: tl.constexpr, BLOCK_S: tl.constexpr, WIDTH: tl.constexpr,
 ):  # fmt: skip
-    """HALF slots from i0, a half-width tile masked at hi_last, by pointer loads (`_attend_walk`)."""
-    k_ptrs, v_ptrs, _ = _slot_ptrs(KEYS, VALUES, kv_row, start, i0, cols, DH, HALF)
-    return _slot_step(
-        q, m, l, acc, k_ptrs, v_ptrs, k_ptrs, v_ptrs, 0, i0, lo, hi, lo_all, hi_all, hi_last, bias2, col_ok, qk_scale,
-        VALUES.dtype.element_ty, HALF, True, ONLINE, PRECISION, UPCAST, False,
-    )  # fmt: skip
+    """Every level's slot tiles as one walk (`_walk_tiles`): tile k of level j holds local
+    indices loc_j + k WIDTH + [0, WIDTH). Per level (tuples): its first tile `bounds`, the
+    candidate index of loc_j `bases`, the base-2 bias, and, relative to loc_j, the range every
+    token sees (tiles with inner_lo <= k WIDTH <= inner_hi skip the mask) and the band's end
+    hi_last. PART 0: every visible slot, the level's last tile masked at its end; 1: whole
+    BLOCK_S tiles only; 2: what 1 leaves, fewer than BLOCK_S slots a level, as WIDTH-wide tiles
+    (the last masked). SKIP_FIRST: level 0's first tile was the shift tile.
+    -> (whether each token sees any slot, the tile count, those tuples)."""
+    seen = t < 0
+    n_tiles = 0
+    start = 0
+    bounds = ()
+    bases = ()
+    biases = ()
+    inner_lo = ()
+    inner_hi = ()
+    ends = ()
+    for j in tl.static_range(len(RINGS)):
+        r, floor = _origin(pos, RINGS[j], SPANS[j])
+        lo, hi = _band(t, RINGS[j], SPANS[j], r, floor)
+        seen = seen | (hi > lo)
+        lo_first, hi_first = _band(t_first, RINGS[j], SPANS[j], r, floor)
+        lo_last, hi_last = _band(t_last, RINGS[j], SPANS[j], r, floor)
+        first = lo_first
+        if SKIP_FIRST and j == 0:
+            first += BLOCK_S
+        n = tl.maximum(hi_last - first, 0)
+        if PART == 1:
+            tiles = n // BLOCK_S
+        elif PART == 2:
+            first += n // BLOCK_S * BLOCK_S
+            tiles = (n % BLOCK_S + WIDTH - 1) // WIDTH
+        else:
+            tiles = (n + WIDTH - 1) // WIDTH
+        loc = first - n_tiles * WIDTH
+        bounds += (n_tiles,)
+        bases += (start + loc,)
+        biases += (tl.load(BETA + head * len(RINGS) + j).to(tl.float32) * LOG2E_TL,)
+        inner_lo += (lo_last - loc,)
+        inner_hi += (hi_first - WIDTH - loc,)
+        ends += (hi_last - loc,)
+        n_tiles += tiles
+        start += RINGS[j] + (T + SPANS[j] - 1) // SPANS[j]
+    return seen, n_tiles, bounds, bases, biases, inner_lo, inner_hi, ends
+
+
+@triton.jit
+def _tile_band(pos, T, t, k, bounds, bases, RINGS: tl.constexpr, SPANS: tl.constexpr):
+    """The tokens' bands [lo, hi) in walk tile k's level, relative to that level's loc (edge
+    tiles only: every level's band is computed and the tile's picked; loc_j = bases[j] minus
+    the level's first candidate, so the walk keeps no register for it)."""
+    los = ()
+    his = ()
+    start = 0
+    for j in tl.static_range(len(RINGS)):
+        r, floor = _origin(pos, RINGS[j], SPANS[j])
+        lo, hi = _band(t, RINGS[j], SPANS[j], r, floor)
+        loc = bases[j] - start
+        los += (lo - loc,)
+        his += (hi - loc,)
+        start += RINGS[j] + (T + SPANS[j] - 1) // SPANS[j]
+    return _pick(k, bounds, los), _pick(k, bounds, his)
+
+
+@triton.jit
+def _walk_tiles(
+    q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, pos, BETA, head, T, t, t_first, t_last, kv_row, cols, col_ok,
+    qk_scale, ONLINE: tl.constexpr, PART: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr,
+    WIDTH: tl.constexpr, RINGS: tl.constexpr, SPANS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """One loop over the tiles `_walk_plan(PART)` lays out, every level's in turn, so the
+    software pipeline runs across level boundaries instead of draining and refilling at each
+    level. -> (m, l, acc, whether each token sees any slot)."""
+    seen, n_tiles, bounds, bases, biases, inner_lo, inner_hi, ends = _walk_plan(
+        pos, BETA, head, T, t, t_first, t_last, not ONLINE, PART, RINGS, SPANS, BLOCK_S, WIDTH
+    )
+    rows = tl.arange(0, WIDTH)
+    offs = rows[:, None] * DH + cols[None, :]
+    k_head, v_head = KEYS + kv_row * DH, VALUES + kv_row * DH  # this memory head's candidates
+    for k in range(0, n_tiles):
+        kk = k * WIDTH
+        row = _pick(k, bounds, bases) + kk  # the tile's first candidate of the memory head (int32)
+        i = kk + rows  # local slot indices, relative to the level's loc
+        if TMA:
+            kt = K_DESC.load([kv_row.to(tl.int32) + row, 0])
+            vt = V_DESC.load([kv_row.to(tl.int32) + row, 0])
+        else:  # whole tiles (PART 1) load without row masks
+            ok = col_ok[None, :] if PART == 1 else (i < _pick(k, bounds, ends))[:, None] & col_ok[None, :]
+            kt = tl.load(k_head + (row * DH + offs), mask=ok, other=0.0)
+            vt = tl.load(v_head + (row * DH + offs), mask=ok, other=0.0)
+        kt, vt = operand(kt, UPCAST), operand(vt, UPCAST)
+        qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+        if (kk < _pick(k, bounds, inner_lo)) | (kk > _pick(k, bounds, inner_hi)):
+            lo, hi = _tile_band(pos, T, t, k, bounds, bases, RINGS, SPANS)
+            qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
+            if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
+                vt = tl.where((i < _pick(k, bounds, ends))[:, None], vt, 0.0)
+        m, l, acc = _accumulate(
+            qk, vt, m, l, acc, _pick(k, bounds, biases), qk_scale, VALUES.dtype.element_ty, ONLINE, PRECISION, UPCAST
+        )
+    return m, l, acc, seen
 
 
 @triton.jit
 def _attend_walk(
-    q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row,
-    cols, col_ok, qk_scale, ONLINE: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, pos, BETA, head, T, t, t_first, t_last, kv_row, cols, col_ok,
+    qk_scale, ONLINE: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr, RINGS: tl.constexpr,
+    SPANS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """The softmax walk over every level's visible slots from (m, l, acc): -> (m, l, acc, whether
     the token sees any slot). ONLINE walks everything with the running max; the fixed-shift walk
     starts after level 0's first tile, which set its shift (`_attend_fwd`). With half tiles
     (pointer loads, as a TMA box has one width; products on tensor cores: `_on_tensor_cores`)
-    a level's whole tiles load without row masks and its last slots, fewer than a tile, go as
-    one or two masked half-width tiles, so a ring of 240 slots costs 240 columns, not 256."""
+    one loop takes every level's whole tiles, loaded without row masks, and a second every
+    level's last slots, fewer than a tile, as masked half-width tiles, so a ring of 240 slots
+    costs 240 columns, not 256; else one loop with each level's last tile masked."""
     # A GPU dot's sides are at least 16; the interpreter (UPCAST) takes its 16-slot tiles' halves.
     # Products on the CUDA cores keep one masked loop (`_on_tensor_cores`).
     TENSOR_CORES: tl.constexpr = _on_tensor_cores(KEYS.dtype.element_ty, PRECISION)
     HALF: tl.constexpr = BLOCK_S // 2 if not TMA and (BLOCK_S >= 32 or UPCAST) and TENSOR_CORES else 0
-    seen = t < 0
-    for lvl in range(n_levels):
-        lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
-            POS, RING, SPAN, START, BETA, b, head, lvl, n_levels, t, t_last, BLOCK_T
-        )
-        seen = seen | (hi > lo)
-        first = lo_first
-        if not ONLINE:
-            first += tl.where(lvl == 0, BLOCK_S, 0)
-        k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, first, cols, DH, BLOCK_S)
-        # With half tiles the loop takes whole tiles only, loaded without row masks; the level's
-        # last slots, fewer than a tile, follow as one or two masked half tiles.
-        end = first + tl.maximum(hi_last - first, 0) // BLOCK_S * BLOCK_S if HALF > 0 else hi_last
-        for i0 in range(first, end, BLOCK_S):
-            m, l, acc = _slot_step(
-                q, m, l, acc, K_DESC, V_DESC, k_ptrs, v_ptrs, row, i0, lo, hi, lo_all, hi_all, hi_last, bias2,
-                col_ok, qk_scale, VALUES.dtype.element_ty, BLOCK_S, HALF == 0, ONLINE, PRECISION, UPCAST, TMA,
-            )  # fmt: skip
-            k_ptrs += BLOCK_S * DH
-            v_ptrs += BLOCK_S * DH
-            row += BLOCK_S
-        if HALF > 0:
-            for i0 in range(end, hi_last, HALF):
-                m, l, acc = _half_tile(
-                    q, m, l, acc, KEYS, VALUES, kv_row, start, i0, lo, hi, lo_all, hi_all, hi_last, bias2, cols,
-                    col_ok, qk_scale, ONLINE, DH, HALF, PRECISION, UPCAST,
-                )  # fmt: skip
+    if HALF > 0:
+        m, l, acc, seen = _walk_tiles(
+            q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, pos, BETA, head, T, t, t_first, t_last, kv_row, cols,
+            col_ok, qk_scale, ONLINE, 1, DH, BLOCK_S, BLOCK_S, RINGS, SPANS, PRECISION, UPCAST, TMA,
+        )  # fmt: skip
+        m, l, acc, _ = _walk_tiles(
+            q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, pos, BETA, head, T, t, t_first, t_last, kv_row, cols,
+            col_ok, qk_scale, ONLINE, 2, DH, BLOCK_S, HALF, RINGS, SPANS, PRECISION, UPCAST, TMA,
+        )  # fmt: skip
+    else:
+        m, l, acc, seen = _walk_tiles(
+            q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, pos, BETA, head, T, t, t_first, t_last, kv_row, cols,
+            col_ok, qk_scale, ONLINE, 0, DH, BLOCK_S, BLOCK_S, RINGS, SPANS, PRECISION, UPCAST, TMA,
+        )  # fmt: skip
     return m, l, acc, seen
 
 
@@ -309,20 +394,18 @@ def _attend_fwd(
     VALUES,
     BETA,
     POS,
-    START,
-    RING,
-    SPAN,  # per level: first candidate index, ring size M_l, span S_l
     K_DESC,
     V_DESC,  # TMA: tensor descriptors of KEYS / VALUES as [B * K * S, Dh] (else unused)
     OUT,
     LSE,
     T,
     n_slots,
-    n_levels,
     HEADS,
     GROUP,
     qk_scale,  # log2(e) / sqrt(Dh)
     RES,  # [B, T, H*Dh]: added to the output with HAS_RES (fuse-residual-epilogue; else unused)
+    RINGS: tl.constexpr,  # per level: ring size M_l and span S_l (the divisions by them are by constants)
+    SPANS: tl.constexpr,
     DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -333,16 +416,20 @@ def _attend_fwd(
     HAS_RES: tl.constexpr = False,
 ):
     b, head, t, cols, t_ok, col_ok, q_offs, kv_row, t_last = _token_tile(T, n_slots, HEADS, GROUP, DH, BLOCK_T, BLOCK_D)
+    t_first = tl.program_id(0) * BLOCK_T
+    pos = tl.load(POS + b)
     q = operand(tl.load(Q + q_offs, mask=t_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
     # The softmax's fixed shift: per token, the largest visible logit of level 0's first slot
     # tile (-inf where it shows the token nothing), the first tile of the walk.
-    lo, hi, lo_first, hi_last, lo_all, hi_all, start, bias2 = _level_walk(
-        POS, RING, SPAN, START, BETA, b, head, 0, n_levels, t, t_last, BLOCK_T
-    )
-    k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, start, lo_first, cols, DH, BLOCK_S)
+    r, floor = _origin(pos, RINGS[0], SPANS[0])
+    lo, hi = _band(t, RINGS[0], SPANS[0], r, floor)
+    lo_first, hi_first = _band(t_first, RINGS[0], SPANS[0], r, floor)
+    lo_last, hi_last = _band(t_last, RINGS[0], SPANS[0], r, floor)
+    bias2 = tl.load(BETA + head * len(RINGS)).to(tl.float32) * LOG2E_TL
+    k_ptrs, v_ptrs, row = _slot_ptrs(KEYS, VALUES, kv_row, 0, lo_first, cols, DH, BLOCK_S)
     i = lo_first + tl.arange(0, BLOCK_S)
     kt, vt = _slot_tile(K_DESC, V_DESC, k_ptrs, v_ptrs, row, i, hi_last, col_ok, UPCAST, TMA)
-    qk, vt = _tile_logits(q, kt, vt, i, lo_first, lo, hi, lo_all, hi_all, hi_last, BLOCK_S, PRECISION, TMA)
+    qk, vt = _tile_logits(q, kt, vt, i, lo_first, lo, hi, lo_last, hi_first, hi_last, BLOCK_S, PRECISION, TMA)
     m = tl.max(qk, axis=1) * qk_scale + bias2
     known = m > float("-inf")
     m = tl.where(known, m, 0.0)
@@ -353,8 +440,8 @@ def _attend_fwd(
         qk, vt, m, zero_l, zero_acc, bias2, qk_scale, VALUES.dtype.element_ty, False, PRECISION, UPCAST
     )
     m, l, acc, seen = _attend_walk(
-        q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last,
-        kv_row, cols, col_ok, qk_scale, False, DH, BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
+        q, m, l, acc, KEYS, VALUES, K_DESC, V_DESC, pos, BETA, head, T, t, t_first, t_last, kv_row, cols, col_ok,
+        qk_scale, False, DH, BLOCK_S, RINGS, SPANS, PRECISION, UPCAST, TMA,
     )  # fmt: skip
     l = tl.sum(l, axis=1)
     # With m one of the token's visible logits its largest probability is 1, so l >= 1 and the
@@ -367,8 +454,8 @@ def _attend_fwd(
     if tl.max((seen & t_ok & ~fine).to(tl.int32), axis=0) > 0:
         m, l, acc, seen = _attend_walk(
             q, tl.full([BLOCK_T], float("-inf"), dtype=tl.float32), zero_l, zero_acc, KEYS, VALUES, K_DESC, V_DESC,
-            POS, RING, SPAN, START, BETA, b, head, n_levels, t, t_last, kv_row, cols, col_ok, qk_scale, True, DH,
-            BLOCK_T, BLOCK_S, PRECISION, UPCAST, TMA,
+            pos, BETA, head, T, t, t_first, t_last, kv_row, cols, col_ok, qk_scale, True, DH, BLOCK_S, RINGS, SPANS,
+            PRECISION, UPCAST, TMA,
         )  # fmt: skip
         l = tl.sum(l, axis=1)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
@@ -783,10 +870,9 @@ def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int, residual=No
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _launch_fwd(
         grid,
-        q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), out, lse,
-        steps, n_slots, len(rings), heads, heads // kv_heads, LOG2E / math.sqrt(dim),
-        residual if residual is not None else q,
-        **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
+        q, keys, values, beta, pos, *(descs or (keys, values)), out, lse,
+        steps, n_slots, heads, heads // kv_heads, LOG2E / math.sqrt(dim), residual if residual is not None else q,
+        RINGS=tuple(rings), SPANS=tuple(spans), **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
     )  # fmt: skip
     return out, lse
 
