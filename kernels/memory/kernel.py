@@ -220,18 +220,10 @@ def _accumulate(
         acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=PRECISION)
         m = m_new
     else:
-        l, acc = _accumulate_shifted(qk, vt, bias2 - m, l, acc, qk_scale, P_DTYPE, PRECISION, UPCAST)
+        p = tl.math.exp2(qk * qk_scale + (bias2 - m)[:, None])
+        l += _row_parts(p, l.shape[1])
+        acc = tl.dot(operand(p.to(P_DTYPE), UPCAST), vt, acc, input_precision=PRECISION)
     return m, l, acc
-
-
-@triton.jit
-def _accumulate_shifted(
-    qk, vt, bias_m, l, acc, qk_scale, P_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr
-):  # fmt: skip
-    """The fixed-shift share of one slot tile (`_accumulate`), with bias_m = bias - m per token."""
-    p = tl.math.exp2(qk * qk_scale + bias_m[:, None])
-    l += _row_parts(p, l.shape[1])
-    return l, tl.dot(operand(p.to(P_DTYPE), UPCAST), vt, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -337,16 +329,6 @@ def _walk_tiles(
     rows = tl.arange(0, WIDTH)
     offs = rows[:, None] * DH + cols[None, :]
     k_head, v_head = KEYS + kv_row * DH, VALUES + kv_row * DH  # this memory head's candidates
-    nexts = ()
-    for j in tl.static_range(len(RINGS)):
-        nexts += (bounds[j + 1] if j + 1 < len(RINGS) else n_tiles,)
-    # The computing stage's level constants, carried from tile to tile and picked again only at
-    # a level's first tile (the loads, stages ahead, pick their rows every tile). In the
-    # fixed-shift walk the bias comes with the shift taken off: one FFMA a logit.
-    nxt = nexts[0]
-    inner = (inner_lo[0], inner_hi[0])
-    bias = biases[0]
-    bias_m = biases[0] - m
     for k in range(0, n_tiles):
         kk = k * WIDTH
         row = _pick(k, bounds, bases) + kk  # the tile's first candidate of the memory head (int32)
@@ -360,20 +342,14 @@ def _walk_tiles(
             vt = tl.load(v_head + (row * DH + offs), mask=ok, other=0.0)
         kt, vt = operand(kt, UPCAST), operand(vt, UPCAST)
         qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
-        if k == nxt:  # a new level (levels without tiles are passed over)
-            nxt = _pick(k, bounds, nexts)
-            inner = (_pick(k, bounds, inner_lo), _pick(k, bounds, inner_hi))
-            bias = _pick(k, bounds, biases)
-            bias_m = bias - m
-        if (kk < inner[0]) | (kk > inner[1]):
+        if (kk < _pick(k, bounds, inner_lo)) | (kk > _pick(k, bounds, inner_hi)):
             lo, hi = _tile_band(pos, T, t, k, bounds, bases, RINGS, SPANS)
             qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
             if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
                 vt = tl.where((i < _pick(k, bounds, ends))[:, None], vt, 0.0)
-        if ONLINE:
-            m, l, acc = _accumulate(qk, vt, m, l, acc, bias, qk_scale, VALUES.dtype.element_ty, True, PRECISION, UPCAST)
-        else:
-            l, acc = _accumulate_shifted(qk, vt, bias_m, l, acc, qk_scale, VALUES.dtype.element_ty, PRECISION, UPCAST)
+        m, l, acc = _accumulate(
+            qk, vt, m, l, acc, _pick(k, bounds, biases), qk_scale, VALUES.dtype.element_ty, ONLINE, PRECISION, UPCAST
+        )
     return m, l, acc, seen
 
 
