@@ -236,6 +236,13 @@ def _origin(pos, RING: tl.constexpr, SPAN: tl.constexpr):
 
 
 @triton.jit
+def _level_count(T, RING: tl.constexpr, SPAN: tl.constexpr):
+    """A level's candidates for a segment of T tokens: its ring, then the ceil(T / S) slots the
+    segment may complete (`Levels.counts` on the host)."""
+    return RING + (T + SPAN - 1) // SPAN
+
+
+@triton.jit
 def _pick(k, bounds, values):
     """values[j] for the level j whose tiles hold walk tile k (bounds[j]: its first tile)."""
     v = values[0]
@@ -291,7 +298,7 @@ def _walk_plan(
         inner_hi += (hi_first - WIDTH - loc,)
         ends += (hi_last - loc,)
         n_tiles += tiles
-        start += RINGS[j] + (T + SPANS[j] - 1) // SPANS[j]
+        start += _level_count(T, RINGS[j], SPANS[j])
     return seen, n_tiles, bounds, bases, biases, inner_lo, inner_hi, ends
 
 
@@ -309,7 +316,7 @@ def _tile_band(pos, T, t, k, bounds, bases, RINGS: tl.constexpr, SPANS: tl.const
         loc = bases[j] - start
         los += (lo - loc,)
         his += (hi - loc,)
-        start += RINGS[j] + (T + SPANS[j] - 1) // SPANS[j]
+        start += _level_count(T, RINGS[j], SPANS[j])
     return _pick(k, bounds, los), _pick(k, bounds, his)
 
 
