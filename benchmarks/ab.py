@@ -2,6 +2,7 @@
 
     python benchmarks/ab.py REV scan   [--shape 8,4096,2048 ...] [--dtype bf16 fp32] [--repeats 3]
     python benchmarks/ab.py REV memory [--dtype bf16] [--bwd auto split fused-tma] [--repeats 3]
+                                       [--offset 37] [--slots 960 --slots 240,240,460 ...]
     TRITON_INTERPRET=1 python benchmarks/ab.py REV scan --check     # no GPU: outputs only
 
 REV's `kernels/<op>/kernel.py` (or REV itself, if it names a .py file: where there is no git
@@ -211,7 +212,8 @@ def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> No
     row = [t[:1].double() if t.is_floating_point() else t[:1] for t in (q, keys, values)]
     want_out, _ = op._fwd_reference(*row, beta.double(), pos[:1], rings, spans, heads)
     want_g = op._bwd_reference(*row, beta.double(), pos[:1], rings, spans, dout[:1].double(), heads)
-    label = f"memory B{bsz} H{heads} T{steps} S{keys.shape[2]} {str(dtype).removeprefix('torch.')}"
+    label = f"memory B{bsz} H{heads} T{steps} S{keys.shape[2]} rings {','.join(map(str, rings))}"
+    label += f" {str(dtype).removeprefix('torch.')}"
     label += f" pos {int(pos[0])} bwd={bwd_mode}"
     saved = kernels.knobs.memory_bwd
     kernels.knobs.memory_bwd = bwd_mode
@@ -257,6 +259,17 @@ def memory_case(versions, args_in, heads, dtype, bwd_mode, repeats, check) -> No
         kernels.knobs.memory_bwd = saved
 
 
+def parse_slots(text: str) -> tuple[int, ...]:
+    """--slots "240,240,460" -> (240, 240, 460); anything else exits with one line."""
+    try:
+        slots = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        slots = ()
+    if not slots or min(slots) < 1:
+        sys.exit(f"ab.py: --slots {text!r}: expected ring sizes >= 1 separated by commas, e.g. 240,240,460")
+    return slots
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="A: a git revision, or a kernel .py file; B is the working tree")
@@ -267,7 +280,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings of each version, in turns")
     parser.add_argument("--check", action="store_true", help="small shapes, outputs only (CPU interpreter)")
     parser.add_argument("--offset", type=int, default=0, help="memory: the stream position past a block boundary")
+    parser.add_argument(
+        "--slots",
+        action="append",
+        default=None,
+        help="memory: ring sizes, one per level (spans 64, 256, 1024, ...), e.g. 240,240,460 (the default) "
+        "or 960; repeatable, to see what the levels cost at about the same slot count",
+    )
     args = parser.parse_args()
+    layouts = [parse_slots(s) for s in args.slots] if args.slots else [None]
     if args.check:
         if not (kernels.knobs.interpret or torch.cuda.is_available()):
             sys.exit("ab.py --check: set TRITON_INTERPRET=1 to run the kernels on CPU tensors")
@@ -286,17 +307,18 @@ def main() -> None:
         for shape, dtype in ((s, d) for d in dtypes for s in shapes):
             scan_case(versions, shape, dtype, device, args.repeats, args.check)
         return
-    if args.check:
-        # Rings wide enough that some tiles skip the mask under the interpreter's 16 x 16 tiles.
-        spec = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=(40, 24, 8))
-        bsz, heads, steps = 2, 4, 45
-    else:
-        spec = kernels.MemorySpec(heads=16, dim=64, block=64, ratio=4, slots=(240, 240, 460))
-        bsz, heads, steps = 8, 16, 4096
-    for dtype in dtypes:
-        inputs = memory_inputs(bsz, heads, steps, spec, dtype, device, args.offset)
-        for mode in args.bwd:
-            memory_case(versions, inputs, heads, dtype, mode, args.repeats, args.check)
+    for slots in layouts:
+        if args.check:
+            # Rings wide enough that some tiles skip the mask under the interpreter's 16 x 16 tiles.
+            spec = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=slots or (40, 24, 8))
+            bsz, heads, steps = 2, 4, 45
+        else:
+            spec = kernels.MemorySpec(heads=16, dim=64, block=64, ratio=4, slots=slots or (240, 240, 460))
+            bsz, heads, steps = 8, 16, 4096
+        for dtype in dtypes:
+            inputs = memory_inputs(bsz, heads, steps, spec, dtype, device, args.offset)
+            for mode in args.bwd:
+                memory_case(versions, inputs, heads, dtype, mode, args.repeats, args.check)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,14 @@ def test_memory_revision_loads_beside_the_tree_and_is_checked(capsys):
         assert "A and B bit-equal" in out, out
 
 
+def test_memory_layouts_parse_or_exit_with_one_line():
+    assert ab.parse_slots("240,240,460") == (240, 240, 460)
+    assert ab.parse_slots("960") == (960,)
+    for bad in ("", "240,,460", "0,8", "a"):
+        with pytest.raises(SystemExit, match=r"--slots .*expected ring sizes >= 1"):
+            ab.parse_slots(bad)
+
+
 def test_an_unknown_revision_is_one_line():
     with pytest.raises(SystemExit, match=r"cannot read kernels/scan/kernel.py at 'no-such-rev'"):
         ab.load_revision("no-such-rev", "scan")
