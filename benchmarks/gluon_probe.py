@@ -1,10 +1,11 @@
-"""What overlapping the softmax with the products buys the memory forward: its main loop written
-in Gluon (Triton's explicit-layout dialect) with asynchronous wgmma, so that tile j+1's logits run
-on the tensor cores while tile j's softmax runs (FlashAttention-3's intra-warpgroup overlap),
-which Triton's own language does not let us place. One level, every slot visible, the shift
-fixed from the first tile as in kernels.memory. Checked against SDPA over the same keys and timed
-beside it and beside kernels.memory's forward over one level, in the same run (BENCHMARKS.md,
-session 24). A measurement, not a kernel of the package: no masks, levels, GQA or fallback.
+"""What overlapping the softmax with the products buys the memory forward: its main loop written in
+Gluon (Triton's explicit-layout dialect) with asynchronous wgmma, so that tile j+1's logits run on
+the tensor cores while tile j's softmax runs (FlashAttention-3's intra-warpgroup overlap), which
+Triton's own language does not let us place. One level, every slot visible, the shift fixed from
+the first tile as in kernels.memory. Its error against SDPA over the same keys is printed, and it
+is timed beside SDPA and beside kernels.memory's forward over one level, in the same run
+(BENCHMARKS.md, session 24). A measurement, not a kernel of the package: no masks, levels, GQA or
+fallback.
 
     python benchmarks/gluon_probe.py            (Hopper GPU: check and time)
     BT=64 W=4 python benchmarks/gluon_probe.py --compile   (no GPU: compile for sm_90 only)
@@ -128,6 +129,11 @@ def launch(q, keys, values, heads, block_t=64, block_s=64, stages=3, num_warps=4
     bsz, steps, _ = q.shape
     dim = keys.shape[-1]
     n_slots = keys.shape[2]
+    if steps % block_t or n_slots % block_s or n_slots // block_s < stages:
+        raise ValueError(
+            f"gluon_probe: T {steps} must be a multiple of {block_t}, the slots {n_slots} a multiple of {block_s} "
+            f"and at least {stages} tiles"
+        )
     ql = gl.NVMMASharedLayout.get_default_for([block_t, dim], gl.bfloat16)
     kl = gl.NVMMASharedLayout.get_default_for([block_s, dim], gl.bfloat16)
     q2 = q.view(bsz * steps, heads * dim)
