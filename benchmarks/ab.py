@@ -307,14 +307,14 @@ def main() -> None:
         for shape, dtype in ((s, d) for d in dtypes for s in shapes):
             scan_case(versions, shape, dtype, device, args.repeats, args.check)
         return
+    # (memory heads, Dh, block, ratio, default rings), (B, H, T). Under --check, rings wide enough
+    # that some tiles skip the mask under the interpreter's 16 x 16 tiles.
+    if args.check:
+        (kv_heads, dim, block, ratio, default), (bsz, heads, steps) = (2, 16, 2, 2, (40, 24, 8)), (2, 4, 45)
+    else:
+        (kv_heads, dim, block, ratio, default), (bsz, heads, steps) = (16, 64, 64, 4, (240, 240, 460)), (8, 16, 4096)
     for slots in layouts:
-        if args.check:
-            # Rings wide enough that some tiles skip the mask under the interpreter's 16 x 16 tiles.
-            spec = kernels.MemorySpec(heads=2, dim=16, block=2, ratio=2, slots=slots or (40, 24, 8))
-            bsz, heads, steps = 2, 4, 45
-        else:
-            spec = kernels.MemorySpec(heads=16, dim=64, block=64, ratio=4, slots=slots or (240, 240, 460))
-            bsz, heads, steps = 8, 16, 4096
+        spec = kernels.MemorySpec(heads=kv_heads, dim=dim, block=block, ratio=ratio, slots=slots or default)
         for dtype in dtypes:
             inputs = memory_inputs(bsz, heads, steps, spec, dtype, device, args.offset)
             for mode in args.bwd:

@@ -14,6 +14,7 @@ fallback.
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -27,6 +28,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import run_info
+from kernels.memory import kernel as memory_kernel
 
 # TMA loads: `async_copy_global_to_shared` in Triton 3.6 (the GPU machine's), `async_load` later.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -143,7 +149,7 @@ def launch(q, keys, values, heads, block_t=64, block_s=64, stages=3, num_warps=4
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_s, dim], kl)
     out = torch.empty_like(q)
     grid = (steps // block_t, bsz * heads)
-    args = (q_desc, k_desc, v_desc, out, steps, n_slots, heads, 1.4426950408889634 / math.sqrt(dim))
+    args = (q_desc, k_desc, v_desc, out, steps, n_slots, heads, memory_kernel.LOG2E / math.sqrt(dim))
     return grid, args, out, dict(BLOCK_T=block_t, BLOCK_S=block_s, DH=dim, STAGES=stages, num_warps=num_warps)
 
 
@@ -165,8 +171,6 @@ def compile_here():
         if k in names:
             sig[k] = "constexpr"
             consts[k] = v
-    for name in names:
-        sig.setdefault(name, "i32")
     src = GluonASTSource(fn, sig, consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": meta["num_warps"]})
     print("compiled; shared", k.metadata.shared, "ptx lines", k.asm["ptx"].count("\n"))
@@ -178,9 +182,7 @@ def main():
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    sys.path.insert(0, ".")
-    from kernels.memory import kernel as K
-
+    run_info("benchmarks/gluon_probe.py")
     torch.manual_seed(0)
     bsz, heads, steps, dim, n_slots = 8, 16, 4096, 64, 1024
     q = torch.randn(bsz, steps, heads * dim, device="cuda", dtype=torch.bfloat16)
@@ -193,7 +195,7 @@ def main():
     # kernels.memory's forward over one level: a full ring of 960 slots and the 64 the segment completes
     beta = torch.zeros(heads, 1, device="cuda", dtype=torch.bfloat16)
     pos = torch.full((bsz,), 64 * 4096, device="cuda", dtype=torch.int64)
-    fwd = lambda: K.attend_fwd(q, keys, values, beta, pos, [960], [64], heads)  # noqa: E731
+    fwd = lambda: memory_kernel.attend_fwd(q, keys, values, beta, pos, [960], [64], heads)  # noqa: E731
     fwd()
     t_ours = do_bench(fwd, rep=300)
     print(f"  kernels.memory forward, one level (ring 960): {t_ours:.4f} ms = {t_ours / t_sdpa:.3f}x SDPA")
