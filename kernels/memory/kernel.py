@@ -256,13 +256,16 @@ def _walk_plan(
     pos, BETA, head, T, t, t_first, t_last, SKIP_FIRST: tl.constexpr, PART: tl.constexpr, RINGS: tl.constexpr,
     SPANS: tl.constexpr, BLOCK_S: tl.constexpr, WIDTH: tl.constexpr,
 ):  # fmt: skip
-    """Every level's slot tiles as one walk (`_walk_tiles`): tile k of level j holds local
-    indices loc_j + k WIDTH + [0, WIDTH). Per level (tuples): its first tile `bounds`, the
-    candidate index of loc_j `bases`, the base-2 bias, and, relative to loc_j, the range every
-    token sees (tiles with inner_lo <= k WIDTH <= inner_hi skip the mask) and the band's end
-    hi_last. PART 0: every visible slot, the level's last tile masked at its end; 1: whole
-    BLOCK_S tiles only; 2: what 1 leaves, fewer than BLOCK_S slots a level, as WIDTH-wide tiles
-    (the last masked). SKIP_FIRST: level 0's first tile was the shift tile.
+    """Every level's slot tiles as one walk (`_walk_tiles`): tile k of level j holds the local
+    indices loc_j + k WIDTH + [0, WIDTH), those from split_j on moved up by gap_j. Per level
+    (tuples): its first tile `bounds`, the candidate index of loc_j `bases`, the base-2 bias,
+    split and gap, and relative to loc_j: the tiles that skip the mask (inner_lo <= k WIDTH <=
+    inner_hi) and the band's end. With [first, hi_last) the slots some token of the tile sees
+    (less the shift tile: SKIP_FIRST) and [lo_last, hi_first) those every token sees, a level's
+    tiles are: PART 0, [first, hi_last), the last masked at its end; PART 1, the whole BLOCK_S
+    tiles from a = max(first, lo_last) that every token sees (no mask, no test); PART 2, what 1
+    leaves, the slots before a (some tokens do not see them) and fewer than a tile after its
+    tiles, as WIDTH-wide tiles across the gap, tested as PART 0's.
     -> (whether each token sees any slot, the tile count, those tuples)."""
     seen = t < 0
     n_tiles = 0
@@ -273,6 +276,8 @@ def _walk_plan(
     inner_lo = ()
     inner_hi = ()
     ends = ()
+    splits = ()
+    gaps = ()
     for j in tl.static_range(len(RINGS)):
         r, floor = _origin(pos, RINGS[j], SPANS[j])
         lo, hi = _band(t, RINGS[j], SPANS[j], r, floor)
@@ -282,24 +287,34 @@ def _walk_plan(
         first = lo_first
         if SKIP_FIRST and j == 0:
             first += BLOCK_S
-        n = tl.maximum(hi_last - first, 0)
-        if PART == 1:
-            tiles = n // BLOCK_S
-        elif PART == 2:
-            first += n // BLOCK_S * BLOCK_S
-            tiles = (n % BLOCK_S + WIDTH - 1) // WIDTH
+        gap = 0
+        if PART == 0:
+            n = tl.maximum(hi_last - first, 0)
+            split = n
         else:
-            tiles = (n + WIDTH - 1) // WIDTH
+            a = tl.maximum(first, lo_last)
+            whole = tl.maximum(hi_first - a, 0) // BLOCK_S * BLOCK_S
+            if PART == 1:
+                first = a
+                n = whole
+                split = n
+            else:
+                split = tl.maximum(tl.minimum(a, hi_last) - first, 0)  # slots before a
+                gap = a + whole - first - split
+                n = split + tl.maximum(hi_last - a - whole, 0)
         loc = first - n_tiles * WIDTH
         bounds += (n_tiles,)
         bases += (start + loc,)
         biases += (tl.load(BETA + head * len(RINGS) + j).to(tl.float32) * LOG2E_TL,)
-        inner_lo += (lo_last - loc,)
-        inner_hi += (hi_first - WIDTH - loc,)
+        splits += (split + n_tiles * WIDTH,)  # relative to loc
+        gaps += (gap,)
+        # Tiles from split on start at or past lo_last, so they are at an edge only at their end.
+        inner_lo += (tl.minimum(lo_last - loc, split + n_tiles * WIDTH) if PART == 2 else lo_last - loc,)
+        inner_hi += (hi_first - WIDTH - loc - gap,)
         ends += (hi_last - loc,)
-        n_tiles += tiles
+        n_tiles += (n + WIDTH - 1) // WIDTH
         start += _level_count(T, RINGS[j], SPANS[j])
-    return seen, n_tiles, bounds, bases, biases, inner_lo, inner_hi, ends
+    return seen, n_tiles, bounds, bases, biases, inner_lo, inner_hi, ends, splits, gaps
 
 
 @triton.jit
@@ -329,8 +344,8 @@ def _walk_tiles(
 ):  # fmt: skip
     """One loop over the tiles `_walk_plan(PART)` lays out, every level's in turn, so the
     software pipeline runs across level boundaries instead of draining and refilling at each
-    level. -> (m, l, acc, whether each token sees any slot)."""
-    seen, n_tiles, bounds, bases, biases, inner_lo, inner_hi, ends = _walk_plan(
+    level. PART 1's tiles take no mask and no test. -> (m, l, acc, whether each token sees any slot)."""
+    seen, n_tiles, bounds, bases, biases, inner_lo, inner_hi, ends, splits, gaps = _walk_plan(
         pos, BETA, head, T, t, t_first, t_last, not ONLINE, PART, RINGS, SPANS, BLOCK_S, WIDTH
     )
     rows = tl.arange(0, WIDTH)
@@ -338,22 +353,29 @@ def _walk_tiles(
     k_head, v_head = KEYS + kv_row * DH, VALUES + kv_row * DH  # this memory head's candidates
     for k in range(0, n_tiles):
         kk = k * WIDTH
-        row = _pick(k, bounds, bases) + kk  # the tile's first candidate of the memory head (int32)
+        base = _pick(k, bounds, bases)  # the candidate of the tile level's loc (int32)
         i = kk + rows  # local slot indices, relative to the level's loc
+        if PART == 2:  # across the gap left by the whole tiles
+            i += tl.where(i >= _pick(k, bounds, splits), _pick(k, bounds, gaps), 0)
         if TMA:
-            kt = K_DESC.load([kv_row.to(tl.int32) + row, 0])
-            vt = V_DESC.load([kv_row.to(tl.int32) + row, 0])
-        else:  # whole tiles (PART 1) load without row masks
-            ok = col_ok[None, :] if PART == 1 else (i < _pick(k, bounds, ends))[:, None] & col_ok[None, :]
-            kt = tl.load(k_head + (row * DH + offs), mask=ok, other=0.0)
-            vt = tl.load(v_head + (row * DH + offs), mask=ok, other=0.0)
+            kt = K_DESC.load([kv_row.to(tl.int32) + base + kk, 0])
+            vt = V_DESC.load([kv_row.to(tl.int32) + base + kk, 0])
+        elif PART == 1:  # whole tiles load without row masks
+            kt = tl.load(k_head + ((base + kk) * DH + offs), mask=col_ok[None, :], other=0.0)
+            vt = tl.load(v_head + ((base + kk) * DH + offs), mask=col_ok[None, :], other=0.0)
+        else:
+            ok = (i < _pick(k, bounds, ends))[:, None] & col_ok[None, :]
+            kv_offs = (base + i)[:, None] * DH + cols[None, :]
+            kt = tl.load(k_head + kv_offs, mask=ok, other=0.0)
+            vt = tl.load(v_head + kv_offs, mask=ok, other=0.0)
         kt, vt = operand(kt, UPCAST), operand(vt, UPCAST)
         qk = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
-        if (kk < _pick(k, bounds, inner_lo)) | (kk > _pick(k, bounds, inner_hi)):
-            lo, hi = _tile_band(pos, T, t, k, bounds, bases, RINGS, SPANS)
-            qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
-            if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
-                vt = tl.where((i < _pick(k, bounds, ends))[:, None], vt, 0.0)
+        if PART != 1:  # noqa: SIM102 (a compile-time choice around a runtime test)
+            if (kk < _pick(k, bounds, inner_lo)) | (kk > _pick(k, bounds, inner_hi)):
+                lo, hi = _tile_band(pos, T, t, k, bounds, bases, RINGS, SPANS)
+                qk = tl.where(_band_mask(lo, hi, i), qk, float("-inf"))
+                if TMA:  # rows past the band hold other rows' slots: a NaN there must not leak
+                    vt = tl.where((i < _pick(k, bounds, ends))[:, None], vt, 0.0)
         m, l, acc = _accumulate(
             qk, vt, m, l, acc, _pick(k, bounds, biases), qk_scale, VALUES.dtype.element_ty, ONLINE, PRECISION, UPCAST
         )
@@ -370,9 +392,13 @@ def _attend_walk(
     the token sees any slot). ONLINE walks everything with the running max; the fixed-shift walk
     starts after level 0's first tile, which set its shift (`_attend_fwd`). With half tiles
     (pointer loads, as a TMA box has one width; products on tensor cores: `_on_tensor_cores`)
-    one loop takes every level's whole tiles, loaded without row masks, and a second every
-    level's last slots, fewer than a tile, as masked half-width tiles, so a ring of 240 slots
-    costs 240 columns, not 256; else one loop with each level's last tile masked."""
+    one loop takes the whole tiles that every token of the tile sees, loaded without row masks
+    and with no mask or test, and a second the rest of every level (slots some tokens do not see,
+    and fewer than a tile after the whole ones) as half-width tiles, each tested and masked at
+    the band's edges, so a ring of 240 slots costs 240 columns, not 256; else one loop with each
+    level's last tile masked. Moving the edge tiles out of the first loop took the test off its
+    tiles (sm_90: 143 -> 132 instructions a tile at three levels; H200: forward 2.2-3.6% faster,
+    session 25)."""
     # A GPU dot's sides are at least 16; the interpreter (UPCAST) takes its 16-slot tiles' halves.
     # Products on the CUDA cores keep one masked loop (`_on_tensor_cores`).
     TENSOR_CORES: tl.constexpr = _on_tensor_cores(KEYS.dtype.element_ty, PRECISION)
