@@ -287,17 +287,16 @@ def _walk_plan(
         first = lo_first
         if SKIP_FIRST and j == 0:
             first += BLOCK_S
+        split = 0  # PART 2 only: the slots before a, then the gap over the whole tiles
         gap = 0
         if PART == 0:
             n = tl.maximum(hi_last - first, 0)
-            split = n
         else:
             a = tl.maximum(first, lo_last)
             whole = tl.maximum(hi_first - a, 0) // BLOCK_S * BLOCK_S
             if PART == 1:
                 first = a
                 n = whole
-                split = n
             else:
                 split = tl.maximum(tl.minimum(a, hi_last) - first, 0)  # slots before a
                 gap = a + whole - first - split
@@ -306,10 +305,11 @@ def _walk_plan(
         bounds += (n_tiles,)
         bases += (start + loc,)
         biases += (tl.load(BETA + head * len(RINGS) + j).to(tl.float32) * LOG2E_TL,)
-        splits += (split + n_tiles * WIDTH,)  # relative to loc
+        split_at = split + n_tiles * WIDTH  # relative to loc
+        splits += (split_at,)
         gaps += (gap,)
         # Tiles from split on start at or past lo_last, so they are at an edge only at their end.
-        inner_lo += (tl.minimum(lo_last - loc, split + n_tiles * WIDTH) if PART == 2 else lo_last - loc,)
+        inner_lo += (tl.minimum(lo_last - loc, split_at) if PART == 2 else lo_last - loc,)
         inner_hi += (hi_first - WIDTH - loc - gap,)
         ends += (hi_last - loc,)
         n_tiles += (n + WIDTH - 1) // WIDTH
