@@ -28,6 +28,9 @@ class Knobs:
     # by TMA reductions (Hopper); auto (default): whichever measured faster for the dtype and
     # GPU, split under torch.use_deterministic_algorithms (kernels/memory/kernel.py, _bwd_mode).
     memory_bwd: str = os.environ.get("MMREC_MEMORY_BWD", "auto")
+    # MMREC_MEMORY_GLUON=0: the split backward's dk/dv runs the Triton kernel everywhere instead of
+    # the Gluon one on Hopper (kernels/memory/dkv_gluon.py), e.g. to compare the two.
+    memory_gluon: bool = os.environ.get("MMREC_MEMORY_GLUON", "1") == "1"
     # MMREC_DECAY_KERNELS=1: mdi_decay_logits (the decay's two MLPs, as fuse-decay-recurrence
     # leaves them) runs one Triton kernel per MLP, the bottleneck kept on chip (kernels/decay).
     # Opt-in: tested under the interpreter and compiled for sm_90, not yet run on a GPU.

@@ -63,6 +63,7 @@ from torch import Tensor
 from ..config import fp32_dot_precision, knobs, new_output
 from ..dot import dot_meta, operand
 from ..launch import Launcher
+from . import dkv_gluon
 
 LOG2E = 1.4426950408889634
 LOG2E_TL = tl.constexpr(LOG2E)
@@ -916,10 +917,12 @@ def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
     """The dk/dv kernel's DQ: 0 the split backward, 1 fused with atomics, 2 fused with TMA
     reductions (Hopper, Dh a power of two; the interpreter has none and runs the atomics).
     auto (the default) takes what measured fastest on the H200 with every ring full
-    (BENCHMARKS.md, sessions 17, 20 and 21): TMA reductions for bf16/fp16 on Hopper where Dh
-    allows them (1.21 against 1.25 ms at B8 H16 T4096 over 1024 slots in session 17, 1.18
-    against 1.20 in session 21; by atomics 1.44, so other Dh and older GPUs take the split
-    backward; with part-filled rings split led, 1.01 against 1.17 ms, session 20), atomics for
+    (BENCHMARKS.md, sessions 17, 20, 21 and 26): for bf16/fp16 on Hopper the split backward
+    where its dk/dv runs in Gluon (`dkv_gluon.supports`: 1.15 against 1.19 ms fused by TMA
+    reductions at B8 H16 T4096 over 1024 slots, session 26), else TMA reductions where Dh
+    allows them (1.21 against 1.25 ms for the Triton split in session 17, 1.18 against 1.20 in
+    session 21; by atomics 1.44, so other Dh and older GPUs take the split backward; with
+    part-filled rings split led, 1.01 against 1.17 ms, session 20), atomics for
     exact fp32 on any GPU (26 against 85 ms on the H200: the split kernels recompute the
     probabilities on the CUDA cores twice), and the split backward for TF32 (not measured
     fused) and fp64. Added in L2 in whatever order the slot
@@ -937,6 +940,8 @@ def _bwd_mode(q: Tensor, dim: int, block_d: int) -> int:
             return 0
         if q.dtype == torch.float32:
             return 1 if fp32_dot_precision(q.dtype) == "ieee" else 0
+        if dkv_gluon.supports(q, dim):  # split, its dk/dv in Gluon: 1.15 against 1.19 ms (session 26)
+            return 0
         return 2 if tma else 0
     if torch.are_deterministic_algorithms_enabled():
         msg = (
@@ -985,6 +990,13 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
             dq, parts, *common, res, **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
         )  # fmt: skip
         dbeta = parts.view(grid[0], bsz, heads, len(rings)).sum((0, 1))
+    if not fused and dkv_gluon.usable(q, dout, dim):  # Hopper: the dk/dv products overlapped (Gluon)
+        tile_level, tile_i0 = lv.tiles(dkv_gluon.TILES[1])
+        dkv_gluon.launch(
+            (tile_level.numel(), bsz * kv_heads), q, dout, keys, values, beta, pos, lv, tile_level, tile_i0, stats,
+            dkeys, dvalues, heads, common[5], common[6], fold=q.dtype != torch.float16,
+        )  # fmt: skip
+        return dq, dkeys, dvalues, dbeta.to(beta.dtype)
     tiles = _tiles("dkv_fused" if fused else "dkv", q.dtype)
     tile_level, tile_i0 = lv.tiles(tiles["BLOCK_S"])
     grid = (tile_level.numel(), bsz * kv_heads)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.memory import decode, kernel, op
+from kernels.memory import decode, dkv_gluon, kernel, op
 from kernels.memory import reference as ref
 from tests.conftest import TRITON_DEVICE, assert_close, deterministic
 from tests.kernels.test_hds import HEADS, SPEC, build_history, naive_query
@@ -172,7 +172,13 @@ def test_backward_mode_rules(monkeypatch):
     monkeypatch.setattr(kernels.knobs, "memory_bwd", "auto")
     monkeypatch.setattr(kernels.knobs, "interpret", False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Hopper
-    assert kernel._bwd_mode(q16, 64, 64) == 2  # bf16: fused by TMA reductions
+    assert kernel._bwd_mode(q16, 64, 64) == 2  # bf16, T not a multiple of 64: fused by TMA reductions
+    q16_64 = torch.zeros(1, 64, 16, dtype=torch.bfloat16)  # T 64: split, its dk/dv in Gluon (where Triton has it)
+    assert kernel._bwd_mode(q16_64, 64, 64) == (0 if dkv_gluon.gluon is not None else 2)
+    assert kernel._bwd_mode(q16_64, 128, 128) == 2  # Dh 128: not taken by the Gluon kernel
+    monkeypatch.setattr(kernels.knobs, "memory_gluon", False)
+    assert kernel._bwd_mode(q16_64, 64, 64) == 2
+    monkeypatch.setattr(kernels.knobs, "memory_gluon", True)
     assert kernel._bwd_mode(q16, 48, 64) == 0  # Dh not a power of two: no TMA tile, so split
     assert kernel._bwd_mode(q32, 64, 64) == 1  # exact fp32: fused by atomics
     assert kernel._bwd_mode(q32.double(), 64, 64) == 0
