@@ -34,13 +34,18 @@ def _cuobjdump(compiled, flag: str) -> str | None:
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
 
 
+def sass(compiled) -> str | None:
+    """The kernel's SASS listing, or None where the Triton wheel ships no cuobjdump."""
+    return _cuobjdump(compiled, "-sass")
+
+
 def sass_loops(compiled) -> list[list[str]] | None:
     """The kernel's loops in its SASS: for each backward branch, the opcodes from its target to
     it (inner loops also appear inside their outer ones). None where there is no cuobjdump."""
-    if (sass := _cuobjdump(compiled, "-sass")) is None:
+    if (listing := sass(compiled)) is None:
         return None
     code = []  # (address, opcode without its predicate, operands)
-    for line in sass.splitlines():
+    for line in listing.splitlines():
         if m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)(.*?);", line):
             code.append((int(m[1], 16), m[2], m[3]))
     index = {addr: k for k, (addr, _, _) in enumerate(code)}

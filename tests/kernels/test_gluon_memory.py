@@ -6,17 +6,13 @@ products left in flight across the softmax (a `WARPGROUP.DEPBAR.LE gsb0, 0x1` wa
 drops when it serializes them). On a Hopper GPU it is compared elementwise with the Triton kernel,
 the one the interpreter tests check against the reference."""
 
-import os
-import subprocess
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 
 import kernels
 from kernels.memory import dkv_gluon
 from kernels.memory import kernel as memory_kernel
+from tests.kernels import sm90
 
 needs_gluon = pytest.mark.skipif(dkv_gluon.gluon is None, reason="this Triton has no Gluon Hopper API")
 
@@ -70,19 +66,14 @@ def _compile_for_sm90(dtype: torch.dtype, dim: int):
 @needs_gluon
 @pytest.mark.parametrize(("dtype", "dim"), [(torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 32)])
 def test_the_kernel_compiles_for_sm90_with_its_products_in_flight(dtype, dim):
-    import triton
-
     compiled = _compile_for_sm90(dtype, dim)
-    tool = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
-    if not tool.exists():
-        pytest.skip(f"no nvdisasm beside this Triton ({tool})")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        Path(cubin).write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(tool), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    listing = sm90.sass(compiled)
+    if listing is None:
+        pytest.skip("no cuobjdump beside this Triton")
+    sm90.assert_fits(compiled, f"dk/dv {dtype} Dh {dim}")
     # Three walks (masked, unmasked, masked), each waiting for the logits with dp in flight and
     # for dp with dv in flight; serialized, every wait would be `gsb0, 0x0`.
-    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1") >= 6
+    assert listing.count("WARPGROUP.DEPBAR.LE gsb0, 0x1") >= 6
 
 
 def test_the_kernel_is_not_taken_where_it_cannot_run(monkeypatch):
