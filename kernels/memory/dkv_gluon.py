@@ -255,6 +255,7 @@ def supports(q: Tensor, dim: int) -> bool:
 
 
 def usable(q: Tensor, dout: Tensor, dim: int) -> bool:
+    """`supports`, for these CUDA tensors: contiguous, 16-byte aligned (TMA's rule for q and dout)."""
     return q.is_cuda and supports(q, dim) and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, dout))
 
 
