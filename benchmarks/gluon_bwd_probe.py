@@ -28,7 +28,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_init,
     warpgroup_mma_wait,
@@ -38,15 +37,14 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels.memory import kernel as memory_kernel
-
-_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+from kernels.memory.dkv_gluon import cta_barrier, tma_load  # spelled as this Triton spells them
 
 
 @gluon.jit
 def _load_qdo(q_desc, do_desc, q_smem, do_smem, bar, row, col, stage):
     mbarrier.expect(bar.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    _tma_load(q_desc, [row, col], bar.index(stage), q_smem.index(stage))
-    _tma_load(do_desc, [row, col], bar.index(stage), do_smem.index(stage))
+    tma_load(q_desc, [row, col], bar.index(stage), q_smem.index(stage))
+    tma_load(do_desc, [row, col], bar.index(stage), do_smem.index(stage))
 
 
 @gluon.jit
@@ -99,8 +97,8 @@ def probe_dkv(
         ds_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_S, BLOCK_T], ds_layout)
 
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(k_desc, [kv_row, 0], kv_bar, kt_smem)
-    _tma_load(v_desc, [kv_row, 0], kv_bar, vt_smem)
+    tma_load(k_desc, [kv_row, 0], kv_bar, kt_smem)
+    tma_load(v_desc, [kv_row, 0], kv_bar, vt_smem)
     for i in gl.static_range(STAGES):  # n >= STAGES
         _load_qdo(q_desc, do_desc, q_smem, do_smem, bar, b * T + i * BLOCK_T, h * DH, i)
 
@@ -135,7 +133,7 @@ def probe_dkv(
         if DQ:
             ds_smem.store(ds_t)
             fence_async_shared()
-            gl.thread_barrier()  # every warp's share of ds stored before the product reads it
+            cta_barrier()  # every warp's share of ds stored before the product reads it
             dq = warpgroup_mma(
                 ds_smem.permute((1, 0)), kt_smem, gl.zeros([BLOCK_T, DH], gl.float32, mma), use_acc=False, is_async=True
             )

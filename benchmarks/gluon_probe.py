@@ -22,7 +22,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_init,
     warpgroup_mma_wait,
@@ -33,17 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import run_info
 from kernels.memory import kernel as memory_kernel
-
-# TMA loads: `async_copy_global_to_shared` in Triton 3.6 (the GPU machine's), `async_load` later.
-_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+from kernels.memory.dkv_gluon import tma_load  # spelled as this Triton spells them
 
 
 @gluon.jit
 def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, row, stage):
     mbarrier.expect(k_bar.index(stage), k_desc.block_type.nbytes)
-    _tma_load(k_desc, [row, 0], k_bar.index(stage), k_smem.index(stage))
+    tma_load(k_desc, [row, 0], k_bar.index(stage), k_smem.index(stage))
     mbarrier.expect(v_bar.index(stage), v_desc.block_type.nbytes)
-    _tma_load(v_desc, [row, 0], v_bar.index(stage), v_smem.index(stage))
+    tma_load(v_desc, [row, 0], v_bar.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
@@ -87,7 +84,7 @@ def probe_fwd(
         mbarrier.init(v_bar.index(i), count=1)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [b * T + t0, h * DH], q_bar, q_smem)
+    tma_load(q_desc, [b * T + t0, h * DH], q_bar, q_smem)
     for i in gl.static_range(STAGES):  # n >= STAGES
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kv0 + i * BLOCK_S, i)
 

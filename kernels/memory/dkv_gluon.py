@@ -58,9 +58,10 @@ TILES = (64, 64, 4, 2, None)
 DIMS = (32, 64)
 
 if gluon is not None:
-    # TMA loads and the CTA barrier are spelled differently across Triton 3.6-3.9.
-    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+    # TMA loads and the CTA barrier are spelled differently across Triton 3.6-3.9 (the probes in
+    # benchmarks/ use these too).
+    tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
     _LOG2E = gl.constexpr(LOG2E)
 
     @gluon.jit
@@ -72,8 +73,8 @@ if gluon is not None:
         col = (kvh * GROUP + g) * DH
         stage = k % STAGES
         mbarrier.expect(bar.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=pred)
-        _tma_load(q_desc, [row, col], bar.index(stage), q_smem.index(stage), pred=pred)
-        _tma_load(do_desc, [row, col], bar.index(stage), do_smem.index(stage), pred=pred)
+        tma_load(q_desc, [row, col], bar.index(stage), q_smem.index(stage), pred=pred)
+        tma_load(do_desc, [row, col], bar.index(stage), do_smem.index(stage), pred=pred)
 
     @gluon.jit
     def _step(q_desc, do_desc, kt_smem, vt_smem, q_smem, do_smem, bar, zero, dk, dv, k, j, n_div, total, b, kvh,
@@ -201,7 +202,7 @@ if gluon is not None:
             _load_tile(q_desc, do_desc, q_smem, do_smem, bar, s, n_div, b, kvh, T, t_lo, GROUP, s < total,
                        DH, BLOCK_T, STAGES)  # fmt: skip
         fence_async_shared()  # the keys and values, stored by every thread, before the products read them
-        _cta_barrier()
+        cta_barrier()
 
         zero = gl.zeros([BLOCK_S, BLOCK_T], gl.float32, mma_t)
         dk = warpgroup_mma_init(gl.zeros([BLOCK_S, DH], gl.float32, mma_d))

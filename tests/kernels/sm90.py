@@ -15,10 +15,13 @@ SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on the H100/
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, attrs: dict | None = None, **options):
-    """`options`: more of triton.compile's (num_stages, maxnreg)."""
+    """`fn` a Triton or a Gluon kernel; `options`: more of triton.compile's (num_stages, maxnreg)."""
     from triton.backends.compiler import GPUTarget
 
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    source_type = triton.compiler.ASTSource
+    if type(fn).__name__ == "GluonJITFunction":  # Gluon's own source type (a private module)
+        from triton.experimental.gluon._runtime import GluonASTSource as source_type
+    source = source_type(fn, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps, **options})
 
 

@@ -19,13 +19,11 @@ needs_gluon = pytest.mark.skipif(dkv_gluon.gluon is None, reason="this Triton ha
 
 def _compile_for_sm90(dtype: torch.dtype, dim: int):
     """The kernel compiled for sm_90 here (no GPU), with the launch's constexprs."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     try:
-        from triton.experimental.gluon._runtime import GluonASTSource
+        from triton.experimental.gluon._runtime import GluonASTSource  # noqa: F401 (sm90.compile_sm90's)
         from triton.runtime.jit import mangle_type
     except ImportError as e:  # internals this test leans on moved
         pytest.skip(f"cannot compile Gluon ahead of time with this Triton: {e}")
@@ -57,10 +55,7 @@ def _compile_for_sm90(dtype: torch.dtype, dim: int):
             sig[name] = "i32"
         else:
             sig[name] = mangle_type(torch.empty(1, dtype=pointers.get(name, dtype)))
-    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
-    return triton.compile(
-        GluonASTSource(dkv_gluon._dkv, sig, consts), target=GPUTarget("cuda", 90, 128), options=options
-    )
+    return sm90.compile_sm90(dkv_gluon._dkv, sig, consts, warps, **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 @needs_gluon
