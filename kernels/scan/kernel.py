@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ..config import knobs, new_output
 from ..launch import Launcher
+from . import fwd_gluon
 
 LOG_A_MIN = tl.constexpr(-50.0)
 LOG_A_MAX = tl.constexpr(0.0)
@@ -1054,6 +1055,9 @@ def scan_fwd(log_a: Tensor, b: Tensor, h0: Tensor | None) -> tuple[Tensor, Tenso
         block_c, rows = _chain_tile()
         n_chunks = triton.cdiv(steps, rows)
         if _words(log_a, b, block_c, n_chunks):
+            if fwd_gluon.usable(log_a, b):
+                fwd_gluon.launch(log_a, b, h0, h, h_last, _link(bsz, width, b.device))
+                return h, h_last
             rows = WORDS_R if not knobs.interpret else rows
             n_chunks = triton.cdiv(steps, rows)
             _launch_fwd_words(

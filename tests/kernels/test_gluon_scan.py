@@ -1,0 +1,121 @@
+"""The linear scan's persistent Gluon forward (kernels/scan/fwd_gluon.py).
+
+Gluon has no interpreter, so on the CPU machine the kernel is compiled for sm_90 with the installed
+Triton, and its SASS is checked for the two things its design rests on: no spills with OCC
+programs an SM, and no CTA barrier per row (Triton 3.6 put one after every row stored into a
+shared buffer, which is why h goes out from registers). On a Hopper GPU it is compared element by
+element with the fp64 reference, launch after launch (hand-off races), across clamps and NaN."""
+
+import pytest
+import torch
+
+import kernels
+from kernels.scan import fwd_gluon
+from kernels.scan import kernel as scan_kernel
+from kernels.scan import reference as scan_ref
+from tests.kernels import sm90
+
+needs_gluon = pytest.mark.skipif(fwd_gluon.gluon is None, reason="this Triton has no Gluon Hopper API")
+REGISTERS = 65536  # a Hopper SM's register file, 32-bit registers
+
+
+def _compile_for_sm90(dtype: torch.dtype, width: int):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource  # noqa: F401 (sm90.compile_sm90's)
+        from triton.runtime.jit import mangle_type
+    except ImportError as e:  # internals this test leans on moved
+        pytest.skip(f"cannot compile Gluon ahead of time with this Triton: {e}")
+    rows, block_c, warps, stages, _ = fwd_gluon.TILES
+    x = torch.empty(2, 4 * rows, width, dtype=dtype)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+    desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, block_c], layout)
+    consts = {
+        "C": width, "HAS_H0": True, "R": rows, "BC": block_c, "STAGES": stages, "SPIN_LIMIT": 1 << 26,
+        "ROWS": gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), "CHAIN": True, "TRACE": False, "TR": None, "LOOK": 0,
+    }  # fmt: skip
+    sig = {}
+    for name in fwd_gluon._scan_fwd.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_desc"):
+            sig[name] = mangle_type(desc)
+        elif name in ("B", "T", "n_chunks", "base"):
+            sig[name] = "i32"
+        else:
+            sig[name] = mangle_type(torch.empty(1, dtype=torch.int64 if name in ("LINK", "DESC") else dtype))
+    # Pointers 16-byte aligned and T a multiple of 16, as Triton specializes them at launch.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n == "T"}
+    return sm90.compile_sm90(fwd_gluon._scan_fwd, sig, consts, warps, attrs)
+
+
+@needs_gluon
+@pytest.mark.parametrize(("dtype", "width"), [(torch.bfloat16, 2048), (torch.float16, 1000)])
+def test_the_kernel_compiles_for_sm90_without_a_barrier_per_row(dtype, width):
+    compiled = _compile_for_sm90(dtype, width)
+    _, _, warps, _, occ = fwd_gluon.TILES
+    sm90.assert_fits(compiled, f"scan forward {dtype} C {width}")
+    assert compiled.metadata.shared * occ <= 228 * 1024, "OCC programs' buffers do not fit one SM"
+    usage = sm90.resource_usage(compiled)
+    listing = sm90.sass(compiled)
+    if usage is None or listing is None:
+        pytest.skip("no cuobjdump beside this Triton")
+    registers = int(usage.split("REG:")[1].split()[0])
+    assert registers * 32 * warps * occ <= REGISTERS, f"{registers} registers: fewer than {occ} programs an SM"
+    # A barrier per row would be 64 a pass (192 in all); the loop's own are a handful.
+    assert listing.count("BAR.SYNC") < 32
+
+
+def test_the_kernel_is_not_taken_where_it_cannot_run(monkeypatch):
+    log_a = torch.zeros(4, 1024, 1024, dtype=torch.bfloat16)
+    assert not fwd_gluon.usable(log_a, log_a)  # CPU tensors
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fwd_gluon.usable(log_a, log_a) == (fwd_gluon.gluon is not None and kernels.knobs.scan_gluon)
+    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
+    if fwd_gluon.gluon is None:
+        return
+    assert fwd_gluon.usable(log_a, log_a)
+    assert not fwd_gluon.usable(log_a[:, :, :1020], log_a[:, :, :1020])  # C not a multiple of 8 (strides)
+    assert not fwd_gluon.usable(log_a[:, :8], log_a[:, :8])  # too small to pay for its launch
+    assert not fwd_gluon.usable(log_a.float(), log_a.float())
+    assert not fwd_gluon.usable(log_a, log_a.half())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))  # not Hopper
+    assert not fwd_gluon.usable(log_a, log_a)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(kernels.knobs, "scan_gluon", False)
+    assert not fwd_gluon.usable(log_a, log_a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (3, 1001, 1000), (1, 1 << 17, 64)])
+def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtype, monkeypatch):
+    """Unmasked chunks, a masked last chunk with ragged column blocks, and a chain of 2048 chunks
+    down one column; whole rows of log_a at -80, 0.25, -inf and -0.0; NaN in two places."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is Hopper's")
+    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
+    torch.manual_seed(0)
+    log_a = torch.rand(bsz, steps, width, device="cuda") * -0.5
+    log_a[:, 100], log_a[:, 200], log_a[:, 300], log_a[:, 400] = -80.0, 0.25, float("-inf"), -0.0
+    log_a[0, 500, 6] = log_a[-1, 600, 9] = float("nan")
+    log_a = log_a.to(dtype)
+    b = torch.randn(bsz, steps, width, device="cuda", dtype=dtype)
+    h0 = torch.randn(bsz, width, device="cuda", dtype=dtype)
+    assert fwd_gluon.usable(log_a, b)
+    want_h, _ = scan_ref.forward(log_a.double(), b.double(), h0.double())
+    real = ~torch.isnan(want_h)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
+    first = None
+    for _ in range(10):
+        h, h_last = scan_kernel.scan_fwd(log_a, b, h0)
+        assert torch.equal(torch.isnan(h), ~real)
+        torch.testing.assert_close(h.double()[real], want_h[real], **tol)
+        assert torch.equal(h_last.view(torch.int16), h[:, -1].view(torch.int16))  # bit for bit, NaN included
+        first = h if first is None else first
+        assert torch.equal(h.view(torch.int16), first.view(torch.int16))  # the same bits every launch
