@@ -13,11 +13,12 @@ so the next chunk streams in under the current chunk's scan, its wait for the ca
 store. A chunk is read from shared memory one row at a time (each thread owns BC / 32 / warps
 adjacent channels), twice: pass 1 scans for the chunk's map (the decay product and the
 zero-carry value of the last row), which goes to the next chunk as soon as the carry has come;
-pass 2 rescans from the carry and writes h over the chunk's b rows, which a TMA store then copies
-out. Registers hold a row at a time, not the chunk.
+pass 2 rescans from the carry and stores h row by row from registers (through shared memory and a
+TMA store, Triton 3.6 put a CTA barrier after every row). Registers hold a row at a time, not the
+chunk. `LOOK` > 0 hands off by decoupled look-back instead (written, not yet run on a GPU).
 
-Rows past T (the TMA loads them as 0: a decay of 1, b = 0) copy the carry, and the TMA store drops
-them; columns past C likewise. The handed-on value (pass 1's map applied to the carry) is also
+Rows past T (the TMA loads them as 0: a decay of 1, b = 0) copy the carry and are not stored;
+columns past C likewise. The handed-on value (pass 1's map applied to the carry) is also
 what the chunk stores as its last row (in the last chunk, from the last row before T), so h_last
 equals h[:, -1] bit for bit, as the Triton kernels guarantee.
 
@@ -39,7 +40,7 @@ try:
     import triton.language as tl
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernels serve
     gluon = None
@@ -48,15 +49,15 @@ except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernels s
 TILES = (64, 128, 4, 2, 3)
 
 if gluon is not None:
-    tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-    cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+    from ..memory.dkv_gluon import cta_barrier, tma_load  # the spellings across Triton 3.6-3.9
+
     _LOG2E = gl.constexpr(1.4426950408889634)
 
     @gluon.jit
     def _decay(la, L: gl.constexpr):
-        """exp of the clamped log-decay (a row of 16-bit floats): the clamp in 16 bits, two channels
-        an instruction (both bounds are exact there, NaN stays NaN as in torch.clamp), then one
-        ex2.approx.ftz (the decay lies in [e^-50, 1], far from denormals)."""
+        """exp of the clamped log-decay (a row of 16-bit floats; both bounds are exact there, NaN
+        stays NaN as in torch.clamp), then one ex2.approx.ftz (the decay lies in [e^-50, 1], far
+        from denormals)."""
         la = gl.minimum(gl.maximum(la, gl.full(la.shape, -50.0, la.dtype, L), propagate_nan=tl.PropagateNan.ALL),
                         gl.zeros(la.shape, la.dtype, L), propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
         return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [la.to(gl.float32) * _LOG2E],
@@ -190,7 +191,7 @@ if gluon is not None:
         DESC=None,  # look-back descriptors (kernel._descriptors): 2 words a chunk and channel
         base=0,  # this launch's tag base
         LOOK: gl.constexpr = 0,  # the look-back window in chunks; 0: the serial chain's ring
-        TR=None,
+        TR=None,  # TRACE (timing probes only): 6 int64 a ticket, %globaltimer stamps and the SM
         TRACE: gl.constexpr = False,
     ):
         L: gl.constexpr = gl.BlockedLayout([1, BC // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()], [1, 0])
