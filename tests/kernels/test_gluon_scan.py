@@ -28,13 +28,13 @@ def _compile_for_sm90(dtype: torch.dtype, width: int):
         from triton.runtime.jit import mangle_type
     except ImportError as e:  # internals this test leans on moved
         pytest.skip(f"cannot compile Gluon ahead of time with this Triton: {e}")
-    rows, block_c, warps, stages, _ = fwd_gluon.TILES
+    rows, block_c, warps, stages, occ = fwd_gluon.TILES
     x = torch.empty(2, 4 * rows, width, dtype=dtype)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
     desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, block_c], layout)
     consts = {
         "C": width, "HAS_H0": True, "R": rows, "BC": block_c, "STAGES": stages, "SPIN_LIMIT": 1 << 26,
-        "ROWS": gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), "CHAIN": True, "TRACE": False, "TR": None, "LOOK": 0,
+        "ROWS": gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), "CHAIN": True, "TRACE": False, "TR": None,
     }  # fmt: skip
     sig = {}
     for name in fwd_gluon._scan_fwd.arg_names:
@@ -48,11 +48,13 @@ def _compile_for_sm90(dtype: torch.dtype, width: int):
             sig[name] = mangle_type(torch.empty(1, dtype=torch.int64 if name in ("LINK", "DESC") else dtype))
     # Pointers 16-byte aligned and T a multiple of 16, as Triton specializes them at launch.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n == "T"}
-    return sm90.compile_sm90(fwd_gluon._scan_fwd, sig, consts, warps, attrs)
+    return sm90.compile_sm90(
+        fwd_gluon._scan_fwd, sig, consts, warps, attrs, maxnreg=fwd_gluon.max_registers(warps, occ)
+    )
 
 
 @needs_gluon
-@pytest.mark.parametrize(("dtype", "width"), [(torch.bfloat16, 2048), (torch.float16, 1000)])
+@pytest.mark.parametrize(("dtype", "width"), [(torch.bfloat16, 2048), (torch.float16, 1024)])
 def test_the_kernel_compiles_for_sm90_without_a_barrier_per_row(dtype, width):
     compiled = _compile_for_sm90(dtype, width)
     _, _, warps, _, occ = fwd_gluon.TILES
@@ -79,6 +81,7 @@ def test_the_kernel_is_not_taken_where_it_cannot_run(monkeypatch):
         return
     assert fwd_gluon.usable(log_a, log_a)
     assert not fwd_gluon.usable(log_a[:, :, :1020], log_a[:, :, :1020])  # C not a multiple of 8 (strides)
+    assert not fwd_gluon.usable(log_a[..., :1000].contiguous(), log_a[..., :1000].contiguous())  # ragged blocks
     assert not fwd_gluon.usable(log_a[:, :8], log_a[:, :8])  # too small to pay for its launch
     assert not fwd_gluon.usable(log_a.float(), log_a.float())
     assert not fwd_gluon.usable(log_a, log_a.half())
@@ -92,14 +95,15 @@ def test_the_kernel_is_not_taken_where_it_cannot_run(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (3, 1001, 1000), (1, 1 << 17, 64)])
+@pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (3, 1001, 1024), (1, 1 << 17, 128)])
 def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtype, monkeypatch):
-    """Unmasked chunks, a masked last chunk with ragged column blocks, and a chain of 2048 chunks
-    down one column; whole rows of log_a at -80, 0.25, -inf and -0.0; NaN in two places."""
+    """Unmasked chunks, a masked last chunk, and a chain of 1024 chunks down one column; whole
+    rows of log_a at -80, 0.25, -inf and -0.0; NaN in two places."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is Hopper's")
     monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
     monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
+    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)  # (3, 1001, 1024) is below the size rule
     torch.manual_seed(0)
     log_a = torch.rand(bsz, steps, width, device="cuda") * -0.5
     log_a[:, 100], log_a[:, 200], log_a[:, 300], log_a[:, 400] = -80.0, 0.25, float("-inf"), -0.0
