@@ -44,9 +44,9 @@ class Knobs:
     # MMREC_SCAN_WORDS=0: bf16/fp16 serial chains keep the 32-row channel-pair tile instead of
     # 64-row chunks held as raw words (`_scan_fwd_words`), for comparison.
     scan_words: bool = os.environ.get("MMREC_SCAN_WORDS", "1") == "1"
-    # MMREC_SCAN_GLUON=1 (opt-in, experimental): where the word forward runs, Hopper takes the persistent
-    # Gluon forward that streams chunks by TMA (kernels/scan/fwd_gluon.py); it measured a tie (session 27).
-    scan_gluon: bool = os.environ.get("MMREC_SCAN_GLUON", "0") == "1"
+    # Where the word forward would run on Hopper, the persistent Gluon forward that streams chunks by
+    # TMA (kernels/scan/fwd_gluon.py) takes its place; MMREC_SCAN_GLUON=0 keeps the word forward.
+    scan_gluon: bool = os.environ.get("MMREC_SCAN_GLUON", "1") == "1"
     # Set by kernels.library.tracing_references() (export): entry points run each op's
     # plain-PyTorch body instead of its custom op or Triton launcher.
     trace_references: bool = False
