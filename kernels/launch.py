@@ -30,7 +30,16 @@ def _spec(value):
         return -(2**31) <= value < 2**31, value == 1, value % 16 == 0
     if isinstance(value, float):  # fp32, never specialized
         return float
-    return _UNKNOWN  # a TMA descriptor or other object: Triton's own path
+    if _descriptor(value):  # a host TMA descriptor: Triton keys its type (dtype, box, layout)
+        layout = getattr(value, "layout", None)
+        return "desc", value.base.dtype, tuple(value.block_shape), layout, getattr(value, "padding", None)
+    return _UNKNOWN  # another object: Triton's own path
+
+
+def _descriptor(value) -> bool:
+    """A host-side TMA descriptor (triton.tools.tensor_descriptor's or Gluon's TensorDescriptor),
+    which the compiled kernel's launcher encodes itself on every launch."""
+    return type(value).__name__ == "TensorDescriptor" and isinstance(getattr(value, "base", None), torch.Tensor)
 
 
 def _hooked(hook) -> bool:
@@ -79,7 +88,8 @@ class Launcher:
         Triton's own path will do (the interpreter, CPU tensors, a launch hook, an argument
         that cannot be keyed)."""
         hooks = triton_knobs.runtime.launch_enter_hook, triton_knobs.runtime.launch_exit_hook
-        if knobs.interpret or not args[0].is_cuda or any(map(_hooked, hooks)):
+        first = args[0].base if _descriptor(args[0]) else args[0]
+        if knobs.interpret or not first.is_cuda or any(map(_hooked, hooks)):
             return None
         full = list(args)
         for i in range(len(args), len(self.names)):

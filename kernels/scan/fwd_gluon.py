@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..config import knobs
+from ..launch import Launcher
 
 try:
     import triton.language as tl
@@ -313,16 +314,33 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
     rows, block_c, warps, stages, occ = tiles or TILES
     probe = dict(probe)
     bsz, steps, width = b.shape
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * b.element_size(), rank=3)
+    layout = _box_layout(8 * b.element_size())
     desc = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, block_c], layout) for x in (log_a, b)]
     n_chunks = -(-steps // rows)
     tickets = n_chunks * bsz * -(-width // block_c)
     grid = (min(tickets, occ * _sm_count(b.device)),)
     if "GRID" in probe:
         grid = (min(tickets, probe.pop("GRID")),)
-    _scan_fwd[grid](
-        *desc, h, h0 if h0 is not None else h_last, h_last, link, bsz, steps, n_chunks,
-        C=width, HAS_H0=h0 is not None, R=rows, BC=block_c, STAGES=stages,
-        ROWS=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), SPIN_LIMIT=1 << 26, num_warps=warps,
-        maxnreg=max_registers(warps, occ), **probe,
+    _launch(
+        grid, *desc, h, h0 if h0 is not None else h_last, h_last, link, bsz, steps, n_chunks,
+        C=width, HAS_H0=h0 is not None, R=rows, BC=block_c, STAGES=stages, ROWS=_rows_layout(),
+        SPIN_LIMIT=1 << 26, num_warps=warps, maxnreg=max_registers(warps, occ), **probe,
     )  # fmt: skip
+
+
+@functools.cache
+def _box_layout(bits: int):
+    """The descriptors' shared layout: unswizzled, so the buffers read as plain rows."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
+
+
+@functools.cache
+def _rows_layout():
+    return gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+
+
+# Triton's own launch path re-binds and re-keys every argument, descriptors and layouts included:
+# on the device machine's host that made an eager forward + backward at B8 T4096 C2048 host-bound
+# (0.57 ms against 0.30 as CUDA-graph replays, session 28). The lean launcher keys only what can
+# change and calls the compiled kernel, whose own launcher encodes the two descriptors.
+_launch = Launcher(_scan_fwd) if gluon is not None else None
