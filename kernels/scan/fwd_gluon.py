@@ -7,10 +7,10 @@ ring of tagged 64-bit words, and a ticket counter orders the chunks so that a wa
 predecessor has always been taken by a running program. What changes is how a chunk reaches the
 registers and how long a program holds it. There a program per chunk loads its chunk into
 registers, so each SM holds a few chunks and its loads start only when a program does. Here a grid
-of persistent programs (OCC an SM) each loops over tickets: it takes its next ticket and starts
-that chunk's TMA load into the next of STAGES shared-memory buffers before it works on the current
-one, so the next chunk streams in under the current chunk's scan, its wait for the carry and its
-store.
+of persistent programs (OCC an SM) each loops over tickets, and the chunk of its next ticket
+streams into shared memory by TMA while it works on the current one: its wait for the carry and
+its store at least (with one buffer, the load starts when pass 1 is done with it; with more, at
+the top of the loop).
 
 Each thread owns a column of the chunk (BC / 32 / warps adjacent channels, all R rows). Pass 1
 reads the chunk from shared memory into registers once and scans down the column in the thread
@@ -18,10 +18,10 @@ reads the chunk from shared memory into registers once and scans down the column
 the prefix map h -> P_r h + z_r of rows 0..r. The last row's map, applied to the carry, goes on
 to the next chunk. Pass 2 is h_r = z_r + P_r carry from those registers, stored straight to
 global memory: no second read of shared memory and no second exp, so a program's time per chunk
-shrinks to the carry's wait (BENCHMARKS.md, session 28: 1.05x the copy floor against 1.08x for
-the earlier version that rescanned the buffer row by row in pass 2). The price is registers: two
-fp32 per element of the chunk, 168 a thread at R 64 with 4 warps, which is what 3 programs an SM
-leave. With STAGES 1 the next load starts as soon as pass 1 has the buffer in registers.
+shrinks to the carry's wait (BENCHMARKS.md, session 28: 1.04x-1.05x the copy floor against
+1.07x-1.08x for the earlier version that rescanned the buffer row by row in pass 2). The price is
+registers: two fp32 per element of the chunk, 168 a thread at R 64 with 4 warps, which is what
+3 programs an SM leave (`max_registers`).
 
 h goes to global memory from registers, not through shared memory and a TMA store: Triton 3.6's
 barrier analysis puts a CTA barrier after every row stored into a shared buffer.
@@ -31,8 +31,8 @@ columns past C likewise. The handed-on value (pass 1's map applied to the carry)
 chunk stores as its last row (in the last chunk, the last row before T), so h_last equals
 h[:, -1] bit for bit, as the Triton kernels guarantee.
 
-Hopper only (TMA), bf16/fp16 with C a multiple of 8 and 16-byte aligned bases (a TMA
-descriptor's rules): `usable` says; anything else, and the interpreter (Gluon has none), takes the
+Hopper only (TMA), bf16/fp16, 16-byte aligned bases (a TMA descriptor's rule) and C a multiple
+of BC (ragged column blocks spill): `usable` says; anything else, and the interpreter (Gluon has none), takes the
 Triton kernels, so GPU tests compare the two elementwise and CPU CI compiles this one for sm_90.
 """
 
