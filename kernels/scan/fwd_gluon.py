@@ -18,10 +18,14 @@ reads the chunk from shared memory into registers once and scans down the column
 the prefix map h -> P_r h + z_r of rows 0..r. The last row's map, applied to the carry, goes on
 to the next chunk. Pass 2 is h_r = z_r + P_r carry from those registers, stored straight to
 global memory: no second read of shared memory and no second exp, so a program's time per chunk
-shrinks to the carry's wait (BENCHMARKS.md, session 28: 1.04x-1.05x the copy floor against
+shrinks to the carry's wait (BENCHMARKS.md, session 28: 1.04x-1.06x the copy floor against
 1.07x-1.08x for the earlier version that rescanned the buffer row by row in pass 2). The price is
-registers: two fp32 per element of the chunk, 168 a thread at R 64 with 4 warps, which is what
-3 programs an SM leave (`max_registers`).
+registers: the maps alone are two fp32 per element of the chunk, 128 registers a thread at R 64
+(one channel a thread), within a cap of 168 a thread, what 3 programs of 4 warps an SM leave
+(`max_registers`; Triton 3.6's ptxas used 154-168 at C 1024-2048 without spilling). One
+difference from the sequential recurrence: where the carry is infinite and P has underflowed to
+0 (a few rows clamped at -50), z + P carry is NaN where a h + b would stay infinite; only an
+already infinite state can meet it.
 
 h goes to global memory from registers, not through shared memory and a TMA store: Triton 3.6's
 barrier analysis puts a CTA barrier after every row stored into a shared buffer.
@@ -139,14 +143,15 @@ if gluon is not None:
         return gl.sum(gl.where(at, P, -0.0), 0), gl.sum(gl.where(at, z, -0.0), 0)
 
     @gluon.jit
-    def _store(H, row0, c0, P, z, carry, out, last, ok, R: gl.constexpr, BC: gl.constexpr, LR: gl.constexpr,
+    def _store(H, c0, P, z, carry, out, last, ok, R: gl.constexpr, BC: gl.constexpr, LR: gl.constexpr,
                C: gl.constexpr, MASKED: gl.constexpr):  # fmt: skip
-        """h = z + P carry for rows row0.. of one batch row (H), rows from `last` on taking `out`;
-        (MASKED) rows past `last` and columns past C are not stored."""
+        """h = z + P carry for the chunk whose row 0 is at H (int64 offsets there; here only row
+        and channel offsets, below 2^31 while R C is), rows from `last` on taking `out`; (MASKED)
+        rows past `last` and columns past C are not stored."""
         rows = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(1, LR)), 1)
         cols = gl.expand_dims(gl.arange(0, BC, layout=gl.SliceLayout(0, LR)), 0)
         h = gl.where(rows >= last, gl.expand_dims(out, 0), z + P * gl.expand_dims(carry, 0))
-        ptrs = H + (row0 + rows) * C + c0 + cols
+        ptrs = H + rows * C + c0 + cols
         if MASKED:
             gl.store(ptrs, h.to(H.dtype.element_ty), mask=(rows <= last) & gl.expand_dims(ok, 0))
         else:
@@ -254,11 +259,11 @@ if gluon is not None:
                     gl.store(ring + ring_slot + state, empty, mask=ok)
 
             # Pass 2: h from the carry, out of registers.
-            hb = H + pid_b.to(gl.int64) * T * C
+            hb = H + (pid_b.to(gl.int64) * T + k * R) * C  # int64: T C may pass 2^31
             if (k * R + R > T) or (C % BC != 0):
-                _store(hb, k * R, c0, P, z, carry, out, T - k * R - 1, ok, R, BC, LR, C, True)
+                _store(hb, c0, P, z, carry, out, T - k * R - 1, ok, R, BC, LR, C, True)
             else:
-                _store(hb, k * R, c0, P, z, carry, out, R - 1, ok, R, BC, LR, C, False)
+                _store(hb, c0, P, z, carry, out, R - 1, ok, R, BC, LR, C, False)
             if TRACE:
                 gl.store(TR + cur * 6 + 4, _now())
                 smid = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
@@ -282,8 +287,9 @@ def _sm_count(device) -> int:
 
 
 # Elements (B T C) from which the forward takes this kernel where the word forward would run.
-# Below, the word forward's leaner launch (kernels/launch.py) wins: a launch here goes through
-# Triton's own path and builds two TMA descriptors, tens of microseconds of host time.
+# A launch builds two host TMA descriptors, which the kernel's launcher encodes each time: more
+# host time than the word forward's launch. Set in session 27, when the launch still went through
+# Triton's own path; not re-measured since the lean launcher.
 MIN_ELEMENTS = 1 << 22
 DTYPES = (torch.bfloat16, torch.float16)
 

@@ -80,7 +80,8 @@ def test_the_kernel_is_not_taken_where_it_cannot_run(monkeypatch):
     if fwd_gluon.gluon is None:
         return
     assert fwd_gluon.usable(log_a, log_a)
-    assert not fwd_gluon.usable(log_a[:, :, :1020], log_a[:, :, :1020])  # C not a multiple of 8 (strides)
+    shifted = torch.zeros(log_a.numel() + 1, dtype=log_a.dtype)[1:].view(log_a.shape)
+    assert not fwd_gluon.usable(shifted, shifted)  # a base off 16 bytes (a TMA descriptor's rule)
     assert not fwd_gluon.usable(log_a[..., :1000].contiguous(), log_a[..., :1000].contiguous())  # ragged blocks
     assert not fwd_gluon.usable(log_a[:, :8], log_a[:, :8])  # too small to pay for its launch
     assert not fwd_gluon.usable(log_a.float(), log_a.float())
@@ -116,12 +117,18 @@ def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtyp
     real = ~torch.isnan(want_h)
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
     first = None
-    direct = fwd_gluon._launch.direct_calls
-    for _ in range(10):
+    compiled, direct = None, fwd_gluon._launch.direct_calls
+    for i in range(10):
+        if i % 3 == 2:  # new bases: the lean launcher's descriptors must follow them
+            log_a, b, h0 = log_a.clone(), b.clone(), h0.clone()
         h, h_last = scan_kernel.scan_fwd(log_a, b, h0)
+        compiled = len(fwd_gluon._launch.compiled) if compiled is None else compiled
         assert torch.equal(torch.isnan(h), ~real)
         torch.testing.assert_close(h.double()[real], want_h[real], **tol)
         assert torch.equal(h_last.view(torch.int16), h[:, -1].view(torch.int16))  # bit for bit, NaN included
         first = h if first is None else first
         assert torch.equal(h.view(torch.int16), first.view(torch.int16))  # the same bits every launch
-    assert fwd_gluon._launch.direct_calls - direct == 10  # the lean launch path (kernels/launch.py) was taken
+    # Every launch was keyed, and launches 2-10 found the first one's kernel: the lean path
+    # (kernels/launch.py), not Triton's.
+    assert fwd_gluon._launch.direct_calls - direct == 10
+    assert len(fwd_gluon._launch.compiled) == compiled
