@@ -7,7 +7,8 @@ against 13 us for the compiled kernel's own launcher (scratch probe, 2026-11-25)
 linear scan the host time of an eager forward + backward exceeded its GPU time at small and
 mid sizes. The key here is the part of Triton's specialization that can change between calls
 of one kernel: each tensor's dtype and 16-byte alignment, each integer's width, divisibility
-by 16 and equality to 1, and the constexpr values; anything else (the interpreter, launch
+by 16 and equality to 1, each host TMA descriptor's dtype, box and layout, and the constexpr
+values; anything else (the interpreter, launch
 hooks set by a profiler such as Proton) takes Triton's own path.
 """
 
