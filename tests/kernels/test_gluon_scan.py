@@ -132,3 +132,22 @@ def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtyp
     # (kernels/launch.py), not Triton's.
     assert fwd_gluon._launch.direct_calls - direct == 10
     assert len(fwd_gluon._launch.compiled) == compiled
+
+
+@needs_gluon
+def test_the_lean_launcher_keys_descriptors_by_type_not_address():
+    """kernels/launch.py keys a host TMA descriptor as Triton specializes it (dtype, box, layout):
+    new bases or shapes reuse the compiled kernel (the launcher encodes them each launch), a
+    new box, dtype or layout does not."""
+    from kernels.launch import _spec
+
+    def spec(x, box=(1, 64, 128), bits=16):
+        return _spec(fwd_gluon.TensorDescriptor(x, list(x.shape), list(x.stride()), list(box),
+                                                fwd_gluon._box_layout(bits)))  # fmt: skip
+
+    x = torch.zeros(2, 256, 1024, dtype=torch.bfloat16)
+    assert spec(x) == spec(x.clone()) == spec(torch.zeros(3, 512, 2048, dtype=torch.bfloat16))
+    assert spec(x) != spec(x, box=(1, 32, 128))
+    assert spec(x) != spec(x.half())
+    assert spec(x) != spec(x.float(), bits=32)
+    assert hash(spec(x)) == hash(spec(x.clone()))
