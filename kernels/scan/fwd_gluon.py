@@ -64,6 +64,7 @@ TILES = (64, 128, 4, 1, 3)
 
 if gluon is not None:
     from ..memory.dkv_gluon import cta_barrier, tma_load  # the spellings across Triton 3.6-3.9
+    from . import kernel as chain  # the chain's Triton helpers (layout-free, so Gluon calls them)
 
     _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -80,24 +81,6 @@ if gluon is not None:
     @gluon.jit
     def _now():
         return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _link_word(tag, value):
-        return (tag.to(gl.int64) << 32) | (value.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF)
-
-    @gluon.jit
-    def _await(ptrs, tag, ok, SPIN_LIMIT: gl.constexpr):
-        """Spin (volatile loads) until every word at ptrs carries `tag` -> their fp32 values, NaN
-        after SPIN_LIMIT polls (as kernel._await_link)."""
-        word = gl.load(ptrs, mask=ok, other=0, volatile=True)
-        waiting = gl.max(gl.where(ok & ((word >> 32).to(gl.int32) != tag), 1, 0), 0)
-        spins = 0
-        while (waiting != 0) & (spins < SPIN_LIMIT):
-            word = gl.load(ptrs, mask=ok, other=0, volatile=True)
-            waiting = gl.max(gl.where(ok & ((word >> 32).to(gl.int32) != tag), 1, 0), 0)
-            spins += 1
-        value = (word & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
-        return gl.where(waiting != 0, float("nan"), value)
 
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.9 (3.6: _reinterpret)
 
@@ -129,11 +112,6 @@ if gluon is not None:
         mbarrier.expect(bar.index(stage), la_desc.block_type.nbytes + x_desc.block_type.nbytes)
         tma_load(la_desc, [pid_b, k * R, c0], bar.index(stage), _boxed(la_s.index(stage), la_desc))
         tma_load(x_desc, [pid_b, k * R, c0], bar.index(stage), _boxed(x_s.index(stage), x_desc))
-
-    @gluon.jit
-    def _compose(a_left, z_left, a_right, z_right):
-        """Two steps of h -> a h + z, the left one first."""
-        return a_left * a_right, a_right * z_left + z_right
 
     @gluon.jit
     def _row(P, z, r, R: gl.constexpr, LR: gl.constexpr):
@@ -223,7 +201,7 @@ if gluon is not None:
 
             # Pass 1: every row's prefix map, and the map of the row the chunk hands on.
             a = _decay(la_s.index(st).load(LR), LR)
-            P, z = gl.associative_scan((a, x_s.index(st).load(LR).to(gl.float32)), 0, _compose)
+            P, z = gl.associative_scan((a, x_s.index(st).load(LR).to(gl.float32)), 0, chain._compose)
             cta_barrier()  # every thread has its rows: the buffer may take a later chunk
             if EARLY:
                 nxt = _take(LINK, last_draw)
@@ -243,14 +221,14 @@ if gluon is not None:
                 else:
                     carry = gl.zeros([BC], gl.float32, CL)
             else:
-                carry = _await(ring + ((k - 1) % 2) * ring_slot + state, k, ok, SPIN_LIMIT)
+                carry = chain._await_link(ring + ((k - 1) % 2) * ring_slot + state, k, ok, SPIN_LIMIT)
             out = a_all * carry + z_all
             if TRACE:
                 gl.store(TR + cur * 6 + 3, _now() + gl.sum(out, 0).to(gl.int64) * 0)
             if not CHAIN:
                 pass
             elif k + 1 < n_chunks:
-                gl.atomic_xchg(ring + (k % 2) * ring_slot + state, _link_word(k + 1, out), mask=ok, sem="relaxed")
+                gl.atomic_xchg(ring + (k % 2) * ring_slot + state, chain._pack_link(k + 1, out), mask=ok, sem="relaxed")
             else:
                 gl.store(HLAST + state, out.to(HLAST.dtype.element_ty), mask=ok)
                 if k > 0:  # the column's ring words back to zero for the next launch
@@ -330,7 +308,7 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
     _launch(
         grid, *desc, h, h0 if h0 is not None else h_last, h_last, link, bsz, steps, n_chunks,
         C=width, HAS_H0=h0 is not None, R=rows, BC=block_c, STAGES=stages, ROWS=_rows_layout(),
-        SPIN_LIMIT=1 << 26, num_warps=warps, maxnreg=max_registers(warps, occ), **probe,
+        SPIN_LIMIT=chain.SPIN_LIMIT, num_warps=warps, maxnreg=max_registers(warps, occ), **probe,
     )  # fmt: skip
 
 
