@@ -264,6 +264,11 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _major(device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 # Elements (B T C) from which the forward takes this kernel where the word forward would run.
 # A launch builds two host TMA descriptors, which the kernel's launcher encodes each time: more
 # host time than the word forward's launch. Set in session 27, when the launch still went through
@@ -282,7 +287,7 @@ def usable(log_a: Tensor, b: Tensor) -> bool:
         and knobs.scan_gluon
         and b.is_cuda
         and b.numel() >= MIN_ELEMENTS
-        and torch.cuda.get_device_capability(b.device)[0] == 9
+        and _major(b.device) == 9
         and b.dtype in DTYPES
         and log_a.dtype == b.dtype
         and b.shape[2] % TILES[1] == 0
@@ -295,6 +300,16 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
            tiles: tuple | None = None, **probe) -> None:  # fmt: skip
     """h, h_last of the scan over contiguous [B, T, C] inputs `usable` accepted; `link` zeroed as
     kernel._link leaves it."""
+    plan = None
+    if tiles is None and not probe:
+        # Everything but the data pointers is fixed by this key (h, h_last and link are fresh
+        # allocations: aligned, of b's dtype and int64), so a repeat call launches the bound kernel.
+        h0_spec = None if h0 is None else (h0.dtype, h0.data_ptr() % 16 == 0)
+        plan = (torch.cuda.current_device(), b.device.index, b.dtype, b.shape, h0_spec)
+        bound = _PLANS.get(plan)
+        if bound is not None and bound[0](*_descriptors(log_a, b, *bound[1:]), h,
+                                          h0 if h0 is not None else h_last, h_last, link):  # fmt: skip
+            return
     rows, block_c, warps, stages, occ = tiles or TILES
     probe = dict(probe)
     bsz, steps, width = b.shape
@@ -305,11 +320,34 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
     grid = (min(tickets, occ * _sm_count(b.device)),)
     if "GRID" in probe:
         grid = (min(tickets, probe.pop("GRID")),)
-    _launch(
-        grid, *desc, h, h0 if h0 is not None else h_last, h_last, link, bsz, steps, n_chunks,
-        C=width, HAS_H0=h0 is not None, R=rows, BC=block_c, STAGES=stages, ROWS=_rows_layout(),
-        SPIN_LIMIT=chain.SPIN_LIMIT, num_warps=warps, maxnreg=max_registers(warps, occ), **probe,
-    )  # fmt: skip
+    args = (*desc, h, h0 if h0 is not None else h_last, h_last, link, bsz, steps, n_chunks)
+    named = dict(C=width, HAS_H0=h0 is not None, R=rows, BC=block_c, STAGES=stages, ROWS=_rows_layout(),
+                 SPIN_LIMIT=chain.SPIN_LIMIT, num_warps=warps, maxnreg=max_registers(warps, occ), **probe)  # fmt: skip
+    _launch(grid, *args, **named)
+    if plan is not None:
+        bound = _launch.bind(6, grid, *args, **named)
+        if bound is not None:
+            if len(_PLANS) >= 64:  # many shapes: start over rather than grow without bound
+                _PLANS.clear()
+            _PLANS[plan] = bound, [1, rows, block_c], layout
+
+
+# Bound launches (kernels/launch.py) by device, dtype, shape and h0's kind: a repeat forward skips
+# re-keying its arguments and re-validating its descriptors, about 25 us of host time a call on the
+# device machine's host, where the eager forward's host time exceeded its GPU time (session 29).
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _descriptors(log_a: Tensor, b: Tensor, box: list, layout) -> tuple:
+    """The two inputs' host TMA descriptors, built without TensorDescriptor's checks: the first
+    call of this plan ran them on tensors of the same shape, strides and dtype, and `usable`
+    checked these bases' alignment. Every other field keeps its class default."""
+    out = []
+    for x in (log_a, b):
+        d = object.__new__(TensorDescriptor)
+        d.base, d.shape, d.strides, d.block_shape, d.layout = x, list(x.shape), list(x.stride()), box, layout
+        out.append(d)
+    return tuple(out)
 
 
 @functools.cache

@@ -74,7 +74,7 @@ def test_the_kernel_is_not_taken_where_it_cannot_run(monkeypatch):
     log_a = torch.zeros(4, 1024, 1024, dtype=torch.bfloat16)
     assert not fwd_gluon.usable(log_a, log_a)  # CPU tensors
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(fwd_gluon, "_major", lambda device: 9)  # the capability's major, cached per device
     assert fwd_gluon.usable(log_a, log_a) == (fwd_gluon.gluon is not None and kernels.knobs.scan_gluon)
     monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
     if fwd_gluon.gluon is None:
@@ -86,9 +86,9 @@ def test_the_kernel_is_not_taken_where_it_cannot_run(monkeypatch):
     assert not fwd_gluon.usable(log_a[:, :8], log_a[:, :8])  # too small to pay for its launch
     assert not fwd_gluon.usable(log_a.float(), log_a.float())
     assert not fwd_gluon.usable(log_a, log_a.half())
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))  # not Hopper
+    monkeypatch.setattr(fwd_gluon, "_major", lambda device: 10)  # not Hopper
     assert not fwd_gluon.usable(log_a, log_a)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(fwd_gluon, "_major", lambda device: 9)
     monkeypatch.setattr(kernels.knobs, "scan_gluon", False)
     assert not fwd_gluon.usable(log_a, log_a)
 
@@ -132,6 +132,49 @@ def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtyp
     # (kernels/launch.py), not Triton's.
     assert fwd_gluon._launch.direct_calls - direct == 10
     assert len(fwd_gluon._launch.compiled) == compiled
+    assert any(plan[2:4] == (dtype, b.shape) for plan in fwd_gluon._PLANS)  # launches 2-10: the bound kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_launch_hook_sends_the_bound_forward_back_to_tritons_path(monkeypatch):
+    """A profiler's launch hook (Proton's, say) must see every launch: with one set, the bound
+    launch declines and Triton's own path runs and calls it; the result is the same."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is Hopper's")
+    import triton
+
+    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
+    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)
+    log_a = (torch.rand(4, 640, 1024, device="cuda") * -0.5).bfloat16()
+    b = torch.randn(4, 640, 1024, device="cuda", dtype=torch.bfloat16)
+    want, _ = scan_kernel.scan_fwd(log_a, b, None)
+    want, _ = scan_kernel.scan_fwd(log_a, b, None)  # the second call binds; this one is bound
+    seen = []
+    hooks = triton.knobs.runtime.launch_enter_hook
+    if not hasattr(hooks, "add"):  # Triton < 3.5: a plain callable
+        pytest.skip("this Triton's launch hook is not a HookChain")
+    hooks.add(seen.append)
+    try:
+        got, _ = scan_kernel.scan_fwd(log_a, b, None)
+    finally:
+        hooks.remove(seen.append)
+    assert len(seen) == 1
+    assert torch.equal(got, want)
+
+
+@needs_gluon
+def test_bound_descriptors_equal_checked_ones():
+    """The bound forward builds its TMA descriptors without TensorDescriptor's checks; they must be
+    the same descriptors field for field, defaults included (which a new Triton may add)."""
+    x = torch.zeros(2, 256, 1024, dtype=torch.bfloat16)
+    y = torch.ones(2, 256, 1024, dtype=torch.bfloat16)
+    box, layout = [1, 64, 128], fwd_gluon._box_layout(16)
+    checked = [fwd_gluon.TensorDescriptor(t, list(t.shape), list(t.stride()), box, layout) for t in (x, y)]
+    fast = fwd_gluon._descriptors(x, y, box, layout)
+    assert list(fast) == checked
+    assert all(type(d) is fwd_gluon.TensorDescriptor for d in fast)
 
 
 @needs_gluon
