@@ -269,10 +269,12 @@ def _major(device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
-# Elements (B T C) from which the forward takes this kernel where the word forward would run.
-# A launch builds two host TMA descriptors, which the kernel's launcher encodes each time: more
-# host time than the word forward's launch. Set in session 27, when the launch still went through
-# Triton's own path; not re-measured since the lean launcher.
+# Elements (B T C) from which the forward takes this kernel where the word forward would run. Set
+# in session 27; re-measured in session 29 with the bound launch, as CUDA-graph replays on an H200:
+# at 2^22 elements the Gluon forward wins at B4 T512 C2048 (2.34x the floor against 2.68x) and B8
+# T256 (1.89x against 1.97x), loses at B16 T128 (1.84x against 1.69x: two chunks a column); below,
+# the one shape where the word forward ran (B8 T256 C1024) gained 2.39x against 2.47x. Too thin a
+# margin on too few shapes to move the threshold either way.
 MIN_ELEMENTS = 1 << 22
 DTYPES = (torch.bfloat16, torch.float16)
 
