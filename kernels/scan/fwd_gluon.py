@@ -82,6 +82,12 @@ if gluon is not None:
     def _now():
         return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
+    @gluon.jit
+    def _await_grid():
+        """Programmatic dependent launch: wait until the kernels this launch depends on have
+        finished and their writes are visible (a no-op in a launch without the PDL attribute)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.9 (3.6: _reinterpret)
 
         @gluon.jit
@@ -156,6 +162,7 @@ if gluon is not None:
         CHAIN: gl.constexpr = True,  # False: every chunk starts from 0, no hand-off (timing probes only)
         TR=None,  # TRACE (timing probes only): 6 int64 a ticket, %globaltimer stamps and the SM
         TRACE: gl.constexpr = False,
+        PDL: gl.constexpr = False,  # launched with launch_pdl: the prologue overlaps the previous kernel (probes)
     ):
         # A thread holds all R rows of its channels; CL: one value per channel of the block.
         LR: gl.constexpr = gl.BlockedLayout([R, BC // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()], [0, 1])
@@ -175,6 +182,8 @@ if gluon is not None:
         ring = LINK + 1
         ring_slot = B * C
 
+        if PDL:  # nothing global is touched before this: the ring and the inputs may be the previous kernel's
+            _await_grid()
         cur = _take(LINK, last_draw)
         if cur < n_tickets:
             _load_chunk(la_desc, x_desc, la_s, x_s, bar, cur, per_chunk, n_ct, 0, R, BC)
@@ -305,9 +314,10 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
     plan = None
     if tiles is None and not probe:
         # Everything but the data pointers is fixed by this key (h, h_last and link are fresh
-        # allocations: aligned, of b's dtype and int64), so a repeat call launches the bound kernel.
+        # allocations: aligned, of b's dtype and int64; TILES, which probes set), so a repeat call
+        # launches the bound kernel.
         h0_spec = None if h0 is None else (h0.dtype, h0.data_ptr() % 16 == 0)
-        plan = (torch.cuda.current_device(), b.device.index, b.dtype, b.shape, h0_spec)
+        plan = (torch.cuda.current_device(), b.device.index, b.dtype, b.shape, h0_spec, TILES)
         bound = _PLANS.get(plan)
         if bound is not None and bound[0](*_descriptors(log_a, b, *bound[1:]), h,
                                           h0 if h0 is not None else h_last, h_last, link):  # fmt: skip
