@@ -52,7 +52,9 @@ class Launcher:
     """`Launcher(kernel)(grid, *args, num_warps=w, num_stages=s, maxnreg=r, **named)` launches
     `kernel` as `kernel[grid](*args, **named, num_warps=w, num_stages=s, maxnreg=r)` would: grid a
     tuple of 1-3 ints, the remaining parameters (constexprs included) by name or by their
-    defaults; maxnreg (a register cap per thread, so more programs share an SM) only when set."""
+    defaults; maxnreg (a register cap per thread, so more programs share an SM) only when set;
+    launch_pdl (programmatic dependent launch: the kernel may start before the previous one on
+    its stream ends, and waits for it with `griddepcontrol.wait`) a compile option, keyed."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -68,11 +70,12 @@ class Launcher:
         self.direct_calls = 0  # calls that took this path (tests check it is taken)
 
     def __call__(
-        self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, maxnreg: int | None = None, **named
-    ):
+        self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, maxnreg: int | None = None,
+        launch_pdl: bool = False, **named,
+    ):  # fmt: skip
         options = {"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg}
-        options = {k: v for k, v in options.items() if v is not None}
-        keyed = self._key(args, named, num_warps, num_stages, maxnreg)
+        options = {k: v for k, v in options.items() if v is not None} | ({"launch_pdl": True} if launch_pdl else {})
+        keyed = self._key(args, named, (num_warps, num_stages, maxnreg, launch_pdl))
         kernel = self.compiled.get(keyed[0]) if keyed is not None else None
         if kernel is None:  # Triton's own path: compiles (or finds in its cache) and launches
             compiled = self.fn[grid](*args, **named, **options)
@@ -86,7 +89,7 @@ class Launcher:
 
     def bind(
         self, heads: int, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None,
-        maxnreg: int | None = None, **named,
+        maxnreg: int | None = None, launch_pdl: bool = False, **named,
     ) -> Bound | None:  # fmt: skip
         """After a call with these arguments has compiled their specialization: that kernel with
         `grid` and every argument past the first `heads` fixed as given here, for a caller that
@@ -94,13 +97,13 @@ class Launcher:
         path will do, or before the first call. The caller's own key must guarantee that every
         later call's head arguments specialize as these do (dtype, 16-byte alignment, descriptor
         type): the bound launch checks nothing, which is what makes it cheap."""
-        keyed = self._key(args, named, num_warps, num_stages, maxnreg, count=False)
+        keyed = self._key(args, named, (num_warps, num_stages, maxnreg, launch_pdl), count=False)
         kernel = self.compiled.get(keyed[0]) if keyed is not None else None
         if kernel is None:
             return None
         return Bound(self, kernel, (*grid, 1, 1)[:3], keyed[1][heads:], keyed[0][0])
 
-    def _key(self, args, named, num_warps, num_stages, maxnreg, count=True) -> tuple[tuple, list] | None:
+    def _key(self, args, named, options: tuple, count=True) -> tuple[tuple, list] | None:
         """(the specialization key, every argument in signature order), or None where only
         Triton's own path will do (the interpreter, CPU tensors, a launch hook, an argument
         that cannot be keyed)."""
@@ -119,7 +122,7 @@ class Launcher:
             return None
         self.direct_calls += count
         # The current device: where Triton compiles and launches.
-        return (torch.cuda.current_device(), num_warps, num_stages, maxnreg, *spec), full
+        return (torch.cuda.current_device(), *options, *spec), full
 
 
 class Bound:
