@@ -68,6 +68,7 @@ class Launcher:
         self.defaults = [p.default for p in params]
         self.compiled: dict[tuple, object] = {}
         self.direct_calls = 0  # calls that took this path (tests check it is taken)
+        self.bound_calls = 0  # of those, launches through a `Bound` (tests check those too)
 
     def __call__(
         self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, maxnreg: int | None = None,
@@ -144,4 +145,5 @@ class Bound:
         stream = torch._C._cuda_getCurrentRawStream(self.device)
         kernel.run(*self.grid, stream, kernel.function, kernel.packed_metadata, None, None, None, *head, *self.tail)
         self.launcher.direct_calls += 1
+        self.launcher.bound_calls += 1
         return True

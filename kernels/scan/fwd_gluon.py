@@ -279,11 +279,12 @@ def _major(device) -> int:
 
 
 # Elements (B T C) from which the forward takes this kernel where the word forward would run. Set
-# in session 27; re-measured in session 29 with the bound launch, as CUDA-graph replays on an H200:
-# at 2^22 elements the Gluon forward wins at B4 T512 C2048 (2.34x the floor against 2.68x) and B8
-# T256 (1.89x against 1.97x), loses at B16 T128 (1.84x against 1.69x: two chunks a column); below,
-# the one shape where the word forward ran (B8 T256 C1024) gained 2.39x against 2.47x. Too thin a
-# margin on too few shapes to move the threshold either way.
+# in session 27; re-measured in session 29 with the bound launch on an H200 (x the floor, Gluon
+# against words). At 2^22 elements, as CUDA-graph replays: B4 T512 C2048 2.34x against 2.68x, B8
+# T256 1.89x against 1.97x, B16 T128 1.84x against 1.69x (two chunks a column). Eager, where launch
+# latency and host time dominate 3-14 us floors: 2.09x against 1.73x, 1.16x against 1.50x, 2.09x
+# against 1.57x. Below, the one shape where the word forward ran (B8 T256 C1024): 2.39x against
+# 2.47x graph, 1.47x against 1.82x eager. Too thin and mixed to move the threshold either way.
 MIN_ELEMENTS = 1 << 22
 DTYPES = (torch.bfloat16, torch.float16)
 
@@ -313,11 +314,11 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
     kernel._link leaves it."""
     plan = None
     if tiles is None and not probe:
-        # Everything but the data pointers is fixed by this key (h, h_last and link are fresh
-        # allocations: aligned, of b's dtype and int64; TILES, which probes set), so a repeat call
-        # launches the bound kernel.
+        # Everything but the data pointers is fixed by this key, so a repeat call launches the
+        # bound kernel: h and h_last are fresh outputs of b's dtype and link the int64 ring
+        # (all aligned); TILES and SPIN_LIMIT are module constants that probes and tests set.
         h0_spec = None if h0 is None else (h0.dtype, h0.data_ptr() % 16 == 0)
-        plan = (torch.cuda.current_device(), b.device.index, b.dtype, b.shape, h0_spec, TILES)
+        plan = (torch.cuda.current_device(), b.device.index, b.dtype, b.shape, h0_spec, TILES, chain.SPIN_LIMIT)
         bound = _PLANS.get(plan)
         if bound is not None and bound[0](*_descriptors(log_a, b, *bound[1:]), h,
                                           h0 if h0 is not None else h_last, h_last, link):  # fmt: skip
@@ -326,7 +327,10 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
     probe = dict(probe)
     bsz, steps, width = b.shape
     layout = _box_layout(8 * b.element_size())
-    desc = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, block_c], layout) for x in (log_a, b)]
+    # The strides of a contiguous tensor, not x.stride(): a size-1 dimension of a contiguous
+    # tensor may carry any stride, which a TMA descriptor would have to accept.
+    strides = [steps * width, width, 1]
+    desc = [TensorDescriptor(x, list(b.shape), strides, [1, rows, block_c], layout) for x in (log_a, b)]
     n_chunks = -(-steps // rows)
     tickets = n_chunks * bsz * -(-width // block_c)
     grid = (min(tickets, occ * _sm_count(b.device)),)
@@ -344,7 +348,8 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
             _PLANS[plan] = bound, [1, rows, block_c], layout
 
 
-# Bound launches (kernels/launch.py) by device, dtype, shape and h0's kind: a repeat forward skips
+# Bound launches (kernels/launch.py) by device, dtype, shape, h0's kind and the module constants
+# that reach the kernel (TILES, SPIN_LIMIT): a repeat forward skips
 # re-keying its arguments and re-validating its descriptors, about 25 us of host time a call on the
 # device machine's host, where the eager forward's host time exceeded its GPU time (session 29).
 _PLANS: dict[tuple, tuple] = {}
@@ -352,12 +357,15 @@ _PLANS: dict[tuple, tuple] = {}
 
 def _descriptors(log_a: Tensor, b: Tensor, box: list, layout) -> tuple:
     """The two inputs' host TMA descriptors, built without TensorDescriptor's checks: the first
-    call of this plan ran them on tensors of the same shape, strides and dtype, and `usable`
-    checked these bases' alignment. Every other field keeps its class default."""
+    call of this plan ran them on the same shape, strides (a contiguous tensor's, from the shape)
+    and dtype, and `usable` checked these bases' alignment. Every other field keeps its class
+    default."""
+    bsz, steps, width = b.shape
+    shape, strides = [bsz, steps, width], [steps * width, width, 1]
     out = []
     for x in (log_a, b):
         d = object.__new__(TensorDescriptor)
-        d.base, d.shape, d.strides, d.block_shape, d.layout = x, list(x.shape), list(x.stride()), box, layout
+        d.base, d.shape, d.strides, d.block_shape, d.layout = x, shape, strides, box, layout
         out.append(d)
     return tuple(out)
 

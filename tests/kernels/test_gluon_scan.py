@@ -6,6 +6,8 @@ programs an SM, and no CTA barrier per row (Triton 3.6 put one after every row s
 shared buffer, which is why h goes out from registers). On a Hopper GPU it is compared element by
 element with the fp64 reference, launch after launch (hand-off races), across clamps and NaN."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -117,7 +119,8 @@ def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtyp
     real = ~torch.isnan(want_h)
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
     first = None
-    compiled, direct = None, fwd_gluon._launch.direct_calls
+    monkeypatch.setattr(fwd_gluon, "_PLANS", {})  # launch 1 binds this shape; 2-10 take the bound kernel
+    compiled, direct, bound = None, fwd_gluon._launch.direct_calls, fwd_gluon._launch.bound_calls
     for i in range(10):
         if i % 3 == 2:  # new bases: the lean launcher's descriptors must follow them
             log_a, b, h0 = log_a.clone(), b.clone(), h0.clone()
@@ -131,8 +134,46 @@ def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtyp
     # Every launch was keyed, and launches 2-10 found the first one's kernel: the lean path
     # (kernels/launch.py), not Triton's.
     assert fwd_gluon._launch.direct_calls - direct == 10
+    assert fwd_gluon._launch.bound_calls - bound == 9
     assert len(fwd_gluon._launch.compiled) == compiled
-    assert any(plan[2:4] == (dtype, b.shape) for plan in fwd_gluon._PLANS)  # launches 2-10: the bound kernel
+    assert len(fwd_gluon._PLANS) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bound_forwards_keep_each_kind_of_call_apart(monkeypatch):
+    """One bound kernel per kind of call: with and without h0, h0 in another dtype or off a 16-byte
+    boundary (Triton specializes both), the same elements in another shape. Calls alternate so
+    that a plan used for the wrong kind would show in the values."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is Hopper's")
+    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
+    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fwd_gluon, "_PLANS", {})
+    torch.manual_seed(0)
+
+    def inputs(bsz, steps, width):
+        log_a = (torch.rand(bsz, steps, width, device="cuda") * -0.5).bfloat16()
+        return log_a, torch.randn(bsz, steps, width, device="cuda", dtype=torch.bfloat16)
+
+    la, b = inputs(4, 640, 1024)
+    la2, b2 = inputs(8, 320, 1024)  # the same number of elements
+    h0 = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    off = torch.empty(4 * 1024 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(4, 1024)
+    off.copy_(h0 * 2)
+    assert off.data_ptr() % 16 != 0
+    cases = [(la, b, None), (la, b, h0), (la, b, h0.float() * -1), (la, b, off), (la2, b2, None)]
+    assert all(fwd_gluon.usable(x, y) for x, y, _ in cases)
+    bound = fwd_gluon._launch.bound_calls
+    for _ in range(3):
+        for log_a, x, init in cases:
+            h, h_last = scan_kernel.scan_fwd(log_a, x, init)
+            want, _ = scan_ref.forward(log_a.double(), x.double(), None if init is None else init.double())
+            torch.testing.assert_close(h.double(), want, rtol=1e-2, atol=1e-2)
+            assert torch.equal(h_last, h[:, -1])
+    assert len(fwd_gluon._PLANS) == len(cases)
+    assert fwd_gluon._launch.bound_calls - bound == 2 * len(cases)
 
 
 @pytest.mark.gpu
@@ -149,8 +190,8 @@ def test_a_launch_hook_sends_the_bound_forward_back_to_tritons_path(monkeypatch)
     monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)
     log_a = (torch.rand(4, 640, 1024, device="cuda") * -0.5).bfloat16()
     b = torch.randn(4, 640, 1024, device="cuda", dtype=torch.bfloat16)
-    want, _ = scan_kernel.scan_fwd(log_a, b, None)
-    want, _ = scan_kernel.scan_fwd(log_a, b, None)  # the second call binds; this one is bound
+    want, _ = scan_kernel.scan_fwd(log_a, b, None)  # binds this shape after its launch
+    want, _ = scan_kernel.scan_fwd(log_a, b, None)  # the bound kernel
     seen = []
     hooks = triton.knobs.runtime.launch_enter_hook
     if not hasattr(hooks, "add"):  # Triton < 3.5: a plain callable
@@ -175,6 +216,9 @@ def test_bound_descriptors_equal_checked_ones():
     fast = fwd_gluon._descriptors(x, y, box, layout)
     assert list(fast) == checked
     assert all(type(d) is fwd_gluon.TensorDescriptor for d in fast)
+    # Nothing beyond the dataclass's fields (which == compares), e.g. set by a newer __post_init__.
+    fields = {f.name for f in dataclasses.fields(fwd_gluon.TensorDescriptor)}
+    assert all(set(vars(d)) <= fields for d in checked)
 
 
 @needs_gluon
