@@ -349,9 +349,10 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
 
 
 # Bound launches (kernels/launch.py) by device, dtype, shape, h0's kind and the module constants
-# that reach the kernel (TILES, SPIN_LIMIT): a repeat forward skips
-# re-keying its arguments and re-validating its descriptors, about 25 us of host time a call on the
-# device machine's host, where the eager forward's host time exceeded its GPU time (session 29).
+# that reach the kernel (TILES, SPIN_LIMIT): a repeat forward skips re-keying its arguments and
+# re-validating its descriptors. With the cached capability check and leaner allocations, a call
+# took 84 us of host time against 105 on the device machine's host, where the eager forward's host
+# time had exceeded its GPU time (session 29).
 _PLANS: dict[tuple, tuple] = {}
 
 
