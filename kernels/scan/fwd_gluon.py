@@ -327,10 +327,7 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
     probe = dict(probe)
     bsz, steps, width = b.shape
     layout = _box_layout(8 * b.element_size())
-    # The strides of a contiguous tensor, not x.stride(): a size-1 dimension of a contiguous
-    # tensor may carry any stride, which a TMA descriptor would have to accept.
-    strides = [steps * width, width, 1]
-    desc = [TensorDescriptor(x, list(b.shape), strides, [1, rows, block_c], layout) for x in (log_a, b)]
+    desc = _descriptors(log_a, b, [1, rows, block_c], layout, checked=True)
     n_chunks = -(-steps // rows)
     tickets = n_chunks * bsz * -(-width // block_c)
     grid = (min(tickets, occ * _sm_count(b.device)),)
@@ -356,13 +353,16 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
 _PLANS: dict[tuple, tuple] = {}
 
 
-def _descriptors(log_a: Tensor, b: Tensor, box: list, layout) -> tuple:
-    """The two inputs' host TMA descriptors, built without TensorDescriptor's checks: the first
-    call of this plan ran them on the same shape, strides (a contiguous tensor's, from the shape)
-    and dtype, and `usable` checked these bases' alignment. Every other field keeps its class
-    default."""
+def _descriptors(log_a: Tensor, b: Tensor, box: list, layout, checked: bool = False) -> tuple:
+    """The two inputs' host TMA descriptors. Strides are a contiguous tensor's, from the shape, not
+    x.stride(): a size-1 dimension of a contiguous tensor may carry any stride, which a descriptor
+    would have to accept. Unless `checked`, built without TensorDescriptor's checks: a plan's first
+    call ran them on the same shape and dtype, and `usable` checked these bases' alignment; every
+    other field keeps its class default."""
     bsz, steps, width = b.shape
     shape, strides = [bsz, steps, width], [steps * width, width, 1]
+    if checked:
+        return tuple(TensorDescriptor(x, shape, strides, box, layout) for x in (log_a, b))
     out = []
     for x in (log_a, b):
         d = object.__new__(TensorDescriptor)
