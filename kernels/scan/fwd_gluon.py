@@ -88,6 +88,13 @@ if gluon is not None:
         finished and their writes are visible (a no-op in a launch without the PDL attribute)."""
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
+    @gluon.jit
+    def _release_grid():
+        """Programmatic dependent launch: this program lets the next kernel on the stream launch
+        (it still waits in `_await_grid` for this whole grid to finish)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)  # fmt: skip
+
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.9 (3.6: _reinterpret)
 
         @gluon.jit
@@ -162,7 +169,7 @@ if gluon is not None:
         CHAIN: gl.constexpr = True,  # False: every chunk starts from 0, no hand-off (timing probes only)
         TR=None,  # TRACE (timing probes only): 6 int64 a ticket, %globaltimer stamps and the SM
         TRACE: gl.constexpr = False,
-        PDL: gl.constexpr = False,  # launched with launch_pdl: the prologue overlaps the previous kernel (probes)
+        PDL: gl.constexpr = 0,  # with launch_pdl (probes): 1 waits for the kernel before, 2 also releases the next
     ):
         # A thread holds all R rows of its channels; CL: one value per channel of the block.
         LR: gl.constexpr = gl.BlockedLayout([R, BC // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()], [0, 1])
@@ -216,6 +223,9 @@ if gluon is not None:
                 nxt = _take(LINK, last_draw)
                 if nxt < n_tickets:
                     _load_chunk(la_desc, x_desc, la_s, x_s, bar, nxt, per_chunk, n_ct, 0, R, BC)
+            if PDL == 2:  # noqa: SIM102 (a constexpr gate: compiled out otherwise)
+                if nxt >= n_tickets:  # this program's last chunk: the next kernel may take its place
+                    _release_grid()
             if k * R + R > T:
                 a_all, z_all = _row(P, z, T - k * R - 1, R, LR)
             else:
