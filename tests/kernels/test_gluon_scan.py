@@ -36,8 +36,11 @@ def _compile_for_sm90(dtype: torch.dtype, width: int):
     desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, block_c], layout)
     consts = {
         "C": width, "HAS_H0": True, "R": rows, "BC": block_c, "STAGES": stages, "SPIN_LIMIT": 1 << 26,
-        "ROWS": gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), "CHAIN": True, "TRACE": False, "TR": None,
+        "ROWS": gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), "CHAIN": True, "TRACE": False, "TR": None, "PDL": 0,
     }  # fmt: skip
+    # A constexpr left out would be typed as a pointer below and compiled as one.
+    unset = [p.name for p in fwd_gluon._scan_fwd.params if p.is_constexpr and p.name not in consts]
+    assert not unset, f"constexprs of _scan_fwd this test does not set: {unset}"
     sig = {}
     for name in fwd_gluon._scan_fwd.arg_names:
         if name in consts:
