@@ -43,6 +43,9 @@ def _compile_for_sm90(dtype: torch.dtype, dim: int):
         "DH": dim, "BLOCK_T": block_t, "BLOCK_S": block_s, "STAGES": stages, "FOLD": dtype != torch.float16,
         "SKIP": True, "KV_SMEM": gl.NVMMASharedLayout.get_default_for([block_s, dim], elem), "num_warps": warps,
     }  # fmt: skip
+    # A constexpr left out would be typed as a pointer below and compiled as one.
+    unset = [p.name for p in dkv_gluon._dkv.params if p.is_constexpr and p.name not in consts]
+    assert not unset, f"constexprs of _dkv this test does not set: {unset}"
     sig = {}
     for name in dkv_gluon._dkv.arg_names:
         if name in consts:
