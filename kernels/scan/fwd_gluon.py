@@ -61,6 +61,10 @@ except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernels s
 
 # (R rows a chunk, BC channels a program, warps, STAGES buffers, OCC programs an SM).
 TILES = (64, 128, 4, 1, 3)
+# Programmatic dependent launch: 0 off; 1 launches with launch_pdl and waits for the kernel before
+# (griddepcontrol.wait) ahead of any global access; 2 also releases the kernel after it once each
+# program has drawn its last ticket, so the next launch overlaps this one's tail.
+PDL = 0
 
 if gluon is not None:
     from ..memory.dkv_gluon import cta_barrier, tma_load  # the spellings across Triton 3.6-3.9
@@ -169,7 +173,7 @@ if gluon is not None:
         CHAIN: gl.constexpr = True,  # False: every chunk starts from 0, no hand-off (timing probes only)
         TR=None,  # TRACE (timing probes only): 6 int64 a ticket, %globaltimer stamps and the SM
         TRACE: gl.constexpr = False,
-        PDL: gl.constexpr = 0,  # with launch_pdl (probes): 1 waits for the kernel before, 2 also releases the next
+        PDL: gl.constexpr = 0,  # with launch_pdl (the module's PDL): 1 waits for the kernel before, 2 also releases
     ):
         # A thread holds all R rows of its channels; CL: one value per channel of the block.
         LR: gl.constexpr = gl.BlockedLayout([R, BC // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()], [0, 1])
@@ -326,9 +330,9 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
     if tiles is None and not probe:
         # Everything but the data pointers is fixed by this key, so a repeat call launches the
         # bound kernel: h and h_last are fresh outputs of b's dtype and link the int64 ring
-        # (all aligned); TILES and SPIN_LIMIT are module constants that probes and tests set.
+        # (all aligned); TILES, SPIN_LIMIT and PDL are module constants that probes and tests set.
         h0_spec = None if h0 is None else (h0.dtype, h0.data_ptr() % 16 == 0)
-        plan = (torch.cuda.current_device(), b.device.index, b.dtype, b.shape, h0_spec, TILES, chain.SPIN_LIMIT)
+        plan = (torch.cuda.current_device(), b.device.index, b.dtype, b.shape, h0_spec, TILES, chain.SPIN_LIMIT, PDL)
         bound = _PLANS.get(plan)
         if bound is not None and bound[0](*_descriptors(log_a, b, *bound[1:]), h,
                                           h0 if h0 is not None else h_last, h_last, link):  # fmt: skip
@@ -345,7 +349,8 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
         grid = (min(tickets, probe.pop("GRID")),)
     args = (*desc, h, h0 if h0 is not None else h_last, h_last, link, bsz, steps, n_chunks)
     named = dict(C=width, HAS_H0=h0 is not None, R=rows, BC=block_c, STAGES=stages, ROWS=_rows_layout(),
-                 SPIN_LIMIT=chain.SPIN_LIMIT, num_warps=warps, maxnreg=max_registers(warps, occ), **probe)  # fmt: skip
+                 SPIN_LIMIT=chain.SPIN_LIMIT, num_warps=warps, maxnreg=max_registers(warps, occ), PDL=PDL,
+                 launch_pdl=PDL > 0) | probe  # fmt: skip
     _launch(grid, *args, **named)
     if plan is not None:
         bound = _launch.bind(6, grid, *args, **named)
@@ -356,7 +361,7 @@ def launch(log_a: Tensor, b: Tensor, h0: Tensor | None, h: Tensor, h_last: Tenso
 
 
 # Bound launches (kernels/launch.py) by device, dtype, shape, h0's kind and the module constants
-# that reach the kernel (TILES, SPIN_LIMIT): a repeat forward skips re-keying its arguments and
+# that reach the kernel (TILES, SPIN_LIMIT, PDL): a repeat forward skips re-keying its arguments and
 # re-validating its descriptors. With the cached capability check and leaner allocations, a call
 # took 84 us of host time against 105 on the device machine's host, where the eager forward's host
 # time had exceeded its GPU time (session 29).

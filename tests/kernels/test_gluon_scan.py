@@ -208,6 +208,46 @@ def test_a_launch_hook_sends_the_bound_forward_back_to_tritons_path(monkeypatch)
     assert torch.equal(got, want)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pdl", [1, 2])
+def test_dependent_launches_wait_for_the_kernel_before(pdl, monkeypatch):
+    """With programmatic dependent launch each scan may start before the one before it ends. Here
+    each scan reads the h the one before wrote (and shares its ticket counter and ring): eager
+    and as a CUDA-graph replay, the bits must equal launches without it."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is Hopper's")
+    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
+    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fwd_gluon, "_PLANS", {})
+    torch.manual_seed(0)
+    log_a = (torch.rand(8, 4096, 2048, device="cuda") * -0.5).bfloat16()
+    b = torch.randn(8, 4096, 2048, device="cuda", dtype=torch.bfloat16) * 0.01
+
+    def chain():
+        h = b
+        for _ in range(6):
+            h, h_last = scan_kernel.scan_fwd(log_a, h, None)
+        return h, h_last
+
+    want = chain()
+    monkeypatch.setattr(fwd_gluon, "PDL", pdl)
+    bound = fwd_gluon._launch.bound_calls
+    for _ in range(3):
+        got = chain()
+        assert all(torch.equal(g.view(torch.int16), w.view(torch.int16)) for g, w in zip(got, want, strict=True))
+    assert fwd_gluon._launch.bound_calls - bound == 17  # the first call binds the plan
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain()
+    for _ in range(3):
+        got[0].zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(g.view(torch.int16), w.view(torch.int16)) for g, w in zip(got, want, strict=True))
+
+
 @needs_gluon
 def test_bound_descriptors_equal_checked_ones():
     """The bound forward builds its TMA descriptors without TensorDescriptor's checks; they must be
