@@ -233,11 +233,12 @@ def test_dependent_launches_wait_for_the_kernel_before(pdl, monkeypatch):
 
     want = chain()
     monkeypatch.setattr(fwd_gluon, "PDL", pdl)
-    bound = fwd_gluon._launch.bound_calls
+    bound, compiled = fwd_gluon._launch.bound_calls, len(fwd_gluon._launch.compiled)
     for _ in range(3):
         got = chain()
         assert all(torch.equal(g.view(torch.int16), w.view(torch.int16)) for g, w in zip(got, want, strict=True))
     assert fwd_gluon._launch.bound_calls - bound == 17  # the first call binds the plan
+    assert len(fwd_gluon._launch.compiled) == compiled + 1  # a kernel of its own, launched with launch_pdl
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = chain()
