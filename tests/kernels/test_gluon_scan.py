@@ -21,6 +21,18 @@ needs_gluon = pytest.mark.skipif(fwd_gluon.gluon is None, reason="this Triton ha
 REGISTERS = 65536  # a Hopper SM's register file, 32-bit registers
 
 
+@pytest.fixture
+def gluon_forward(monkeypatch):
+    """A Hopper GPU's forward through the Gluon kernel at any size (the serial hand-off, which it
+    serves), with no bound plan left by an earlier test."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is Hopper's")
+    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
+    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
+    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)  # e.g. (3, 1001, 1024) is below the size rule
+    monkeypatch.setattr(fwd_gluon, "_PLANS", {})
+
+
 def _compile_for_sm90(dtype: torch.dtype, width: int):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -102,14 +114,9 @@ def test_the_kernel_is_not_taken_where_it_cannot_run(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("bsz", "steps", "width"), [(8, 4096, 2048), (3, 1001, 1024), (1, 1 << 17, 128)])
-def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtype, monkeypatch):
+def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtype, gluon_forward):
     """Unmasked chunks, a masked last chunk, and a chain of 2048 chunks down one column; whole
     rows of log_a at -80, 0.25, -inf and -0.0; NaN in two places."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernel is Hopper's")
-    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
-    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
-    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)  # (3, 1001, 1024) is below the size rule
     torch.manual_seed(0)
     log_a = torch.rand(bsz, steps, width, device="cuda") * -0.5
     log_a[:, 100], log_a[:, 200], log_a[:, 300], log_a[:, 400] = -80.0, 0.25, float("-inf"), -0.0
@@ -122,7 +129,7 @@ def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtyp
     real = ~torch.isnan(want_h)
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
     first = None
-    monkeypatch.setattr(fwd_gluon, "_PLANS", {})  # launch 1 binds this shape; 2-10 take the bound kernel
+    # The fixture left no plan: launch 1 binds this shape; 2-10 take the bound kernel.
     compiled, direct, bound = None, fwd_gluon._launch.direct_calls, fwd_gluon._launch.bound_calls
     for i in range(10):
         if i % 3 == 2:  # new bases: the lean launcher's descriptors must follow them
@@ -144,16 +151,10 @@ def test_gluon_forward_matches_the_reference_elementwise(bsz, steps, width, dtyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bound_forwards_keep_each_kind_of_call_apart(monkeypatch):
+def test_bound_forwards_keep_each_kind_of_call_apart(gluon_forward):
     """One bound kernel per kind of call: with and without h0, h0 in another dtype or off a 16-byte
     boundary (Triton specializes both), the same elements in another shape. Calls alternate so
     that a plan used for the wrong kind would show in the values."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernel is Hopper's")
-    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
-    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
-    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(fwd_gluon, "_PLANS", {})
     torch.manual_seed(0)
 
     def inputs(bsz, steps, width):
@@ -181,16 +182,11 @@ def test_bound_forwards_keep_each_kind_of_call_apart(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_launch_hook_sends_the_bound_forward_back_to_tritons_path(monkeypatch):
+def test_a_launch_hook_sends_the_bound_forward_back_to_tritons_path(gluon_forward):
     """A profiler's launch hook (Proton's, say) must see every launch: with one set, the bound
     launch declines and Triton's own path runs and calls it; the result is the same."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernel is Hopper's")
     import triton
 
-    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
-    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
-    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)
     log_a = (torch.rand(4, 640, 1024, device="cuda") * -0.5).bfloat16()
     b = torch.randn(4, 640, 1024, device="cuda", dtype=torch.bfloat16)
     want, _ = scan_kernel.scan_fwd(log_a, b, None)  # binds this shape after its launch
@@ -211,16 +207,10 @@ def test_a_launch_hook_sends_the_bound_forward_back_to_tritons_path(monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [1, 2])
-def test_dependent_launches_wait_for_the_kernel_before(pdl, monkeypatch):
+def test_dependent_launches_wait_for_the_kernel_before(pdl, gluon_forward, monkeypatch):
     """With programmatic dependent launch each scan may start before the one before it ends. Here
     each scan reads the h the one before wrote (and shares its ticket counter and ring): eager
     and as a CUDA-graph replay, the bits must equal launches without it."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernel is Hopper's")
-    monkeypatch.setattr(kernels.knobs, "scan_gluon", True)
-    monkeypatch.setattr(kernels.knobs, "scan_kernels", "serial")
-    monkeypatch.setattr(fwd_gluon, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(fwd_gluon, "_PLANS", {})
     torch.manual_seed(0)
     log_a = (torch.rand(8, 4096, 2048, device="cuda") * -0.5).bfloat16()
     b = torch.randn(8, 4096, 2048, device="cuda", dtype=torch.bfloat16) * 0.01
