@@ -35,7 +35,8 @@ def bench(fn, rep: int = 200) -> float:
     # 250 ms of warm-up, not do_bench's 25: the first eager forward+backward row, timed right after
     # its backward kernel compiled, read 1.51x and 2.33x the floor on the H200 (2026-12-03) while the
     # same call read 1.07x-1.11x later in the process and from the first call of a probe that
-    # warmed it first (BENCHMARKS.md, session 30). Every row gets the same warm-up.
+    # warmed it first (BENCHMARKS.md, session 30). With 250 ms it read 1.07x (session 31). Every
+    # row gets the same warm-up.
     return triton.testing.do_bench(fn, warmup=250, rep=rep, return_mode="median")
 
 
