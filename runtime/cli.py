@@ -123,23 +123,28 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import ExportError, export_aoti, export_onnx
+    from .export import ExportError, export_aoti, export_onnx, export_tensorrt
     from .train import load_for_inference
 
-    if args.format == "tensorrt":
-        raise ExportError("--format tensorrt: not implemented yet; export onnx (TensorRT can build an engine from it)")
     if (args.batch is not None and args.batch < 1) or args.steps < 1:
         raise ExportError(f"--batch and --steps must be at least 1, got {args.batch} and {args.steps}")
+    if args.max_batch < 1:
+        raise ExportError(f"--max-batch must be at least 1, got {args.max_batch}")
     model, _, _ = load_for_inference(args.ckpt, device="cpu")
     ckpt = Path(args.ckpt)
-    name = "model.onnx" if args.format == "onnx" else "model.pt2"
+    name = {"onnx": "model.onnx", "aotinductor": "model.pt2", "tensorrt": "model.engine"}[args.format]
     out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / name
     rows = "any batch" if args.batch is None else f"batch {args.batch}"
+    if args.format == "tensorrt" and args.batch is None:
+        rows = f"any batch up to {args.max_batch}"
     print(f"exporting {args.ckpt} ({args.format}): {rows}, {args.steps} token(s) a step -> {out}", flush=True)
     if args.format == "aotinductor":
         print("compiling C++ kernels with AOTInductor (the tiny model: about 100 s on 2 cores)", flush=True)
-    export = export_onnx if args.format == "onnx" else export_aoti
-    result = export(model, out, batch=args.batch, steps=args.steps)
+    if args.format == "tensorrt":
+        result = export_tensorrt(model, out, batch=args.batch, steps=args.steps, max_batch=args.max_batch)
+    else:
+        export = export_onnx if args.format == "onnx" else export_aoti
+        result = export(model, out, batch=args.batch, steps=args.steps)
     print(f"wrote {result.path} in {result.seconds:.1f} s: inputs tokens + {len(result.inputs) - 1} state tensors")
     if result.max_abs_error is None:
         print("not checked: onnxruntime is not installed")
@@ -192,12 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_cmd_inspect)
 
-    p = sub.add_parser("export", help="export a trained model's inference step (ONNX, or an AOTInductor package)")
+    p = sub.add_parser(
+        "export", help="export a trained model's inference step (ONNX, an AOTInductor package or a TensorRT engine)"
+    )
     p.add_argument("--ckpt", default=f"{DEFAULT_OUT}/ckpt.pt", help="checkpoint file or run folder")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "aotinductor"])
-    p.add_argument("--out", default=None, help="the file to write (default: model.onnx or model.pt2 by the checkpoint)")
+    p.add_argument("--out", default=None, help="the file to write (default: model.onnx, .pt2 or .engine by --ckpt)")
     p.add_argument("--batch", type=int, default=None, help="fix the rows per call (default: any, checked at 1 and 3)")
     p.add_argument("--steps", type=int, default=1, help="tokens per call: 1 for decoding (fixed in the file)")
+    p.add_argument(
+        "--max-batch", type=int, default=64, help="tensorrt without --batch: the largest batch the engine takes"
+    )
     p.set_defaults(fn=_cmd_export)
     return parser
 

@@ -22,12 +22,19 @@ After writing the file, `export_onnx` runs it with onnxruntime where installed, 
 and a state advanced by a few steps (for a dynamic batch, at two batch sizes other than the
 traced one), and compares logits and next state with the PyTorch model; a difference above
 TOLERANCE is an error.
+
+`export_tensorrt` builds a TensorRT engine from that ONNX file with TensorRT's own ONNX parser
+(an optimization profile of 1 to `max_batch` rows for a dynamic batch; fp32 without TF32, so the
+same tolerance holds) and checks it the same way on the GPU. It needs the `tensorrt` package and
+an NVIDIA GPU, which none of our machines has: it is written against TensorRT 10's Python API
+and has not been run (its test skips where TensorRT is missing).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,3 +242,100 @@ def export_aoti(
         runner = f"the AOTInductor runner (torch {torch.__version__})"
         error = _checked(traced, run, batch, steps, f"{path}: {runner}")
     return ExportResult(path, batch, inputs, outputs, seconds, error, runner)
+
+
+def _trt_dtypes(trt) -> dict:
+    """TensorRT's data types -> torch's, for those this TensorRT has."""
+    names = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+             "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+    return {getattr(trt.DataType, n): t for n, t in names.items() if hasattr(trt.DataType, n)}
+
+
+def export_tensorrt(
+    model: CompiledModel,
+    path: str | Path,
+    batch: int | None = None,
+    steps: int = 1,
+    max_batch: int = 64,
+    check: bool = True,
+) -> ExportResult:
+    """Build a TensorRT engine of `model`'s inference step (a folder gets `model.engine` inside):
+    the step exported to ONNX beside it (`<name>.onnx`, export_onnx), parsed by TensorRT's ONNX
+    parser and built for this machine's GPU, for `batch` rows or, with `batch` None, any batch
+    from 1 to `max_batch`. Same inputs and outputs as export_onnx. Checked against the PyTorch
+    model on the GPU (at 1 and 3 rows for a dynamic batch). Not run on our machines (none has
+    TensorRT; the module's docstring)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise ExportError(
+            "TensorRT export needs the tensorrt package and an NVIDIA GPU: pip install tensorrt "
+            "(not installed here; `--format onnx` writes the file TensorRT builds from)"
+        ) from None
+    if not torch.cuda.is_available():
+        raise ExportError("TensorRT export needs an NVIDIA GPU: it builds the engine for the GPU it runs on")
+    if batch is None and max_batch < 1:
+        raise ExportError(f"max_batch must be at least 1, got {max_batch}")
+    path = _out_path(path, "model.engine")
+    onnx_file = export_onnx(model, path.with_suffix(".onnx"), batch=batch, steps=steps, check=False)
+    start = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    explicit = 0  # TensorRT 10: every network has an explicit batch dimension; 8.x needs the flag
+    if int(trt.__version__.split(".")[0]) < 10:
+        explicit = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(explicit)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_file.path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT's ONNX parser rejected {onnx_file.path}: {errors}")
+    config = builder.create_builder_config()
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 products in TF32 would miss TOLERANCE
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if batch is None:  # the inputs' first dimension is -1: one profile over the batch sizes served
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            dims = list(tensor.shape)
+            low, high = ([1 if d == -1 else d for d in dims], [max_batch if d == -1 else d for d in dims])
+            profile.set_shape(tensor.name, low, [min(8, max_batch) if d == -1 else d for d in dims], high)
+        config.add_optimization_profile(profile)
+    print(f"building a TensorRT {trt.__version__} engine for {torch.cuda.get_device_name()} (minutes)", flush=True)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build an engine from {onnx_file.path} (its log above says why)")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(bytes(serialized))
+    os.replace(partial, path)  # a crash never leaves half an engine under the real name
+    seconds = onnx_file.seconds + time.perf_counter() - start
+    error, checker = None, None
+    if check:
+        engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise ExportError(f"{path}: TensorRT could not load the engine it built")
+        context = engine.create_execution_context()
+        dtypes = _trt_dtypes(trt)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+
+        def run(tokens, flat):
+            feeds = {"tokens": tokens, **flat}
+            buffers = {}
+            for name in inputs:
+                buffers[name] = feeds[name].to("cuda", dtypes[engine.get_tensor_dtype(name)]).contiguous()
+                context.set_input_shape(name, tuple(buffers[name].shape))
+            for name in onnx_file.outputs:
+                shape = tuple(context.get_tensor_shape(name))
+                buffers[name] = torch.empty(shape, device="cuda", dtype=dtypes[engine.get_tensor_dtype(name)])
+            for name, tensor in buffers.items():
+                context.set_tensor_address(name, tensor.data_ptr())
+            stream = torch.cuda.Stream()
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise ExportError(f"{path}: TensorRT failed to run the engine")
+            stream.synchronize()
+            return [buffers[name].cpu() for name in onnx_file.outputs]
+
+        checker = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name()}"
+        traced = _trace(model, batch, steps)
+        error = _checked(traced, run, batch, steps, f"{path}: {checker}")
+    return ExportResult(path, batch, onnx_file.inputs, onnx_file.outputs, seconds, error, checker)

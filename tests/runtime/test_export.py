@@ -6,7 +6,7 @@ import torch
 
 import models
 import runtime
-from runtime.export import ExportError, export_aoti, export_onnx
+from runtime.export import ExportError, export_aoti, export_onnx, export_tensorrt
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -75,3 +75,26 @@ def test_aotinductor_package_runs_like_the_model(tmp_path):
     logits, *_ = runner(tokens, *(flat[k] for k in result.inputs[1:]))
     with torch.no_grad():
         torch.testing.assert_close(logits, model(tokens)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT builds for a GPU: needs CUDA")
+def test_tensorrt_engine_runs_like_the_model(tmp_path):
+    """The ONNX step built into a TensorRT engine (any batch up to 4), checked by export_tensorrt
+    on the GPU at 1 and 3 rows. Skipped where TensorRT is not installed (every machine we have)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt)")
+    result = export_tensorrt(tiny(), tmp_path, max_batch=4)
+    assert result.path == tmp_path / "model.engine" and result.path.exists()
+    assert (tmp_path / "model.onnx").exists()
+    assert result.max_abs_error is not None and result.max_abs_error < 1e-3
+    assert result.checked_with.startswith("TensorRT ")
+
+
+def test_tensorrt_export_says_what_it_needs(tmp_path, monkeypatch):
+    """Without the tensorrt package (or, with it, without a GPU) a one-line reason, and no file."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed
+    with pytest.raises(ExportError, match="needs the tensorrt package and an NVIDIA GPU"):
+        export_tensorrt(tiny(), tmp_path)
+    assert not list(tmp_path.iterdir())
