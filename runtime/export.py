@@ -11,8 +11,8 @@ left out, and the ops that only feed it with it. Each MM-Rec op is lowered as it
 torch.onnx turns them into standard ONNX operators, so no custom operator is needed to run the
 file. The recurrences' references step through time, so their loops are unrolled `steps` times;
 the memory read is gathers, a masked softmax and matmuls; the memory write is block sums by
-index_add and the rings rebuilt by gathers (select-kernels records each op's lowering on its
-node).
+index_add (one-hot matmuls for TensorRT: `one_hot_sums`) and the rings rebuilt by gathers
+(select-kernels records each op's lowering on its node).
 
 The op set is the runtime's without its size rules (`ReferenceOps(size_rules=False)`), which
 pick a kernel by the row count; an exported graph has no kernels to pick, and a branch on the
@@ -32,6 +32,7 @@ and has not been run (its test skips where TensorRT is missing).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.library import tracing_references
+from kernels.memory import reference as memory_reference
 
 from .module import CompiledModel
 from .opset import ReferenceOps
@@ -139,11 +141,11 @@ def _out_path(path: str | Path, name: str) -> Path:
     return path
 
 
-def _checked(traced: _Traced, run, batch: int | None, steps: int, what: str) -> float:
-    """Max |run - PyTorch| over logits and next state, at 1 and 3 rows for a dynamic batch.
+def _checked(traced: _Traced, run, batch: int | None, steps: int, what: str, sizes=(1, 3)) -> float:
+    """Max |run - PyTorch| over logits and next state, at `sizes` rows for a dynamic batch.
     `run(tokens, flat state)` -> the outputs as tensors or arrays. Above TOLERANCE: an error."""
     error = 0.0
-    for rows in (1, 3) if batch is None else (batch,):
+    for rows in sizes if batch is None else (batch,):
         generator = torch.Generator().manual_seed(rows)
         flat = _advanced_state(traced.model, rows, generator).state_dict()
         tokens = torch.randint(0, traced.model.vocab_size or 2, (rows, steps), generator=generator)
@@ -168,17 +170,21 @@ def export_onnx(
     steps: int = 1,
     opset: int = 18,
     check: bool = True,
+    one_hot_sums: bool = False,
 ) -> ExportResult:
     """Write `model`'s inference step for `steps` tokens to an ONNX file (a folder gets
     `model.onnx` inside): for any batch size (`batch` None: the batch dimension is symbolic) or
     for `batch` rows. A CPU copy of the model is traced (the lowering does not depend on the
-    device); the caller's model is left as it was."""
+    device); the caller's model is left as it was. `one_hot_sums`: the memory write's slot sums
+    as MatMul with one-hot matrices instead of ScatterND with reduction="add", which TensorRT's
+    ONNX parser rejects (`kernels.memory.reference.one_hot_sums`)."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         raise ExportError("ONNX export needs the packages onnx and onnxscript: pip install onnx onnxscript") from None
     start = time.perf_counter()
-    traced = _trace(model, batch, steps)
+    with memory_reference.one_hot_sums() if one_hot_sums else contextlib.nullcontext():
+        traced = _trace(model, batch, steps)
     path = _out_path(path, "model.onnx")
     inputs, outputs = ["tokens", *traced.keys], ["logits", *(k + ".next" for k in traced.keys)]
     quiet = logging.getLogger("torch.onnx")  # it warns that torchvision's ops cannot be registered
@@ -277,9 +283,10 @@ def export_tensorrt(
     if batch is None and max_batch < 1:
         raise ExportError(f"max_batch must be at least 1, got {max_batch}")
     path = _out_path(path, "model.engine")
-    onnx_file = export_onnx(model, path.with_suffix(".onnx"), batch=batch, steps=steps, check=False)
+    onnx_file = export_onnx(model, path.with_suffix(".onnx"), batch=batch, steps=steps, check=False, one_hot_sums=True)
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")  # the parser maps some ONNX ops to TensorRT's plugins
     builder = trt.Builder(logger)
     explicit = 0  # TensorRT 10: every network has an explicit batch dimension; 8.x needs the flag
     if int(trt.__version__.split(".")[0]) < 10:
@@ -287,7 +294,7 @@ def export_tensorrt(
     network = builder.create_network(explicit)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file.path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise ExportError(f"TensorRT's ONNX parser rejected {onnx_file.path}: {errors}")
     config = builder.create_builder_config()
     if hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 products in TF32 would miss TOLERANCE
@@ -323,13 +330,17 @@ def export_tensorrt(
             buffers = {}
             for name in inputs:
                 buffers[name] = feeds[name].to("cuda", dtypes[engine.get_tensor_dtype(name)]).contiguous()
-                context.set_input_shape(name, tuple(buffers[name].shape))
+                if not context.set_input_shape(name, tuple(buffers[name].shape)):
+                    raise ExportError(f"{path}: TensorRT refused input {name} of shape {list(buffers[name].shape)}")
             for name in onnx_file.outputs:
                 shape = tuple(context.get_tensor_shape(name))
                 buffers[name] = torch.empty(shape, device="cuda", dtype=dtypes[engine.get_tensor_dtype(name)])
+            spare = torch.empty(1, device="cuda")  # an empty tensor's data_ptr is 0, which TensorRT refuses
             for name, tensor in buffers.items():
-                context.set_tensor_address(name, tensor.data_ptr())
+                if not context.set_tensor_address(name, tensor.data_ptr() if tensor.numel() else spare.data_ptr()):
+                    raise ExportError(f"{path}: TensorRT refused the buffer of {name}")
             stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())  # the inputs' copies
             if not context.execute_async_v3(stream.cuda_stream):
                 raise ExportError(f"{path}: TensorRT failed to run the engine")
             stream.synchronize()
@@ -337,5 +348,5 @@ def export_tensorrt(
 
         checker = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name()}"
         traced = _trace(model, batch, steps)
-        error = _checked(traced, run, batch, steps, f"{path}: {checker}")
+        error = _checked(traced, run, batch, steps, f"{path}: {checker}", sizes=(1, min(3, max_batch)))
     return ExportResult(path, batch, onnx_file.inputs, onnx_file.outputs, seconds, error, checker)

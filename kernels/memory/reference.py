@@ -16,7 +16,9 @@ produce every level, in the segment-parallel form and token by token alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -99,13 +101,40 @@ def token_slot(pos: Tensor, steps: int, span: int) -> Tensor:
     return (pos[:, None] + torch.arange(steps, device=pos.device)) // span - (pos // span)[:, None]
 
 
+_ONE_HOT = False  # `one_hot_sums`
+
+
+@contextlib.contextmanager
+def one_hot_sums() -> Iterator[None]:
+    """Within: the segment's slot sums are products with one-hot matrices instead of index_add.
+    index_add exports to ONNX as ScatterND with reduction="add", which TensorRT's ONNX parser
+    rejects; a product of a 0/1 matrix exports to MatMul. The product costs O(T * slots) per
+    channel instead of O(T), so it is only used for export."""
+    global _ONE_HOT
+    before, _ONE_HOT = _ONE_HOT, True
+    try:
+        yield
+    finally:
+        _ONE_HOT = before
+
+
+def _sum_by_index(x: Tensor, index: Tensor, n_out: int) -> Tensor:
+    """out[b, j] = sum of x[b, t] over t with index[b, t] == j: x [B, N, W], index [B, N] in
+    [0, n_out) -> [B, n_out, W] (x's dtype)."""
+    bsz, _, width = x.shape
+    if _ONE_HOT:
+        hot = index[:, None, :] == torch.arange(n_out, device=x.device)[None, :, None]
+        return hot.to(x.dtype) @ x
+    flat = (torch.arange(bsz, device=x.device)[:, None] * n_out + index).flatten()
+    out = torch.zeros(bsz * n_out, width, device=x.device, dtype=x.dtype)
+    return out.index_add(0, flat, x.flatten(0, 1)).view(bsz, n_out, width)
+
+
 def block_sums(x: Tensor, pos: Tensor, span: int) -> Tensor:
     """Token sums [B, ceil(T / span) + 1, W] of x [B, T, W] per local slot of `span` tokens."""
-    bsz, steps, width = x.shape
-    n_out = -(-steps // span) + 1
-    flat = (torch.arange(bsz, device=x.device)[:, None] * n_out + token_slot(pos, steps, span)).flatten()
-    out = torch.zeros(bsz * n_out, width, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-    return out.index_add(0, flat, x.flatten(0, 1).to(out.dtype)).view(bsz, n_out, width)
+    n_out = -(-x.shape[1] // span) + 1
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return _sum_by_index(x.to(dtype), token_slot(pos, x.shape[1], span), n_out)
 
 
 def _segment_sums(mem: Memory, x: Tensor, sums0=block_sums) -> list[Tensor]:
@@ -116,21 +145,17 @@ def _segment_sums(mem: Memory, x: Tensor, sums0=block_sums) -> list[Tensor]:
     level-l slot is a run of R^l level-0 slots (level boundaries are multiples of S_0 in
     absolute position), so higher levels add up level-0 sums."""
     spec = mem.spec
-    bsz, steps, width = x.shape
-    rows = torch.arange(bsz, device=x.device)[:, None]
+    steps = x.shape[1]
     level0 = sums0(x, mem.pos, spec.span(0))
     n0_seg = level0.shape[1] - 1
     n0 = mem.pos // spec.span(0)
-    level0 = level0.flatten(0, 1)
-    out = [level0.view(bsz, n0_seg + 1, width)]
+    out = [level0]
     j = torch.arange(n0_seg + 1, device=x.device)
     for level in range(1, len(spec.slots)):
         n_seg = -(-steps // spec.span(level))
         # Level-0 slots past the segment's last token hold zeros; clamping keeps them in range.
         local = ((n0[:, None] + j) // spec.ratio**level - (mem.pos // spec.span(level))[:, None]).clamp(max=n_seg)
-        sums = torch.zeros(bsz * (n_seg + 1), width, device=x.device, dtype=level0.dtype)
-        sums = sums.index_add(0, (rows * (n_seg + 1) + local).flatten(), level0)
-        out.append(sums.view(bsz, n_seg + 1, width))
+        out.append(_sum_by_index(level0, local, n_seg + 1))
     return out
 
 

@@ -144,6 +144,23 @@ def test_segment_at_once_equals_token_by_token(dtype):
         assert_close(mem.sum_v[level], mem_parallel.sum_v[level], what=f"running sum level {level}", **tol)
 
 
+def test_one_hot_slot_sums_equal_index_add():
+    """The export-only lowering of the memory write's slot sums (`one_hot_sums`, for TensorRT)
+    writes the same memory as index_add, over a segment that completes blocks of every level."""
+    from kernels.memory import reference
+
+    mem0, _, _ = build_history([9, 5], {0: [0]}, dtype=torch.float32)
+    k, v = (rand(3, 150, SPEC.heads * SPEC.dim, dtype=torch.float32) for _ in range(2))
+    plain = memory_write(mem0, k, v)
+    with reference.one_hot_sums():
+        hot = memory_write(mem0, k, v)
+    assert not reference._ONE_HOT
+    for level in range(3):
+        for name in ("keys", "values", "sum_k", "sum_v"):
+            a, b = getattr(plain, name)[level], getattr(hot, name)[level]
+            assert_close(b, a, what=f"{name} level {level}", rtol=1e-6, atol=1e-6)
+
+
 def test_reset_rows_clears_only_those_rows():
     mem, _, _ = build_history([21], {})
     cleared = reset_rows(mem, torch.tensor([False, True, False]))

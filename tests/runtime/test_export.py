@@ -55,6 +55,25 @@ def test_a_prompt_chunk_exports_for_each_model_variant(tmp_path, variant):
     assert [i.name for i in graph.input] == result.inputs and graph.output[1].name == result.inputs[1] + ".next"
 
 
+def test_the_tensorrt_bound_onnx_file_has_no_scatter_add(tmp_path):
+    """What export_tensorrt hands TensorRT's parser: the memory write's slot sums as one-hot
+    MatMuls, not ScatterND with reduction="add" (which that parser rejects), and still the
+    model's numbers (checked by export_onnx with onnxruntime). The sums themselves, over many
+    blocks: tests/kernels/test_hds.py."""
+    import onnx
+
+    def scatter_adds(path):
+        graph = onnx.load(str(path)).graph
+        return [n for n in graph.node if n.op_type.startswith("Scatter") and any(
+            a.name == "reduction" and a.s not in (b"", b"none") for a in n.attribute)]  # fmt: skip
+
+    plain = export_onnx(tiny(), tmp_path / "plain.onnx", batch=1, steps=2)
+    hot = export_onnx(tiny(), tmp_path / "hot.onnx", batch=1, steps=2, one_hot_sums=True)
+    assert scatter_adds(plain.path), "the plain export no longer scatters: this test checks nothing"
+    assert not scatter_adds(hot.path)
+    assert hot.max_abs_error is not None and hot.max_abs_error < 1e-4
+
+
 def test_export_refuses_empty_shapes(tmp_path):
     for shape in ({"batch": 0}, {"steps": 0}):
         with pytest.raises(ExportError, match="batch and steps must be at least 1"):
