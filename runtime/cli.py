@@ -141,6 +141,8 @@ def _cmd_export(args) -> int:
     if args.format == "aotinductor":
         print("compiling C++ kernels with AOTInductor (the tiny model: about 100 s on 2 cores)", flush=True)
     if args.format == "tensorrt":
+        print("writing the ONNX step, then building a TensorRT engine for this GPU (minutes)", flush=True)
+    if args.format == "tensorrt":
         result = export_tensorrt(model, out, batch=args.batch, steps=args.steps, max_batch=args.max_batch)
     else:
         export = export_onnx if args.format == "onnx" else export_aoti

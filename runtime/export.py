@@ -269,8 +269,8 @@ def export_tensorrt(
     the step exported to ONNX beside it (`<name>.onnx`, export_onnx), parsed by TensorRT's ONNX
     parser and built for this machine's GPU, for `batch` rows or, with `batch` None, any batch
     from 1 to `max_batch`. Same inputs and outputs as export_onnx. Checked against the PyTorch
-    model on the GPU (at 1 and 3 rows for a dynamic batch). Not run on our machines (none has
-    TensorRT; the module's docstring)."""
+    model on the GPU (at 1 and min(3, max_batch) rows for a dynamic batch). Building takes
+    minutes. Not run on our machines (none has TensorRT; the module's docstring)."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -307,7 +307,6 @@ def export_tensorrt(
             low, high = ([1 if d == -1 else d for d in dims], [max_batch if d == -1 else d for d in dims])
             profile.set_shape(tensor.name, low, [min(8, max_batch) if d == -1 else d for d in dims], high)
         config.add_optimization_profile(profile)
-    print(f"building a TensorRT {trt.__version__} engine for {torch.cuda.get_device_name()} (minutes)", flush=True)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT could not build an engine from {onnx_file.path} (its log above says why)")
