@@ -50,6 +50,9 @@ class Knobs:
     # Set by kernels.library.tracing_references() (export): entry points run each op's
     # plain-PyTorch body instead of its custom op or Triton launcher.
     trace_references: bool = False
+    # Set by kernels.memory.reference.one_hot_sums() (TensorRT export): the memory write's slot
+    # sums as one-hot products instead of index_add.
+    one_hot_sums: bool = False
     # Fill every kernel output with NaN before launch, so elements a kernel fails to write
     # show up in tests (MMREC_POISON=1, or set by the tests).
     poison_outputs: bool = os.environ.get("MMREC_POISON", "0") == "1"

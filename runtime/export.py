@@ -112,8 +112,9 @@ class _Traced:
     example: tuple[Tensor, ...]
 
 
-def _trace(model: CompiledModel, batch: int | None, steps: int) -> _Traced:
-    """torch.export of the inference step on a CPU copy of `model`, every op its reference."""
+def _trace(model: CompiledModel, batch: int | None, steps: int, one_hot_sums: bool = False) -> _Traced:
+    """torch.export of the inference step on a CPU copy of `model`, every op its reference
+    (`one_hot_sums`: the memory write's slot sums without scatter, `export_onnx`)."""
     if (batch is not None and batch < 1) or steps < 1:
         raise ExportError(f"batch and steps must be at least 1, got batch {batch}, steps {steps}")
     model = copy.deepcopy(model).to("cpu").eval()
@@ -125,7 +126,8 @@ def _trace(model: CompiledModel, batch: int | None, steps: int) -> _Traced:
         rows = torch.export.Dim("batch", min=1, max=1 << 16)
         shapes = ({0: rows}, tuple({0: rows} for _ in state))
     step = _Step(model, keys)
-    with torch.no_grad(), tracing_references():
+    sums = memory_reference.one_hot_sums() if one_hot_sums else contextlib.nullcontext()
+    with torch.no_grad(), tracing_references(), sums:
         program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
     leftover = sorted({str(n.target) for n in program.graph.nodes if "mmrec" in str(n.target)})
     if leftover:  # an entry point that bypassed kernels.library.call
@@ -163,28 +165,16 @@ def _checked(traced: _Traced, run, batch: int | None, steps: int, what: str, siz
     return error
 
 
-def export_onnx(
-    model: CompiledModel,
-    path: str | Path,
-    batch: int | None = None,
-    steps: int = 1,
-    opset: int = 18,
-    check: bool = True,
-    one_hot_sums: bool = False,
-) -> ExportResult:
-    """Write `model`'s inference step for `steps` tokens to an ONNX file (a folder gets
-    `model.onnx` inside): for any batch size (`batch` None: the batch dimension is symbolic) or
-    for `batch` rows. A CPU copy of the model is traced (the lowering does not depend on the
-    device); the caller's model is left as it was. `one_hot_sums`: the memory write's slot sums
-    as MatMul with one-hot matrices instead of ScatterND with reduction="add", which TensorRT's
-    ONNX parser rejects (`kernels.memory.reference.one_hot_sums`)."""
+def _require_onnxscript() -> None:
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         raise ExportError("ONNX export needs the packages onnx and onnxscript: pip install onnx onnxscript") from None
-    start = time.perf_counter()
-    with memory_reference.one_hot_sums() if one_hot_sums else contextlib.nullcontext():
-        traced = _trace(model, batch, steps)
+
+
+def _save_onnx(traced: _Traced, path: str | Path, opset: int) -> tuple[Path, list[str], list[str]]:
+    """The traced step as an ONNX file at `path` (a folder gets `model.onnx`) -> (the file, the
+    input names, the output names)."""
     path = _out_path(path, "model.onnx")
     inputs, outputs = ["tokens", *traced.keys], ["logits", *(k + ".next" for k in traced.keys)]
     quiet = logging.getLogger("torch.onnx")  # it warns that torchvision's ops cannot be registered
@@ -203,6 +193,28 @@ def export_onnx(
     finally:
         quiet.setLevel(level)
     onnx_program.save(str(path))
+    return path, inputs, outputs
+
+
+def export_onnx(
+    model: CompiledModel,
+    path: str | Path,
+    batch: int | None = None,
+    steps: int = 1,
+    opset: int = 18,
+    check: bool = True,
+    one_hot_sums: bool = False,
+) -> ExportResult:
+    """Write `model`'s inference step for `steps` tokens to an ONNX file (a folder gets
+    `model.onnx` inside): for any batch size (`batch` None: the batch dimension is symbolic) or
+    for `batch` rows. A CPU copy of the model is traced (the lowering does not depend on the
+    device); the caller's model is left as it was. `one_hot_sums`: the memory write's slot sums
+    as MatMul with one-hot matrices instead of ScatterND with reduction="add", which TensorRT's
+    ONNX parser rejects (`kernels.memory.reference.one_hot_sums`)."""
+    _require_onnxscript()
+    start = time.perf_counter()
+    traced = _trace(model, batch, steps, one_hot_sums)
+    path, inputs, outputs = _save_onnx(traced, path, opset)
     seconds = time.perf_counter() - start
     error, runtime = None, None
     if check:
@@ -282,9 +294,11 @@ def export_tensorrt(
         raise ExportError("TensorRT export needs an NVIDIA GPU: it builds the engine for the GPU it runs on")
     if batch is None and max_batch < 1:
         raise ExportError(f"max_batch must be at least 1, got {max_batch}")
-    path = _out_path(path, "model.engine")
-    onnx_file = export_onnx(model, path.with_suffix(".onnx"), batch=batch, steps=steps, check=False, one_hot_sums=True)
+    _require_onnxscript()
     start = time.perf_counter()
+    path = _out_path(path, "model.engine")
+    traced = _trace(model, batch, steps, one_hot_sums=True)
+    onnx_path, inputs, outputs = _save_onnx(traced, path.with_suffix(".onnx"), opset=18)
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")  # the parser maps some ONNX ops to TensorRT's plugins
     builder = trt.Builder(logger)
@@ -293,9 +307,9 @@ def export_tensorrt(
         explicit = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(explicit)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_file.path)):
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT's ONNX parser rejected {onnx_file.path}: {errors}")
+        raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
     config = builder.create_builder_config()
     if hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 products in TF32 would miss TOLERANCE
         config.clear_flag(trt.BuilderFlag.TF32)
@@ -309,11 +323,11 @@ def export_tensorrt(
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"TensorRT could not build an engine from {onnx_file.path} (its log above says why)")
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(bytes(serialized))
     os.replace(partial, path)  # a crash never leaves half an engine under the real name
-    seconds = onnx_file.seconds + time.perf_counter() - start
+    seconds = time.perf_counter() - start
     error, checker = None, None
     if check:
         engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
@@ -322,16 +336,16 @@ def export_tensorrt(
         context = engine.create_execution_context()
         dtypes = _trt_dtypes(trt)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        fed = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
 
         def run(tokens, flat):
             feeds = {"tokens": tokens, **flat}
             buffers = {}
-            for name in inputs:
+            for name in fed:
                 buffers[name] = feeds[name].to("cuda", dtypes[engine.get_tensor_dtype(name)]).contiguous()
                 if not context.set_input_shape(name, tuple(buffers[name].shape)):
                     raise ExportError(f"{path}: TensorRT refused input {name} of shape {list(buffers[name].shape)}")
-            for name in onnx_file.outputs:
+            for name in outputs:
                 shape = tuple(context.get_tensor_shape(name))
                 buffers[name] = torch.empty(shape, device="cuda", dtype=dtypes[engine.get_tensor_dtype(name)])
             spare = torch.empty(1, device="cuda")  # an empty tensor's data_ptr is 0, which TensorRT refuses
@@ -343,9 +357,8 @@ def export_tensorrt(
             if not context.execute_async_v3(stream.cuda_stream):
                 raise ExportError(f"{path}: TensorRT failed to run the engine")
             stream.synchronize()
-            return [buffers[name].cpu() for name in onnx_file.outputs]
+            return [buffers[name].cpu() for name in outputs]
 
         checker = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name()}"
-        traced = _trace(model, batch, steps)
         error = _checked(traced, run, batch, steps, f"{path}: {checker}", sizes=(1, min(3, max_batch)))
-    return ExportResult(path, batch, onnx_file.inputs, onnx_file.outputs, seconds, error, checker)
+    return ExportResult(path, batch, inputs, outputs, seconds, error, checker)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import knobs
+
 
 @dataclass(frozen=True)
 class MemorySpec:
@@ -101,28 +103,24 @@ def token_slot(pos: Tensor, steps: int, span: int) -> Tensor:
     return (pos[:, None] + torch.arange(steps, device=pos.device)) // span - (pos // span)[:, None]
 
 
-_ONE_HOT = False  # `one_hot_sums`
-
-
 @contextlib.contextmanager
 def one_hot_sums() -> Iterator[None]:
-    """Within: the segment's slot sums are products with one-hot matrices instead of index_add.
-    index_add exports to ONNX as ScatterND with reduction="add", which TensorRT's ONNX parser
-    rejects; a product of a 0/1 matrix exports to MatMul. The product costs O(T * slots) per
-    channel instead of O(T), so it is only used for export."""
-    global _ONE_HOT
-    before, _ONE_HOT = _ONE_HOT, True
+    """Within (`knobs.one_hot_sums`): the segment's slot sums are products with one-hot matrices
+    instead of index_add. index_add exports to ONNX as ScatterND with reduction="add", which
+    TensorRT's ONNX parser rejects; a product of a 0/1 matrix exports to MatMul. The product
+    costs O(T * slots) per channel instead of O(T), so it is only used for export."""
+    before, knobs.one_hot_sums = knobs.one_hot_sums, True
     try:
         yield
     finally:
-        _ONE_HOT = before
+        knobs.one_hot_sums = before
 
 
 def _sum_by_index(x: Tensor, index: Tensor, n_out: int) -> Tensor:
     """out[b, j] = sum of x[b, t] over t with index[b, t] == j: x [B, N, W], index [B, N] in
     [0, n_out) -> [B, n_out, W] (x's dtype)."""
     bsz, _, width = x.shape
-    if _ONE_HOT:
+    if knobs.one_hot_sums:
         hot = index[:, None, :] == torch.arange(n_out, device=x.device)[None, :, None]
         return hot.to(x.dtype) @ x
     flat = (torch.arange(bsz, device=x.device)[:, None] * n_out + index).flatten()
