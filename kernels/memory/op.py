@@ -98,11 +98,14 @@ def _setup_context(ctx, inputs, output) -> None:
     q, keys, values, beta, pos, rings, spans, heads, residual = inputs
     ctx.save_for_backward(q, keys, values, beta, pos, *output, residual)
     ctx.rings, ctx.spans, ctx.heads = rings, spans, heads
+    # lse has no gradient of its own (its backward is the softmax's): autograd need not build
+    # a zero tensor for it.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout: Tensor, _dlse: Tensor):
+def _backward(ctx, dout: Tensor | None, _dlse: Tensor | None):
     q, keys, values, beta, pos, out, lse, residual = ctx.saved_tensors
-    dout = dout.contiguous()
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     dq, dkeys, dvalues, dbeta = torch.ops.mmrec.hds_attend_bwd(
         q, keys, values, beta, pos, ctx.rings, ctx.spans, out, lse, dout, ctx.heads, residual
     )

@@ -185,3 +185,36 @@ def test_a_memory_without_levels_is_refused():
     q, k, v = torch.randn(1, 5, HEADS * 3), torch.randn(1, 5, 6), torch.randn(1, 5, 6)
     with pytest.raises(KernelInputError, match=r"hds_query: the memory has no levels"):
         hds_query(q, k, v, torch.zeros(HEADS, 0), Memory.empty(spec, 1), HEADS)
+
+
+def test_the_attention_backward_builds_no_zero_gradient_for_the_lse():
+    """Only `out` of hds_attend_fwd's (out, lse) is used: autograd must hand the backward None for
+    lse, not a zero tensor it fills first (a memset of B*H*T floats per call on the GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels.memory import reference
+
+    spec = MemorySpec(heads=2, dim=16, block=4, ratio=2, slots=(3, 2))
+    mem = Memory.empty(spec, 2)
+    q = torch.randn(2, 8, 4 * 16, requires_grad=True)
+    cand = reference.candidates(mem, torch.randn(2, 8, 32), torch.randn(2, 8, 32))
+    keys, values = (t.detach().contiguous().requires_grad_() for t in (cand.keys, cand.values))
+    beta = torch.zeros(4, 2, requires_grad=True)
+    levels = (list(spec.slots), [spec.span(lvl) for lvl in range(2)])
+    out, lse = torch.ops.mmrec.hds_attend_fwd(q, keys, values, beta, mem.pos, *levels, 4)
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.zeros_like, torch.ops.aten.zeros, torch.ops.aten.fill_):
+                self.shapes.append(tuple(result.shape))
+            return result
+
+    with Fills() as fills:
+        out.backward(torch.ones_like(out))
+    assert tuple(lse.shape) not in fills.shapes, f"zero tensors built in the backward: {fills.shapes}"
+    assert q.grad is not None and beta.grad is not None
