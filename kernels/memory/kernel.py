@@ -518,7 +518,7 @@ def _attend_bwd_dq(
     STATS,  # [2, B, H, T] fp32, written here for the dk/dv kernel: rowsum(dout * out) / sqrt(Dh), base-2 lse
     DOUT,
     DQ,
-    DBETA,  # [token tiles, B, H, L] fp32: each program's share of the level-bias gradient
+    DBETA,  # [H, L, token tiles x B] fp32: each program's share of the level-bias gradient
     T,
     n_slots,
     n_levels,
@@ -568,8 +568,10 @@ def _attend_bwd_dq(
             k_ptrs += BLOCK_S * DH
             v_ptrs += BLOCK_S * DH
             row += BLOCK_S
-        part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * n_levels + lvl
-        tl.store(DBETA + part, tl.sum(dbeta, axis=0))  # summed on the host: the same bits every run
+        # Summed by the host along the last axis (contiguous: a cheap reduction), in a fixed
+        # order: the same bits every run.
+        part = ((head * n_levels + lvl) * tl.num_programs(0) + tl.program_id(0)) * (tl.num_programs(1) // HEADS) + b
+        tl.store(DBETA + part, tl.sum(dbeta, axis=0))
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok)
 
 
@@ -983,13 +985,13 @@ def attend_bwd(q, keys, values, beta, pos, rings, spans, out, lse, dout, heads: 
         tiles = _tiles("dq", q.dtype, tma)
         descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
         grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
-        parts = torch.empty((*grid, len(rings)), device=q.device, dtype=torch.float32)
+        parts = torch.empty((heads, len(rings), grid[0] * bsz), device=q.device, dtype=torch.float32)
         _launch_bwd_dq(
             grid,
             q, keys, values, beta, pos, lv.start, lv.ring, lv.span, *(descs or (keys, values)), lse, out, stats, dout,
             dq, parts, *common, res, **tiles, **meta, TMA=descs is not None, HAS_RES=residual is not None,
         )  # fmt: skip
-        dbeta = parts.view(grid[0], bsz, heads, len(rings)).sum((0, 1))
+        dbeta = parts.sum(2)
     if not fused and dkv_gluon.usable(q, dout, dim):  # Hopper: the dk/dv products overlapped (Gluon)
         tile_level, tile_i0 = lv.tiles(dkv_gluon.TILES[1])
         dkv_gluon.launch(
