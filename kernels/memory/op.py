@@ -98,8 +98,9 @@ def _setup_context(ctx, inputs, output) -> None:
     q, keys, values, beta, pos, rings, spans, heads, residual = inputs
     ctx.save_for_backward(q, keys, values, beta, pos, *output, residual)
     ctx.rings, ctx.spans, ctx.heads = rings, spans, heads
-    # lse has no gradient of its own (its backward is the softmax's): autograd need not build
-    # a zero tensor for it.
+    # lse is the softmax's by-product, saved for the backward: not differentiable, and autograd
+    # need not build a zero gradient for it (nor for an unused out).
+    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 

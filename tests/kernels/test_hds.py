@@ -188,8 +188,8 @@ def test_a_memory_without_levels_is_refused():
 
 
 def test_the_attention_backward_builds_no_zero_gradient_for_the_lse():
-    """Only `out` of hds_attend_fwd's (out, lse) is used: autograd must hand the backward None for
-    lse, not a zero tensor it fills first (a memset of B*H*T floats per call on the GPU)."""
+    """lse, hds_attend_fwd's second output, is not differentiable: autograd must hand the backward
+    None for it, not a zero tensor it fills first (a memset of B*H*T floats per call on the GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kernels.memory import reference
@@ -202,6 +202,7 @@ def test_the_attention_backward_builds_no_zero_gradient_for_the_lse():
     beta = torch.zeros(4, 2, requires_grad=True)
     levels = (list(spec.slots), [spec.span(lvl) for lvl in range(2)])
     out, lse = torch.ops.mmrec.hds_attend_fwd(q, keys, values, beta, mem.pos, *levels, 4)
+    assert out.requires_grad and not lse.requires_grad  # lse is the softmax's by-product
 
     class Fills(TorchDispatchMode):
         def __init__(self):
