@@ -64,7 +64,7 @@ def _alternating(ours_f, ours_fb, qs, ks, vs, grad, rounds: int = 5, graphs: boo
     sessions 26-31), as much as our distance from the 1.25x target. `graphs`: each call timed as
     a CUDA-graph replay (autograd's backward captured too), so that neither side's host time
     shows: eager timings of our forward+backward follow the device machine's host when it is slow
-    (1.33x against 1.26x on the same kernels, session 32)."""
+    (1.33x against 1.25x on the same kernels, session 32)."""
 
     def sdpa_step():
         for t in (qs, ks, vs):
