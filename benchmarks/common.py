@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import statistics
 import sys
 
 import torch
@@ -55,3 +56,8 @@ def graph_time(fn, bench) -> float:
     with torch.cuda.graph(graph):
         fn()
     return bench(graph.replay)
+
+
+def spread(ratios: list[float]) -> str:
+    """Ratios of alternating rounds as their median and range: "1.053x (1.052-1.059)"."""
+    return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton
 
 import kernels
-from benchmarks.common import graph_time, run_info
+from benchmarks.common import graph_time, run_info, spread
 from kernels.memory import reference
 
 
@@ -86,9 +85,8 @@ def _alternating(ours_f, ours_fb, qs, ks, vs, grad, rounds: int = 5, graphs: boo
         fwd_bwd.append(timed(ours_fb) / timed(sdpa_step))
     how = "CUDA-graph replays" if graphs else "eager"
     return (
-        f"attention kernels / SDPA default, {rounds} alternating rounds ({how}): fwd {statistics.median(fwd):.3f}x "
-        f"({min(fwd):.3f}-{max(fwd):.3f}), fwd+bwd {statistics.median(fwd_bwd):.3f}x "
-        f"({min(fwd_bwd):.3f}-{max(fwd_bwd):.3f})"
+        f"attention kernels / SDPA default, {rounds} alternating rounds ({how}): fwd {spread(fwd)}, "
+        f"fwd+bwd {spread(fwd_bwd)}"
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton
 
 import kernels
-from benchmarks.common import graph_time, run_info
+from benchmarks.common import graph_time, run_info, spread
 from kernels.recurrence import reference as gated_ref
 from kernels.scan import reference as scan_ref
 
@@ -194,10 +193,7 @@ def alternating_ratios(copy, forward, forward_backward, rounds: int = ROUNDS) ->
         with torch.no_grad():
             fwd.append(bench(forward) / (c * 3 / 2))
         fwd_bwd.append(bench(forward_backward) / (c * 8 / 2))
-    return (
-        f"{rounds} alternating rounds: {statistics.median(fwd):.3f}x ({min(fwd):.3f}-{max(fwd):.3f})"
-        f" / {statistics.median(fwd_bwd):.3f}x ({min(fwd_bwd):.3f}-{max(fwd_bwd):.3f}) floor"
-    )
+    return f"{rounds} alternating rounds: {spread(fwd)} / {spread(fwd_bwd)} floor"
 
 
 def scan_fp32_rows(bsz: int, steps: int, width: int) -> None:
