@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import time
 
 import torch
 import triton
@@ -61,3 +64,56 @@ def graph_time(fn, bench) -> float:
 def spread(ratios: list[float]) -> str:
     """Ratios of alternating rounds as their median and range: "1.053x (1.052-1.059)"."""
     return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
+
+
+def clock_samples(lines: list[str]) -> tuple[float, float] | None:
+    """Median SM clock (MHz) and board power (W) from `nvidia-smi --query-gpu=clocks.sm,power.draw
+    --format=csv,noheader,nounits` lines ("1785, 689.51"); lines that are not two numbers (a
+    header, "[N/A]") are left out. None if no line is."""
+    clocks, watts = [], []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            clock, power = (float(p) for p in parts)
+        except ValueError:  # not two numbers
+            continue
+        clocks.append(clock)
+        watts.append(power)
+    return (statistics.median(clocks), statistics.median(watts)) if clocks else None
+
+
+def under_load(fn, seconds: float = 2.0) -> str:
+    """fn run back to back for `seconds` while nvidia-smi samples the SM clock and the power
+    every 100 ms: "340.1 us a call at 1845 MHz, 690 W". Under the board's power cap a kernel
+    that spends more energy gets a lower clock (the memory forward: 1770-1785 against cuDNN's
+    1845-1860 MHz, BENCHMARKS.md session 33), which a ratio of times alone does not show."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "not sampled (no nvidia-smi)"
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    # nvidia-smi numbers GPUs its own way (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER): name it by UUID.
+    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+    if uuid is None:
+        return "not sampled (this torch gives no device UUID)"
+    query = [smi, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "100",
+             "-i", f"GPU-{uuid}"]  # fmt: skip
+    proc = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0, calls = time.monotonic(), 0
+    start.record()
+    while time.monotonic() - t0 < seconds:
+        for _ in range(10):
+            fn()
+        calls += 10
+        torch.cuda.synchronize()
+    end.record()
+    torch.cuda.synchronize()
+    proc.terminate()
+    out, _ = proc.communicate()
+    sampled = clock_samples(out.splitlines()[3:])  # the first samples catch the clock's ramp
+    us = start.elapsed_time(end) / calls * 1e3
+    if sampled is None:
+        return f"{us:.1f} us a call (clock not sampled)"
+    return f"{us:.1f} us a call at {sampled[0]:.0f} MHz, {sampled[1]:.0f} W"

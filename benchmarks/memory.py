@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton
 
 import kernels
-from benchmarks.common import graph_time, run_info, spread
+from benchmarks.common import graph_time, run_info, spread, under_load
 from kernels.memory import reference
 
 
@@ -48,12 +48,14 @@ def _sdpa_times(qs, ks, vs, grad, backend: str | None) -> tuple[float, float]:
         with torch.no_grad():
             fwd = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs))
 
-        def step():
-            for t in (qs, ks, vs):
-                t.grad = None
-            F.scaled_dot_product_attention(qs, ks, vs).backward(grad)
+        return fwd, bench(lambda: _sdpa_step(qs, ks, vs, grad))
 
-        return fwd, bench(step)
+
+def _sdpa_step(qs, ks, vs, grad) -> None:
+    """SDPA's forward+backward as our side's step runs it: the inputs' gradients reset first."""
+    for t in (qs, ks, vs):
+        t.grad = None
+    F.scaled_dot_product_attention(qs, ks, vs).backward(grad)
 
 
 def _alternating(ours_f, ours_fb, qs, ks, vs, grad, rounds: int = 5, graphs: bool = False) -> str:
@@ -66,9 +68,7 @@ def _alternating(ours_f, ours_fb, qs, ks, vs, grad, rounds: int = 5, graphs: boo
     (1.33x against 1.25x on the same kernels, session 32)."""
 
     def sdpa_step():
-        for t in (qs, ks, vs):
-            t.grad = None
-        F.scaled_dot_product_attention(qs, ks, vs).backward(grad)
+        _sdpa_step(qs, ks, vs, grad)
 
     def sdpa_f():
         with torch.no_grad():
@@ -295,6 +295,13 @@ def main() -> None:
         print("  " + _alternating(attend, attend_step, qs, ks, vs, grad_s, graphs=True))
     except Exception as e:  # a capture that fails must not cost the rows above
         print(f"  alternating rounds as CUDA-graph replays: not timed ({type(e).__name__}: {str(e)[:120]})")
+    # Both sides run at the board's power cap; a side that spends more energy gets a lower clock.
+    print("  under load, 2 s of back-to-back calls each (SM clock and board power by nvidia-smi):")
+    with torch.no_grad():
+        print(f"    attention kernels fwd: {under_load(attend)}")
+        print(f"    SDPA default fwd:      {under_load(lambda: F.scaled_dot_product_attention(qs, ks, vs))}")
+    print(f"    attention kernels fwd+bwd: {under_load(attend_step)}")
+    print(f"    SDPA default fwd+bwd:      {under_load(lambda: _sdpa_step(qs, ks, vs, grad_s))}")
     decode = None if args.no_decode else decode_section(spec, heads, dtype)
     # Last: the profiler leaves CUPTI hooks behind that slow every later launch.
     print(f"SDPA's default pick here: {_sdpa_kernel(qs, ks, vs)}")
