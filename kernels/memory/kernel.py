@@ -836,8 +836,20 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
 # fwd 0.425 -> 0.395 ms, dq 0.578 -> 0.529 (H200, 2026-12-01; a cap slows dk/dv, 0.712 -> 0.776).
 # The fused backward's dk/dv ("dkv_fused", else "dkv"): 64x64 in bf16 (half the dq reductions
 # of 32x64: 1.21 against 1.86 ms for the whole backward, H200, session 17).
+# The bf16/fp16 forward since session 33: 128 tokens a program at 168 registers (three programs an
+# SM). Both forwards run at the H200's power cap, and 128-token programs fetch each slot tile for
+# twice the tokens: half the L2 traffic, a higher clock (1838-1860 against 1770-1785 MHz) and
+# 2.0-2.5% less time than 64 x 32 at 128 registers (uncapped, two programs an SM, 1950 MHz but
+# no faster). Rows wider than 64 (Dh > 64) keep 64-token programs ("fwd_wide_rows"): a 128 x 128
+# accumulator alone takes 128 registers a thread.
 _TILES = {
-    "wide": {"fwd": (64, 32, 4, 3, 128), "dq": (64, 32, 4, 3, 128), "dkv": (32, 64, 4, 3), "dkv_fused": (64, 64, 4, 3)},
+    "wide": {
+        "fwd": (128, 32, 4, 3, 168),
+        "fwd_wide_rows": (64, 32, 4, 3, 128),
+        "dq": (64, 32, 4, 3, 128),
+        "dkv": (32, 64, 4, 3),
+        "dkv_fused": (64, 64, 4, 3),
+    },
     "wide+tma": {"fwd": (128, 64, 4, 3), "dq": (128, 64, 4, 3)},
     "fp32": {"fwd": (128, 64, 4, 2), "dq": (128, 64, 8, 2), "dkv": (64, 128, 8, 2)},
     "fp32+tma": {"fwd": (128, 32, 4, 3), "dq": (128, 64, 8, 3)},
@@ -848,7 +860,7 @@ _TILES = {
 }
 
 
-def _tiles(kind: str, dtype: torch.dtype, tma: bool = False) -> dict:
+def _tiles(kind: str, dtype: torch.dtype, tma: bool = False, block_d: int = 64) -> dict:
     if knobs.interpret:
         return {"BLOCK_T": 16, "BLOCK_S": 16, "num_warps": 1}
     table = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "wide")
@@ -856,6 +868,8 @@ def _tiles(kind: str, dtype: torch.dtype, tma: bool = False) -> dict:
         table = "fp32-ieee"  # products on the CUDA cores: the TF32 tiles spill
     if tma and kind in _TILES.get(table + "+tma", {}):  # the dk/dv kernel loads no slot tiles in its loop
         table += "+tma"
+    elif kind == "fwd" and block_d > 64 and "fwd_wide_rows" in _TILES[table]:
+        kind = "fwd_wide_rows"
     if kind == "dkv_fused" and kind not in _TILES[table]:
         kind = "dkv"
     block_t, block_s, warps, stages, *cap = _TILES[table][kind]
@@ -902,8 +916,8 @@ def attend_fwd(q, keys, values, beta, pos, rings, spans, heads: int, residual=No
     out = new_output(q)
     lse = new_output(q, (bsz, heads, steps), torch.float32)
     tma = _tma_ok(keys, values)
-    tiles = _tiles("fwd", q.dtype, tma)
     meta = _meta(dim, q.dtype)
+    tiles = _tiles("fwd", q.dtype, tma, meta["BLOCK_D"])
     descs = _descriptors(keys, values, tiles["BLOCK_S"], meta["BLOCK_D"]) if tma else None
     grid = (triton.cdiv(steps, tiles["BLOCK_T"]), bsz * heads)
     _launch_fwd(
