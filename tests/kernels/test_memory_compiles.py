@@ -63,3 +63,14 @@ def test_exact_fp32_forward_has_no_spill_in_its_loops():
         pytest.skip("no cuobjdump in this Triton wheel to read the SASS")
     for ops in loops:
         assert not {"LDL", "STL"} & set(ops), f"a spill in a loop of {len(ops)} instructions"
+
+
+def test_forward_tiles_follow_the_row_width():
+    # 128-token programs where a row fits 64 columns (session 33, BENCHMARKS.md); wider rows keep
+    # 64-token programs (a 128 x 128 fp32 accumulator alone is 128 registers a thread); opt-in TMA
+    # keeps its own tiles at any width.
+    assert kernel._tiles("fwd", torch.bfloat16, False, 64)["BLOCK_T"] == 128
+    assert kernel._tiles("fwd", torch.float16, False, 32)["maxnreg"] == 168
+    assert kernel._tiles("fwd", torch.bfloat16, False, 128)["BLOCK_T"] == 64
+    assert kernel._tiles("fwd", torch.bfloat16, True, 128) == kernel._tiles("fwd", torch.bfloat16, True, 64)
+    assert kernel._tiles("dq", torch.bfloat16, False, 128) == kernel._tiles("dq", torch.bfloat16, False, 64)
