@@ -82,21 +82,22 @@ def clock_samples(lines: list[str]) -> tuple[float, float] | None:
     return (statistics.median(clocks), statistics.median(watts)) if clocks else None
 
 
-def under_load(fn, seconds: float = 2.0) -> str:
-    """fn run back to back for `seconds` while nvidia-smi samples the SM clock and the power
-    every 100 ms: "340.1 us a call at 1845 MHz, 690 W". Under the board's power cap a kernel
-    that spends more energy gets a lower clock (the memory forward: 1770-1785 against cuDNN's
-    1845-1860 MHz, BENCHMARKS.md session 33), which a ratio of times alone does not show."""
+def sustained(fn, seconds: float = 2.0) -> tuple[float, float, float] | str:
+    """fn run back to back for `seconds` while nvidia-smi samples the SM clock and the board power
+    every 100 ms -> (us a call, median MHz, median W), or a one-line reason where they cannot be
+    sampled (then fn does not run). Under the board's power cap a kernel that spends more energy
+    gets a lower clock (the memory forward: 1770-1785 against cuDNN's 1845-1860 MHz, BENCHMARKS.md
+    session 33), which a ratio of times alone does not show; training runs in this regime."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return "not sampled (no nvidia-smi)"
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
     # nvidia-smi numbers GPUs its own way (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER): name it by UUID.
     uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
     if uuid is None:
         return "not sampled (this torch gives no device UUID)"
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
     query = [smi, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "100",
              "-i", f"GPU-{uuid}"]  # fmt: skip
     proc = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -104,16 +105,23 @@ def under_load(fn, seconds: float = 2.0) -> str:
     t0, calls = time.monotonic(), 0
     start.record()
     while time.monotonic() - t0 < seconds:
-        for _ in range(10):
+        for _ in range(20):
             fn()
-        calls += 10
+        calls += 20
         torch.cuda.synchronize()
     end.record()
     torch.cuda.synchronize()
     proc.terminate()
     out, _ = proc.communicate()
     sampled = clock_samples(out.splitlines()[3:])  # the first samples catch the clock's ramp
-    us = start.elapsed_time(end) / calls * 1e3
     if sampled is None:
-        return f"{us:.1f} us a call (clock not sampled)"
-    return f"{us:.1f} us a call at {sampled[0]:.0f} MHz, {sampled[1]:.0f} W"
+        return "not sampled (nvidia-smi gave no clock)"
+    return start.elapsed_time(end) / calls * 1e3, *sampled
+
+
+def under_load(fn, seconds: float = 2.0) -> str:
+    """`sustained` as a line: "340.1 us a call at 1845 MHz, 690 W"."""
+    got = sustained(fn, seconds)
+    if isinstance(got, str):
+        return got
+    return f"{got[0]:.1f} us a call at {got[1]:.0f} MHz, {got[2]:.0f} W"

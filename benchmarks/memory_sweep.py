@@ -3,6 +3,12 @@ and the dk/dv kernel timed apart for every tile config, each checked against the
 config's result before it is timed. This is how kernels/memory/kernel.py's tiles are chosen.
 
     python benchmarks/memory_sweep.py [--only fwd,dq,dkv,dkv_fused,sums] [--dtype bf16|fp32] [--no-tma]
+                                      [--sustained]
+
+--sustained times each config as training runs it, back to back for 1.5 s at the board's power
+cap, and prints the SM clock and power beside the time (`common.sustained`): a tile that spends
+less energy runs at a higher clock, which do_bench's flushed single calls show less (BENCHMARKS.md,
+session 33: the forward's 128 x 32 tile).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton
 
-from benchmarks.common import checked_time, run_info
+from benchmarks.common import checked_time, run_info, sustained
 from benchmarks.memory import bench, full_memory
 from kernels import MemorySpec
 from kernels.memory import kernel, reference
@@ -30,6 +36,7 @@ def main() -> None:
     parser.add_argument("--only", default="fwd,dq,dkv,sums", help="comma-separated: fwd, dq, dkv, dkv_fused, sums")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32: TF32 products")
     parser.add_argument("--no-tma", action="store_true", help="pointer slot loads only (TMA is opt-in)")
+    parser.add_argument("--sustained", action="store_true", help="time back to back at the power cap, with clocks")
     args = parser.parse_args()
     only = args.only.split(",")
     run_info("benchmarks/memory_sweep.py")
@@ -109,8 +116,9 @@ def main() -> None:
         return run, dq, want[0]
 
     sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
-    # (BLOCK_T, BLOCK_S, warps, stages, TMA, maxnreg); caps of 128 registers let four 4-warp programs share an SM.
-    tiling = [(w, st, reg) for w in (4, 8) for st in (2, 3) for reg in (None, 128)]
+    # (BLOCK_T, BLOCK_S, warps, stages, TMA, maxnreg); caps of 128 (168) registers let four (three)
+    # 4-warp programs share an SM.
+    tiling = [(w, st, reg) for w in (4, 8) for st in (2, 3) for reg in (None, 128, 168)]
     tmas = (0,) if args.no_tma else (0, 1)
     configs = {
         "fwd": [(*c, *t[:2], tma, t[2]) for c in sizes if c[0] >= 64 for t in tiling for tma in tmas],
@@ -127,10 +135,23 @@ def main() -> None:
         for c in configs[name]:
             label = f"{name:4} BLOCK_T {c[0]:3} BLOCK_S {c[1]:3} warps {c[2]} stages {c[3]}"
             label += (" TMA" if c[4] else "") + (f" maxnreg {c[5]}" if c[5] else "")
-            ms = checked_time(label, lambda launcher=launcher, c=c: launcher(*c), bench, 1e-2)
+            clock = ""
+            if args.sustained:
+
+                def timer(run):
+                    nonlocal clock
+                    got = sustained(run, 1.5)
+                    if isinstance(got, str):  # no clock to read: the time alone, by do_bench
+                        clock = f" ({got})"
+                        return bench(run)
+                    clock = f" at {got[1]:.0f} MHz, {got[2]:.0f} W"
+                    return got[0] / 1e3
+            else:
+                timer = bench
+            ms = checked_time(label, lambda launcher=launcher, c=c: launcher(*c), timer, 1e-2)
             if ms is None:
                 continue
-            print(f"  {label}: {ms:.3f} ms", flush=True)
+            print(f"  {label}: {ms:.3f} ms{clock}", flush=True)
             best = min(best or (ms, label), (ms, label))
         print(f"best {best[1]}: {best[0]:.3f} ms", flush=True)
 
