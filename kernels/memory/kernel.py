@@ -838,7 +838,7 @@ def _meta(dim: int, dtype: torch.dtype) -> dict:
 # of 32x64: 1.21 against 1.86 ms for the whole backward, H200, session 17).
 # The bf16/fp16 forward since session 33: 128 tokens a program at 168 registers (three programs an
 # SM). Both forwards run at the H200's power cap, and 128-token programs fetch each slot tile for
-# twice the tokens: half the L2 traffic, a higher clock (1838-1860 against 1770-1785 MHz) and
+# twice the tokens: half the L2 traffic, a higher clock (1838-1845 against 1770-1785 MHz) and
 # 2.0-2.5% less time than 64 x 32 at 128 registers (uncapped, two programs an SM, 1950 MHz but
 # no faster). Rows wider than 64 (Dh > 64) keep 64-token programs ("fwd_wide_rows"): a 128 x 128
 # accumulator alone takes 128 registers a thread.
