@@ -285,9 +285,11 @@ def test_tokens_whose_band_misses_the_first_slot_tile_take_the_online_softmax(mo
     # too (only then upcast), so this runs the GPU's arithmetic.
     spec = kernels.MemorySpec(heads=1, dim=16, block=1, ratio=2, slots=(4, 2))
     real = kernel._tiles
-    monkeypatch.setattr(
-        kernel, "_tiles", lambda kind, dtype, tma=False: {**real(kind, dtype, tma), "BLOCK_T": 32, "BLOCK_S": 16}
-    )
+
+    def tiles(kind, dtype, tma=False, block_d=64):
+        return {**real(kind, dtype, tma, block_d), "BLOCK_T": 32, "BLOCK_S": 16}
+
+    monkeypatch.setattr(kernel, "_tiles", tiles)
     torch.manual_seed(0)
     mem = kernels.Memory.empty(spec, 1)
     u = torch.nn.functional.normalize(torch.randn(spec.dim), dim=0)
