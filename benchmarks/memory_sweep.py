@@ -127,6 +127,17 @@ def main() -> None:
         "dkv_fused": [(*c, *t[:2], 0, t[2]) for c in sizes for t in tiling],
     }
     launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv, "dkv_fused": run_dkv_fused}
+    clock = [""]  # --sustained: the clock and power of the config last timed
+
+    def sustained_ms(run) -> float:
+        got = sustained(run, 1.5)
+        if isinstance(got, str):  # no clock to read: the time alone, by do_bench
+            clock[0] = f" ({got})"
+            return bench(run)
+        clock[0] = f" at {got[1]:.0f} MHz, {got[2]:.0f} W"
+        return got[0] / 1e3
+
+    timer = sustained_ms if args.sustained else bench
     run_dq(64, 32, 4, 3)[0]()  # fills stats for the dk/dv configs (the fused backward's stats are the same)
     for name, launcher in launchers.items():
         if name not in only:
@@ -135,23 +146,11 @@ def main() -> None:
         for c in configs[name]:
             label = f"{name:4} BLOCK_T {c[0]:3} BLOCK_S {c[1]:3} warps {c[2]} stages {c[3]}"
             label += (" TMA" if c[4] else "") + (f" maxnreg {c[5]}" if c[5] else "")
-            clock = ""
-            if args.sustained:
-
-                def timer(run):
-                    nonlocal clock
-                    got = sustained(run, 1.5)
-                    if isinstance(got, str):  # no clock to read: the time alone, by do_bench
-                        clock = f" ({got})"
-                        return bench(run)
-                    clock = f" at {got[1]:.0f} MHz, {got[2]:.0f} W"
-                    return got[0] / 1e3
-            else:
-                timer = bench
+            clock[0] = ""
             ms = checked_time(label, lambda launcher=launcher, c=c: launcher(*c), timer, 1e-2)
             if ms is None:
                 continue
-            print(f"  {label}: {ms:.3f} ms{clock}", flush=True)
+            print(f"  {label}: {ms:.3f} ms{clock[0]}", flush=True)
             best = min(best or (ms, label), (ms, label))
         print(f"best {best[1]}: {best[0]:.3f} ms", flush=True)
 
