@@ -3,7 +3,7 @@ and the dk/dv kernel timed apart for every tile config, each checked against the
 config's result before it is timed. This is how kernels/memory/kernel.py's tiles are chosen.
 
     python benchmarks/memory_sweep.py [--only fwd,dq,dkv,dkv_fused,sums] [--dtype bf16|fp32] [--no-tma]
-                                      [--sustained]
+                                      [--sustained] [--sizes 64x32,128x32] [--warps 4]
 
 --sustained times each config as training runs it, back to back for 1.5 s at the board's power
 cap, and prints the SM clock and power beside the time (`common.sustained`): a tile that spends
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="fp32: TF32 products")
     parser.add_argument("--no-tma", action="store_true", help="pointer slot loads only (TMA is opt-in)")
     parser.add_argument("--sustained", action="store_true", help="time back to back at the power cap, with clocks")
+    parser.add_argument("--sizes", default=None, help="only these BLOCK_TxBLOCK_S tiles, e.g. 64x32,128x32")
+    parser.add_argument("--warps", default=None, help="only these warp counts, e.g. 4 or 4,8")
     args = parser.parse_args()
     only = args.only.split(",")
     run_info("benchmarks/memory_sweep.py")
@@ -116,9 +118,12 @@ def main() -> None:
         return run, dq, want[0]
 
     sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
+    if args.sizes:  # a sustained sweep takes 1.5 s a config: a device call holds a few dozen
+        sizes = [(bt, bs) for bt, bs in sizes if f"{bt}x{bs}" in args.sizes.split(",")]
     # (BLOCK_T, BLOCK_S, warps, stages, TMA, maxnreg); caps of 128 (168) registers let four (three)
     # 4-warp programs share an SM.
-    tiling = [(w, st, reg) for w in (4, 8) for st in (2, 3) for reg in (None, 128, 168)]
+    warps = [int(w) for w in args.warps.split(",")] if args.warps else (4, 8)
+    tiling = [(w, st, reg) for w in warps for st in (2, 3) for reg in (None, 128, 168)]
     tmas = (0,) if args.no_tma else (0, 1)
     configs = {
         "fwd": [(*c, *t[:2], tma, t[2]) for c in sizes if c[0] >= 64 for t in tiling for tma in tmas],
