@@ -32,7 +32,7 @@ CUDA_KERNELS: dict[str, str] = {
     "linear_scan": "triton:mmrec::linear_scan_fwd/_bwd",
     "gated_recurrence": "triton:mmrec::gated_recurrence_fwd/_bwd",
     "decay_recurrence": "triton:mmrec::decay_recurrence_fwd/_bwd",
-    "hds_query": "triton:mmrec::hds_attend_fwd/_bwd (T > 1), triton:mmrec::hds_decode (T = 1, inference)",
+    "hds_query": "triton:mmrec::hds_query = hds_attend_fwd/_bwd (T > 1), triton:mmrec::hds_decode (T = 1, inference)",
     "memory_write": "triton:mmrec::block_sums + torch (segments), triton:mmrec::memory_write_step (decode session)",
     "rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",
     "add_rmsnorm": "triton:mmrec::add_rmsnorm_fwd/_bwd",

@@ -1,4 +1,5 @@
-"""`torch.ops.mmrec.hds_attend_fwd/_bwd`: the memory query's softmax over candidate slots.
+"""`torch.ops.mmrec.hds_query` (over `hds_attend_fwd/_bwd`): the memory query's softmax over
+candidate slots.
 
 `hds_query` builds the candidates (the carried rings plus the slots completed inside the
 segment, all levels) in PyTorch, differentiably back to the segment's k and v, then calls the
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from ..checks import KernelInputError, interpreting
 from ..config import knobs
-from ..library import call, custom_op
+from ..library import REFERENCES, call, custom_op
 from . import decode, kernel, reference, write
 from .reference import Candidates, Memory
 
@@ -114,6 +115,27 @@ def _backward(ctx, dout: Tensor | None, _dlse: Tensor | None):
 
 
 hds_attend_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# `torch.ops.mmrec.hds_query`: the memory query over its candidates as one op, the name a user
+# looks for. It is CompositeImplicitAutograd: autograd, fake tensors, torch.compile and export
+# see through it to hds_attend_fwd (whose log-sum-exp the backward needs and this op does not
+# return), so it adds no dispatch of its own to the pair's Triton kernels and their autograd.
+torch.library.define(
+    "mmrec::hds_query",
+    "(Tensor q, Tensor keys, Tensor values, Tensor beta, Tensor pos, int[] rings, int[] spans, int heads, "
+    "Tensor? residual=None) -> Tensor",
+)
+
+
+@torch.library.impl("mmrec::hds_query", "CompositeImplicitAutograd")
+def _hds_query_op(q, keys, values, beta, pos, rings, spans, heads, residual=None):
+    """q [B, T, H*Dh], candidate keys/values [B, K, S, Dh] (levels concatenated, each [ring ;
+    segment]), beta [H, L], pos [B] -> out [B, T, H*Dh] (plus residual, if given)."""
+    return torch.ops.mmrec.hds_attend_fwd(q, keys, values, beta, pos, rings, spans, heads, residual)[0]
+
+
+REFERENCES["hds_query"] = lambda *args: _fwd_reference(*args)[0]
 
 
 class _Interpreted(torch.autograd.Function):
@@ -308,4 +330,4 @@ def hds_query(
     residual = residual.contiguous() if residual is not None else None
     if interpreting(q):
         return _Interpreted.apply(*args, rings, spans, heads, residual)
-    return call("hds_attend_fwd", *args, rings, spans, heads, residual)[0]
+    return call("hds_query", *args, rings, spans, heads, residual)

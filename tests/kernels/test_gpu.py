@@ -350,7 +350,9 @@ def test_memory_query_with_the_residual_in_its_epilogue(tf32, monkeypatch):
         rings, spans = list(spec.slots), [spec.span(lvl) for lvl in range(3)]
         args = (q.detach(), keys.contiguous(), values.contiguous(), beta.detach(), mem.pos, rings, spans, 8)
         torch.library.opcheck(torch.ops.mmrec.hds_attend_fwd.default, (*args, h.detach()))
+        torch.library.opcheck(torch.ops.mmrec.hds_query.default, (*args, h.detach()))
         out, lse = torch.ops.mmrec.hds_attend_fwd(*args, h.detach())
+        assert torch.equal(torch.ops.mmrec.hds_query(*args, h.detach()), out)
         bwd = (*args[:7], out, lse, torch.randn_like(out), 8, h.detach())
         torch.library.opcheck(torch.ops.mmrec.hds_attend_bwd.default, bwd)
 

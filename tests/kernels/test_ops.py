@@ -126,6 +126,34 @@ def test_opcheck_hds_attend():
     torch.library.opcheck(torch.ops.mmrec.hds_attend_bwd.default, args)
 
 
+def test_hds_query_op_is_the_attend_pair_with_its_gradients():
+    """torch.ops.mmrec.hds_query (the issue's name for the memory query) equals hds_attend_fwd's
+    output, passes opcheck, takes gradients to q, the candidates and beta through the pair's
+    autograd, and compiles with fullgraph=True."""
+    from kernels.memory.reference import candidates
+    from tests.kernels.test_hds import HEADS, SPEC, build_history
+
+    mem, _, _ = build_history([13, 6], {0: [1]}, dtype=torch.float32)
+    kd, qd = SPEC.heads * SPEC.dim, HEADS * SPEC.dim
+    q = torch.randn(3, 17, qd, requires_grad=True)
+    cand = candidates(mem, torch.randn(3, 17, kd), torch.randn(3, 17, kd))
+    keys, values = cand.keys.detach().requires_grad_(), cand.values.detach().requires_grad_()
+    beta = torch.randn(HEADS, 3, requires_grad=True)
+    levels = (list(SPEC.slots), [SPEC.span(lvl) for lvl in range(3)])
+    args = (q, keys, values, beta, mem.pos, *levels, HEADS)
+    torch.library.opcheck(torch.ops.mmrec.hds_query.default, args)
+    out = torch.ops.mmrec.hds_query(*args)
+    want = torch.ops.mmrec.hds_attend_fwd(*args)[0]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, keys, values, beta), dout)
+    for g, w in zip(got, torch.autograd.grad(want, (q, keys, values, beta), dout), strict=True):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    compiled = torch.compile(lambda *a: torch.ops.mmrec.hds_query(*a), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), out)
+
+
 def test_opcheck_block_sums():
     x = torch.randn(3, 29, 10, requires_grad=True)
     torch.library.opcheck(torch.ops.mmrec.block_sums.default, (x, torch.tensor([0, 3, 17]), 4))
