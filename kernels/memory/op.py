@@ -120,7 +120,8 @@ hds_attend_fwd.register_autograd(_backward, setup_context=_setup_context)
 # `torch.ops.mmrec.hds_query`: the memory query over its candidates as one op, the name a user
 # looks for. It is CompositeImplicitAutograd: autograd, fake tensors, torch.compile and export
 # see through it to hds_attend_fwd (whose log-sum-exp the backward needs and this op does not
-# return), so it adds no dispatch of its own to the pair's Triton kernels and their autograd.
+# return). It brings no kernel or autograd of its own; an eager call pays one more dispatch (its
+# Python body, a few us), a traced one nothing.
 torch.library.define(
     "mmrec::hds_query",
     "(Tensor q, Tensor keys, Tensor values, Tensor beta, Tensor pos, int[] rings, int[] spans, int heads, "
