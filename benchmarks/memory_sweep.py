@@ -119,7 +119,8 @@ def main() -> None:
 
     sizes = [(bt, bs) for bt in (32, 64, 128) for bs in (32, 64, 128) if bt * bs <= 16384]
     if args.sizes:  # a sustained sweep takes 1.5 s a config: a device call holds a few dozen
-        sizes = [(bt, bs) for bt, bs in sizes if f"{bt}x{bs}" in args.sizes.split(",")]
+        wanted = set(args.sizes.split(","))
+        sizes = [(bt, bs) for bt, bs in sizes if f"{bt}x{bs}" in wanted]
     # (BLOCK_T, BLOCK_S, warps, stages, TMA, maxnreg); caps of 128 (168) registers let four (three)
     # 4-warp programs share an SM.
     warps = [int(w) for w in args.warps.split(",")] if args.warps else (4, 8)
@@ -132,14 +133,15 @@ def main() -> None:
         "dkv_fused": [(*c, *t[:2], 0, t[2]) for c in sizes for t in tiling],
     }
     launchers = {"fwd": run_fwd, "dq": run_dq, "dkv": run_dkv, "dkv_fused": run_dkv_fused}
-    clock = [""]  # --sustained: the clock and power of the config last timed
+    clock = ""  # --sustained: the clock and power of the config last timed
 
     def sustained_ms(run) -> float:
+        nonlocal clock
         got = sustained(run, 1.5)
         if isinstance(got, str):  # no clock to read: the time alone, by do_bench
-            clock[0] = f" ({got})"
+            clock = f" ({got})"
             return bench(run)
-        clock[0] = f" at {got[1]:.0f} MHz, {got[2]:.0f} W"
+        clock = f" at {got[1]:.0f} MHz, {got[2]:.0f} W"
         return got[0] / 1e3
 
     timer = sustained_ms if args.sustained else bench
@@ -151,11 +153,11 @@ def main() -> None:
         for c in configs[name]:
             label = f"{name:4} BLOCK_T {c[0]:3} BLOCK_S {c[1]:3} warps {c[2]} stages {c[3]}"
             label += (" TMA" if c[4] else "") + (f" maxnreg {c[5]}" if c[5] else "")
-            clock[0] = ""
+            clock = ""
             ms = checked_time(label, lambda launcher=launcher, c=c: launcher(*c), timer, 1e-2)
             if ms is None:
                 continue
-            print(f"  {label}: {ms:.3f} ms{clock[0]}", flush=True)
+            print(f"  {label}: {ms:.3f} ms{clock}", flush=True)
             best = min(best or (ms, label), (ms, label))
         print(f"best {best[1]}: {best[0]:.3f} ms", flush=True)
 
